@@ -1,0 +1,31 @@
+"""Packaging for Flushline: live job progress over SSE through buffering proxies."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="flushline",
+    version="0.1.0",
+    description="Stream the live progress of long jobs to browsers over SSE, through any proxy.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["app", "app.*", "strategies", "strategies.*"]),
+    include_package_data=True,
+    install_requires=[
+        "aiohttp>=3.9",
+        "attrs>=23.1",
+        "orjson>=3.9",
+        "structlog>=24.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-aiohttp>=1.1",
+            "pytest-asyncio>=0.23",
+            "hypothesis>=6.100",
+        ],
+        "dev": [
+            "mypy>=1.10",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={"console_scripts": ["flushline=app.cli:main"]},
+)

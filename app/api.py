@@ -1,0 +1,109 @@
+"""The REST job API: create, read, list and cancel jobs (JSON in, JSON out)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from app.errors import InvalidField
+from app.jobs import JobStatus
+from app.keys import MANAGER, SETTINGS
+from app.manager import JobRequest
+from app.middleware import json_response
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+_BODY_FIELDS = ("pipeline", "input", "strategy", "options")
+MAX_LIST_LIMIT = 1000
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidField("body", f"not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidField("body", "must be a JSON object")
+    return body
+
+
+def _optional_str(body: Mapping[str, Any], field: str, default: str) -> str:
+    value = body.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value:
+        raise InvalidField(field, "must be a non-empty string")
+    return value
+
+
+def _optional_object(body: Mapping[str, Any], field: str) -> dict[str, Any]:
+    value = body.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidField(field, "must be a JSON object")
+    return value
+
+
+@routes.post("/api/jobs")
+async def create_job(request: web.Request) -> web.Response:
+    """Create and start a job: ``201`` with its snapshot and ``Location``."""
+    body = await _json_body(request)
+    unknown = sorted(set(body) - set(_BODY_FIELDS))
+    if unknown:
+        raise InvalidField(unknown[0], f"unknown field; allowed: {', '.join(_BODY_FIELDS)}")
+    settings = request.app[SETTINGS]
+    job_request = JobRequest(
+        pipeline=_optional_str(body, "pipeline", settings.pipeline),
+        strategy=_optional_str(body, "strategy", settings.strategy),
+        input=_optional_object(body, "input"),
+        options=_optional_object(body, "options"),
+    )
+    job = await request.app[MANAGER].create(job_request)
+    snapshot = job.to_json()
+    return json_response(snapshot, 201, {"Location": snapshot["links"]["self"]})
+
+
+@routes.get("/api/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """``{"jobs": [...]}`` newest first; ``?limit=`` (1-1000, default 50), ``?status=``."""
+    raw_limit = request.query.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise InvalidField("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
+    status = None
+    if "status" in request.query:
+        try:
+            status = JobStatus(request.query["status"])
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobStatus)
+            raise InvalidField("status", f"must be one of {allowed}") from None
+    jobs = await request.app[MANAGER].newest(limit=int(raw_limit), status=status)
+    return json_response({"jobs": [job.to_json() for job in jobs]})
+
+
+@routes.get("/api/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    """The job's snapshot."""
+    job = await request.app[MANAGER].get(request.match_info["job_id"])
+    return json_response(job.to_json())
+
+
+@routes.post("/api/jobs/{job_id}/cancel")
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a queued or running job: ``202``; ``409`` if it has already ended."""
+    job = await request.app[MANAGER].cancel(request.match_info["job_id"])
+    return json_response(job.to_json(), 202)
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return json_response({"status": "ok", "active_jobs": request.app[MANAGER].active_jobs})

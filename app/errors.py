@@ -1,0 +1,94 @@
+"""Domain errors. Each carries the HTTP status and code it becomes at the boundary.
+
+Code below the HTTP layer raises these; ``app.middleware`` turns them into the
+contract's JSON error body ``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AtCapacity",
+    "FlushlineError",
+    "HistoryTruncated",
+    "InvalidField",
+    "JobAlreadyFinished",
+    "JobNotFound",
+    "SubscriberLagged",
+]
+
+
+class FlushlineError(Exception):
+    """Base of every domain error; ``status`` and ``code`` decide the HTTP answer."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidField(FlushlineError):
+    """A request field (body, query or header) has a value we cannot use."""
+
+    status = 400
+    code = "invalid_field"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class JobNotFound(FlushlineError):
+    """No job with that id exists here (or it has expired)."""
+
+    status = 404
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class JobAlreadyFinished(FlushlineError):
+    """A cancel arrived for a job that has already ended."""
+
+    status = 409
+    code = "job_finished"
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id} has already ended with status {status!r}")
+        self.job_id = job_id
+        self.job_status = status
+
+
+class AtCapacity(FlushlineError):
+    """Too many jobs are running; the client should retry later."""
+
+    status = 503
+    code = "at_capacity"
+
+    def __init__(self, limit: int, retry_after_s: int = 5) -> None:
+        super().__init__(f"{limit} jobs are already running; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class HistoryTruncated(FlushlineError):
+    """A resume point is older than the history the bus still keeps."""
+
+    status = 410
+    code = "history_truncated"
+
+    def __init__(self, job_id: str, after_seq: int, first_seq: int) -> None:
+        super().__init__(
+            f"job {job_id} keeps events from seq {first_seq} on; cannot resume after {after_seq}"
+        )
+
+
+class SubscriberLagged(FlushlineError):
+    """A subscriber fell further behind than its queue allows and was cut off."""
+
+    status = 503
+    code = "subscriber_lagged"

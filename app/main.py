@@ -1,0 +1,87 @@
+"""The application factory: ``init_app(settings) -> web.Application``.
+
+``flushline serve``, ``python -m app`` and the tests all build the app here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+import structlog
+from aiohttp import web
+
+from app import api
+from app.bus import MemoryEventBus
+from app.jobs import MemoryJobStore
+from app.keys import BUS, MANAGER, SETTINGS
+from app.manager import JobManager
+from app.middleware import middlewares
+from app.pipeline import DemoPipeline, Pipeline
+from app.settings import Settings
+from app.stream import stream_job
+from app.tasks import cancel_and_wait
+from strategies import STRATEGIES, build_strategy
+
+__all__ = ["init_app"]
+
+log = structlog.get_logger(__name__)
+
+EXPIRY_INTERVAL_S = 60.0
+
+
+def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.Application:
+    """Build the Flushline application.
+
+    ``pipelines`` are registered beside the built-in ``demo`` one (a user pipeline with
+    the same name replaces it).
+    """
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    bus = MemoryEventBus(
+        history_limit=settings.history_limit, queue_limit=settings.subscriber_queue
+    )
+    app[BUS] = bus
+    registry: dict[str, Pipeline] = {DemoPipeline.name: DemoPipeline()}
+    registry.update((p.name, p) for p in pipelines)
+    if settings.pipeline not in registry:
+        raise ValueError(
+            f"invalid FLUSHLINE_PIPELINE={settings.pipeline!r}: allowed: {', '.join(registry)}"
+        )
+    tuning = settings.tuning()
+    app[MANAGER] = JobManager(
+        bus=bus,
+        store=MemoryJobStore(),
+        pipelines=registry,
+        strategies={name: build_strategy(name, tuning) for name in STRATEGIES},
+        max_active_jobs=settings.max_active_jobs,
+        job_ttl_s=settings.job_ttl_s,
+        max_retained_jobs=settings.max_retained_jobs,
+    )
+    app.add_routes(api.routes)
+    app.router.add_get("/api/jobs/{job_id}/stream", stream_job)
+    app.cleanup_ctx.append(_expiry_task)
+    app.on_shutdown.append(_stop_jobs)
+    return app
+
+
+async def _expiry_task(app: web.Application) -> AsyncIterator[None]:
+    """Forget finished jobs after ``FLUSHLINE_JOB_TTL``, checking once a minute."""
+    manager = app[MANAGER]
+
+    async def expire_forever() -> None:
+        while True:
+            await asyncio.sleep(min(EXPIRY_INTERVAL_S, manager.job_ttl_s))
+            expired = await manager.expire()
+            if expired:
+                log.info("jobs expired", count=expired)
+
+    task = asyncio.create_task(expire_forever(), name="job-expiry")
+    yield
+    await cancel_and_wait(task)
+    await app[BUS].aclose()
+
+
+async def _stop_jobs(app: web.Application) -> None:
+    """On shutdown, cancel running jobs: each publishes ``done``, so every stream ends."""
+    await app[MANAGER].shutdown()

@@ -1,0 +1,185 @@
+"""The job manager: creates jobs, runs them as tasks the app owns, cancels and expires them.
+
+Jobs run independently of any stream: a job's task is held here (never by a request),
+so watchers coming and going never affect it. Every event goes through
+:meth:`JobManager._publish`, which publishes it on the bus and folds it into the job's
+snapshot in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import structlog
+
+from app.bus import EventBus
+from app.errors import AtCapacity, InvalidField, JobAlreadyFinished
+from app.events import AnyEvent, EncodedEvent
+from app.jobs import JobSnapshot, JobStatus, JobStore, StepState, apply_event
+from app.pipeline import JobPlan, Pipeline
+from app.runner import JobOutcome, run_job
+from strategies import FlushStrategy
+
+__all__ = ["JobManager", "JobRequest"]
+
+log = structlog.get_logger(__name__)
+
+
+@attrs.frozen
+class JobRequest:
+    """A validated ``POST /api/jobs`` body."""
+
+    pipeline: str
+    strategy: str
+    input: Mapping[str, Any] = attrs.field(factory=dict)
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class JobManager:
+    """Owns the running jobs of this process."""
+
+    bus: EventBus
+    store: JobStore
+    pipelines: Mapping[str, Pipeline]
+    strategies: Mapping[str, FlushStrategy]
+    max_active_jobs: int = 100
+    job_ttl_s: float = 3600.0
+    max_retained_jobs: int = 10_000
+    _tasks: dict[str, asyncio.Task[JobOutcome]] = attrs.Factory(dict)
+    _events: dict[str, int] = attrs.Factory(dict)
+    _bytes: dict[str, int] = attrs.Factory(dict)
+
+    @property
+    def active_jobs(self) -> int:
+        """Jobs whose task has not finished yet."""
+        return len(self._tasks)
+
+    def strategy(self, name: str) -> FlushStrategy:
+        """The configured strategy called ``name`` (``InvalidField`` if unknown)."""
+        try:
+            return self.strategies[name]
+        except KeyError:
+            allowed = ", ".join(self.strategies)
+            raise InvalidField(
+                "strategy", f"unknown strategy {name!r}; allowed: {allowed}"
+            ) from None
+
+    def pipeline(self, name: str) -> Pipeline:
+        """The registered pipeline called ``name`` (``InvalidField`` if unknown)."""
+        try:
+            return self.pipelines[name]
+        except KeyError:
+            allowed = ", ".join(self.pipelines)
+            raise InvalidField(
+                "pipeline", f"unknown pipeline {name!r}; allowed: {allowed}"
+            ) from None
+
+    async def create(self, request: JobRequest) -> JobSnapshot:
+        """Validate, store and start a job; returns its first snapshot."""
+        pipeline = self.pipeline(request.pipeline)
+        strategy = self.strategy(request.strategy)
+        plan = pipeline.plan(request.input, request.options)
+        if self.active_jobs >= self.max_active_jobs:
+            raise AtCapacity(self.max_active_jobs)
+        await self._make_room()
+        job = JobSnapshot(
+            id=secrets.token_urlsafe(16),
+            pipeline=pipeline.name,
+            strategy=strategy.name,
+            steps=tuple(StepState(step.name) for step in plan.steps),
+            created_at=time.time(),
+            input=request.input,
+            options=request.options,
+        )
+        await self.store.add(job)
+        await self.bus.open(job.id)
+        task = asyncio.create_task(self._run(job, plan, pipeline, strategy), name=f"job:{job.id}")
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        return job
+
+    async def _publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
+        encoded = await self.bus.publish(job_id, event)
+        self._events[job_id] = self._events.get(job_id, 0) + 1
+        self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
+        await self.store.put(apply_event(await self.store.get(job_id), encoded))
+        return encoded
+
+    async def _run(
+        self, job: JobSnapshot, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
+    ) -> JobOutcome:
+        structlog.contextvars.bind_contextvars(job_id=job.id)
+        started = time.monotonic()
+        outcome = JobOutcome("cancelled")
+
+        async def publish(event: AnyEvent) -> EncodedEvent:
+            return await self._publish(job.id, event)
+
+        try:
+            outcome = await run_job(plan, pipeline, strategy.name, strategy.cadence, publish)
+            return outcome
+        finally:
+            await self.bus.close(job.id)
+            log.info(
+                "job finished",
+                pipeline=job.pipeline,
+                strategy=job.strategy,
+                status=outcome.status,
+                error=outcome.error,
+                duration_s=round(time.monotonic() - started, 3),
+                events=self._events.pop(job.id, 0),
+                bytes=self._bytes.pop(job.id, 0),
+            )
+
+    async def get(self, job_id: str) -> JobSnapshot:
+        """The job's snapshot (``JobNotFound`` if unknown)."""
+        return await self.store.get(job_id)
+
+    async def newest(self, *, limit: int, status: JobStatus | None) -> list[JobSnapshot]:
+        """Jobs newest first."""
+        return await self.store.newest(limit=limit, status=status)
+
+    async def cancel(self, job_id: str) -> JobSnapshot:
+        """Cancel a queued or running job; ``JobAlreadyFinished`` if it has ended."""
+        job = await self.store.get(job_id)
+        task = self._tasks.get(job_id)
+        if job.status.finished or task is None or task.done():
+            raise JobAlreadyFinished(job_id, job.status.value)
+        task.cancel()
+        # Let the task publish its final event, so the answer shows the cancelled job.
+        await asyncio.wait([task], timeout=5.0)
+        return await self.store.get(job_id)
+
+    async def _make_room(self) -> None:
+        if await self.store.count() < self.max_retained_jobs:
+            return
+        for old in reversed(await self.store.newest(limit=self.max_retained_jobs + 1)):
+            if old.status.finished:
+                await self._forget(old.id)
+                return
+
+    async def _forget(self, job_id: str) -> None:
+        await self.store.discard(job_id)
+        await self.bus.discard(job_id)
+
+    async def expire(self, now: float | None = None) -> int:
+        """Forget jobs that finished more than ``job_ttl_s`` ago; returns how many."""
+        cutoff = (time.time() if now is None else now) - self.job_ttl_s
+        expired = await self.store.finished_before(cutoff)
+        for job_id in expired:
+            await self._forget(job_id)
+        return len(expired)
+
+    async def shutdown(self) -> None:
+        """Cancel every running job and wait for each to publish its ``done``."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

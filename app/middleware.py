@@ -1,0 +1,120 @@
+"""HTTP boundary: request ids, the canonical request log line, and JSON errors.
+
+Every error leaves as ``{"error": {"code": ..., "message": ...}}``: domain errors with
+their own status, aiohttp's HTTP exceptions (unknown route, wrong method, body too
+large) with theirs, and anything unexpected as a logged 500 that names no internals.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from app.errors import AtCapacity, FlushlineError, InvalidField
+
+__all__ = ["error_response", "json_response", "middlewares"]
+
+log = structlog.get_logger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson."""
+    import orjson
+
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The contract's JSON error body."""
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    status = exc.status
+    message = exc.text or exc.reason
+    if status == 404:
+        message = "no such route"
+    elif status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"method {exc.method} not allowed here; allowed: {allowed}"
+        return error_response(status, _HTTP_CODES[405], message, {"Allow": allowed})
+    elif status == 413:
+        message = f"request body too large: {exc.text}"
+    code = _HTTP_CODES.get(status, "http_error")
+    return error_response(status, code, str(message).removeprefix(f"{status}: "))
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind ``request_id`` for the request's logs and write one canonical line at its end."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(8)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.monotonic()
+    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers.setdefault("X-Request-ID", request_id)
+        return response
+    finally:
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            bytes=getattr(response, "body_length", None),
+            remote=request.remote,
+        )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate every error into the contract's JSON shape."""
+    try:
+        return await handler(request)
+    except FlushlineError as exc:
+        headers = None
+        if isinstance(exc, AtCapacity):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+        if isinstance(exc, InvalidField):
+            body["field"] = exc.field
+        return json_response({"error": body}, exc.status, headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(exc)
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error; see the server log")
+
+
+middlewares = [request_context, json_errors]

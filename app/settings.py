@@ -1,0 +1,186 @@
+"""Settings: every ``FLUSHLINE_*`` variable, read once at start-up into one frozen object.
+
+``Settings.from_environ()`` is the only place that reads the environment. A bad value
+raises :class:`SettingsError` whose message is one line naming the variable, the value
+and what is allowed; ``flushline serve`` prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import attrs
+
+from strategies import STRATEGIES, Tuning
+
+__all__ = ["Settings", "SettingsError"]
+
+T = TypeVar("T")
+
+_BUSES = ("memory",)
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Flushline cannot use."""
+
+    def __init__(self, variable: str, value: str, allowed: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid {variable}={value!r}: {allowed}")
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """The service's configuration. Durations are in seconds unless the name says ``_ms``.
+
+    Tuning fields that are ``None`` were not set: the job's strategy picks its own default.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    strategy: str = "aligned"
+    bus: str = "memory"
+    pipeline: str = "demo"
+    padding_bytes: int | None = None
+    chunk_chars: int | None = None
+    chunk_interval_s: float | None = None
+    progress_interval_s: float | None = None
+    heartbeat_interval_s: float | None = None
+    proxy_buffer_bytes: int | None = None
+    max_delay_ms: float | None = None
+    retry_ms: int = 3000
+    history_limit: int = 10_000
+    subscriber_queue: int = 1_000
+    max_active_jobs: int = 100
+    max_body_bytes: int = 64 * 1024
+    job_ttl_s: float = 3600.0
+    max_retained_jobs: int = 10_000
+    send_timeout_s: float = 30.0
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    def tuning(self) -> Tuning:
+        """The operator's strategy overrides (unset ones stay None)."""
+        return Tuning(
+            padding_bytes=self.padding_bytes,
+            chunk_chars=self.chunk_chars,
+            chunk_interval_s=self.chunk_interval_s,
+            progress_interval_s=self.progress_interval_s,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            proxy_buffer_bytes=self.proxy_buffer_bytes,
+            max_delay_ms=self.max_delay_ms,
+        )
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); raise ``SettingsError``."""
+        env = os.environ if environ is None else environ
+        r = _Reader(env)
+        port_var = "PORT" if env.get("PORT", "").strip() else "FLUSHLINE_PORT"
+        return cls(
+            host=r.text("FLUSHLINE_HOST", "0.0.0.0"),
+            port=r.integer(port_var, 8080, low=1, high=65535) or 8080,
+            strategy=r.choice("FLUSHLINE_STRATEGY", "aligned", tuple(STRATEGIES)),
+            bus=r.choice("FLUSHLINE_BUS", "memory", _BUSES),
+            pipeline=r.text("FLUSHLINE_PIPELINE", "demo"),
+            padding_bytes=r.optional_integer("FLUSHLINE_PADDING_BYTES", low=0, high=1 << 20),
+            chunk_chars=r.optional_integer("FLUSHLINE_CHUNK_CHARS", low=1, high=1 << 20),
+            chunk_interval_s=r.optional_seconds("FLUSHLINE_CHUNK_INTERVAL"),
+            progress_interval_s=r.optional_seconds("FLUSHLINE_PROGRESS_INTERVAL"),
+            heartbeat_interval_s=r.optional_seconds("FLUSHLINE_HEARTBEAT_INTERVAL"),
+            proxy_buffer_bytes=r.optional_integer(
+                "FLUSHLINE_PROXY_BUFFER_BYTES", low=0, high=1 << 20
+            ),
+            max_delay_ms=r.optional_number("FLUSHLINE_MAX_DELAY_MS", low=1.0, high=60_000.0),
+            retry_ms=r.integer("FLUSHLINE_RETRY_MS", 3000, low=0, high=3_600_000),
+            history_limit=r.integer("FLUSHLINE_HISTORY_LIMIT", 10_000, low=1, high=10_000_000),
+            subscriber_queue=r.integer("FLUSHLINE_SUBSCRIBER_QUEUE", 1_000, low=1, high=1 << 24),
+            max_active_jobs=r.integer("FLUSHLINE_MAX_ACTIVE_JOBS", 100, low=1, high=1 << 20),
+            max_body_bytes=r.integer("FLUSHLINE_MAX_BODY_BYTES", 64 * 1024, low=64, high=1 << 30),
+            job_ttl_s=r.seconds("FLUSHLINE_JOB_TTL", 3600.0),
+            max_retained_jobs=r.integer(
+                "FLUSHLINE_MAX_RETAINED_JOBS", 10_000, low=1, high=10_000_000
+            ),
+            send_timeout_s=r.seconds("FLUSHLINE_SEND_TIMEOUT", 30.0),
+            log_level=r.choice("FLUSHLINE_LOG_LEVEL", "info", _LOG_LEVELS),
+            log_format=r.choice("FLUSHLINE_LOG_FORMAT", "auto", _LOG_FORMATS),
+        )
+
+
+@attrs.frozen
+class _Reader:
+    """Parses one variable at a time, turning every failure into a ``SettingsError``."""
+
+    env: Mapping[str, str]
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def _parse(self, name: str, parse: Callable[[str], T], allowed: str) -> T | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            return parse(raw)
+        except ValueError:
+            raise SettingsError(name, raw, allowed) from None
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in allowed:
+            raise SettingsError(name, raw, f"allowed: {', '.join(allowed)}")
+        return raw.lower()
+
+    def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
+        allowed = f"an integer from {low} to {high}"
+
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if not low <= value <= high:
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, parse, allowed)
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        value = self.optional_integer(name, low=low, high=high)
+        return default if value is None else value
+
+    def optional_number(self, name: str, *, low: float, high: float) -> float | None:
+        allowed = f"a number from {low:g} to {high:g}"
+
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not low <= value <= high:  # also rejects nan
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, parse, allowed)
+
+    def optional_seconds(self, name: str) -> float | None:
+        allowed = "a number of seconds greater than 0 and at most 86400 (e.g. 1.5)"
+
+        def parse(raw: str) -> float:
+            value = float(raw.removesuffix("s"))
+            if not 0 < value <= 86_400:
+                raise ValueError(raw)
+            return value
+
+        return self._parse(name, parse, allowed)
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.optional_seconds(name)
+        return default if value is None else value

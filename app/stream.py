@@ -1,0 +1,144 @@
+"""The SSE endpoint: one job's events, resumable, shaped by the job's flush strategy.
+
+The response starts with a ``retry:`` line, then whatever the strategy sends at stream
+start; each batch of events read from the bus is written as one write (the shared,
+once-encoded frames, plus the strategy's comment bytes). A heartbeat goes out only when
+nothing has been written for the heartbeat interval. After ``done`` the response ends.
+
+A subscriber that the bus cuts off (it fell too far behind) or whose writes stall past
+``send_timeout_s`` is disconnected; it may resume with ``Last-Event-ID``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import attrs
+import structlog
+from aiohttp import web
+
+from app.errors import InvalidField, SubscriberLagged
+from app.events import heartbeat_frame
+from app.keys import BUS, MANAGER, SETTINGS
+from app.sse import retry_line
+from strategies import FrameShaper
+
+__all__ = ["parse_last_event_id", "stream_job"]
+
+log = structlog.get_logger(__name__)
+
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+    "Connection": "keep-alive",
+}
+_MAX_SEQ = 2**63 - 1
+
+
+def parse_last_event_id(request: web.Request) -> int:
+    """The resume point: the ``Last-Event-ID`` header, else ``?last_event_id=``, else 0.
+
+    The header wins because a reconnecting ``EventSource`` sends the newest id there,
+    while its URL still carries the query it was first opened with.
+    """
+    if "Last-Event-ID" in request.headers:
+        field, raw = "Last-Event-ID", request.headers["Last-Event-ID"]
+    elif "last_event_id" in request.query:
+        field, raw = "last_event_id", request.query["last_event_id"]
+    else:
+        return 0
+    text = raw.strip()
+    if not text.isascii() or not text.isdigit() or int(text) > _MAX_SEQ:
+        raise InvalidField(field, f"must be a non-negative integer, got {raw!r}")
+    return int(text)
+
+
+@attrs.define
+class _StreamWriter:
+    """Writes shaped bytes to one response, counting them for the log line."""
+
+    response: web.StreamResponse
+    shaper: FrameShaper
+    send_timeout_s: float
+    bytes_written: int = 0
+    events_written: int = 0
+    last_write_at: float = 0.0
+
+    async def send(self, data: bytes, now: float) -> None:
+        if not data:
+            return
+        async with asyncio.timeout(self.send_timeout_s):
+            await self.response.write(data)
+        self.bytes_written += len(data)
+        self.last_write_at = now
+
+
+async def stream_job(request: web.Request) -> web.StreamResponse:
+    """``GET /api/jobs/{job_id}/stream``: the job's events as ``text/event-stream``."""
+    job_id = request.match_info["job_id"]
+    after_seq = parse_last_event_id(request)
+    manager = request.app[MANAGER]
+    settings = request.app[SETTINGS]
+    job = await manager.get(job_id)
+    strategy = manager.strategy(job.strategy)
+    heartbeat_s = strategy.cadence.heartbeat_interval_s
+    loop = asyncio.get_running_loop()
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+
+    async with request.app[BUS].subscribe(job_id, after_seq) as subscription:
+        response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+        await response.prepare(request)
+        writer = _StreamWriter(response, strategy.shaper(), settings.send_timeout_s)
+        outcome = "ended"
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(None) as cut_guard:
+                # Being cut off must interrupt even a write blocked on a stalled socket.
+                subscription.on_cut(lambda: cut_guard.reschedule(loop.time()))
+                now = loop.time()
+                await writer.send(writer.shaper.start(retry_line(settings.retry_ms), now), now)
+                while True:
+                    due = writer.last_write_at + heartbeat_s
+                    flush_at = writer.shaper.deadline()
+                    if flush_at is not None:
+                        due = min(due, flush_at)
+                    batch = await subscription.next_batch(max(due - loop.time(), 0.0))
+                    now = loop.time()
+                    if batch.events:
+                        frames = b"".join(event.frame for event in batch.events)
+                        writer.events_written += len(batch.events)
+                        await writer.send(writer.shaper.write(frames, now), now)
+                    if batch.ended:
+                        break
+                    if not batch.events:
+                        if now - writer.last_write_at >= heartbeat_s:
+                            await writer.send(
+                                writer.shaper.write(heartbeat_frame(job_id), now), now
+                            )
+                        else:
+                            await writer.send(writer.shaper.poll(now), now)
+            await response.write_eof()
+        except (TimeoutError, SubscriberLagged):
+            outcome = "cut_off" if subscription.cut else "send_timeout"
+            _abort(request)
+        except ConnectionError:
+            outcome = "client_gone"
+        finally:
+            log.info(
+                "stream closed",
+                outcome=outcome,
+                strategy=strategy.name,
+                after_seq=after_seq,
+                last_seq=subscription.last_seq,
+                events=writer.events_written,
+                bytes=writer.bytes_written,
+                duration_s=round(time.monotonic() - started, 3),
+            )
+        return response
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()

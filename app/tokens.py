@@ -1,0 +1,235 @@
+"""Token sources: where a step's generated text comes from.
+
+A :class:`TokenSource` yields text pieces asynchronously (an LLM streaming API). A
+:class:`SyncTokenSource` yields them from a blocking iterator (a blocking SDK);
+:func:`threaded` drives one in a worker thread and hands its tokens to the event loop
+thread-safely and in order. :class:`SimulatedTokenSource` is the built-in source: its
+text is deterministic per seed and it paces itself to ``tokens_per_second``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
+
+import attrs
+
+__all__ = [
+    "SimulatedTokenSource",
+    "SyncTokenSource",
+    "ThreadedTokenSource",
+    "TokenRequest",
+    "TokenSource",
+    "threaded",
+]
+
+
+@attrs.frozen
+class TokenRequest:
+    """What a step asks its source for."""
+
+    prompt: str
+    max_tokens: int
+    step: str = ""
+
+
+class TokenSource(Protocol):
+    """An async stream of text pieces ("tokens")."""
+
+    def stream(self, request: TokenRequest) -> AsyncIterator[str]:
+        """Yield the generated text piece by piece."""
+        ...
+
+
+class SyncTokenSource(Protocol):
+    """A blocking stream of tokens, e.g. a synchronous SDK's streaming call."""
+
+    def stream_sync(self, request: TokenRequest) -> Iterator[str]:
+        """Yield the generated text piece by piece, blocking between pieces."""
+        ...
+
+
+_WORDS = [
+    "the",
+    "candidate",
+    "brings",
+    "seven",
+    "years",
+    "of",
+    "experience",
+    "building",
+    "reliable",
+    "distributed",
+    "systems",
+    "with",
+    "a",
+    "focus",
+    "on",
+    "streaming",
+    "data",
+    "pipelines",
+    "observability",
+    "and",
+    "developer",
+    "tooling",
+    "they",
+    "led",
+    "a",
+    "team",
+    "that",
+    "migrated",
+    "critical",
+    "services",
+    "to",
+    "a",
+    "new",
+    "platform",
+    "cutting",
+    "latency",
+    "by",
+    "forty",
+    "percent",
+    "while",
+    "improving",
+    "availability",
+    "their",
+    "work",
+    "spans",
+    "python",
+    "go",
+    "and",
+    "typescript",
+    "with",
+    "deep",
+    "knowledge",
+    "of",
+    "networking",
+    "protocols",
+    "caching",
+    "and",
+    "event",
+    "driven",
+    "design",
+    "recent",
+    "projects",
+    "include",
+    "a",
+    "realtime",
+    "analytics",
+    "dashboard",
+    "a",
+    "job",
+    "scheduler",
+    "serving",
+    "millions",
+    "of",
+    "tasks",
+    "a",
+    "day",
+    "and",
+    "an",
+    "internal",
+    "platform",
+    "for",
+    "safe",
+    "progressive",
+    "delivery",
+]
+
+
+@attrs.frozen
+class SimulatedTokenSource:
+    """Deterministic pseudo-text paced to ``tokens_per_second``; same seed, same text."""
+
+    seed: str | int = 0
+    tokens_per_second: float = 80.0
+
+    def _rng(self, request: TokenRequest) -> random.Random:
+        return random.Random(f"{self.seed}:{request.step}:{request.prompt}")
+
+    def tokens(self, request: TokenRequest) -> list[str]:
+        """The whole text this source yields for ``request``, without waiting."""
+        rng = self._rng(request)
+        out: list[str] = []
+        for i in range(request.max_tokens):
+            word = rng.choice(_WORDS)
+            if i and rng.random() < 0.08:
+                word = word.capitalize()
+                out[-1] = out[-1].rstrip() + ". "
+            out.append(word + " ")
+        return out
+
+    async def stream(self, request: TokenRequest) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        interval_s = 1.0 / self.tokens_per_second
+        start = loop.time()
+        for i, token in enumerate(self.tokens(request)):
+            # Pace against an absolute schedule so sleep overshoot does not accumulate.
+            delay = start + (i + 1) * interval_s - loop.time()
+            await asyncio.sleep(delay if delay > 0 else 0)
+            yield token
+
+    def stream_sync(self, request: TokenRequest) -> Iterator[str]:
+        """The same tokens from a blocking iterator (``time.sleep`` pacing)."""
+        import time
+
+        interval_s = 1.0 / self.tokens_per_second
+        start = time.monotonic()
+        for i, token in enumerate(self.tokens(request)):
+            delay = start + (i + 1) * interval_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield token
+
+
+_END = object()
+
+
+@attrs.frozen
+class ThreadedTokenSource:
+    """Adapts a :class:`SyncTokenSource` to :class:`TokenSource` with a worker thread.
+
+    The thread pushes each token to the loop with ``call_soon_threadsafe`` (so order is
+    kept); when the consumer stops early (cancel, error), the thread is told to stop and
+    ends after its current token.
+    """
+
+    source: SyncTokenSource
+
+    async def stream(self, request: TokenRequest) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for token in self.source.stream_sync(request):
+                    if stop.is_set():
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, token)
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+            except BaseException as exc:  # handed to the loop, re-raised there
+                if not stop.is_set():
+                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        thread = threading.Thread(target=work, name=f"tokens-{request.step}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, str)
+                yield item
+        finally:
+            stop.set()
+
+
+def threaded(source: SyncTokenSource) -> ThreadedTokenSource:
+    """Drive a blocking token source in a worker thread."""
+    return ThreadedTokenSource(source)

@@ -1,0 +1,112 @@
+"""``aligned``: the strategy that always flushes a buffering proxy, at a bounded cost.
+
+A buffering proxy holds response bytes until it holds ``B`` of them (its buffer size),
+then releases either everything it holds ("all") or only whole ``B``-byte blocks,
+keeping the rest ("blocks"). A fixed 2 KB of padding per event crosses ``B = 4096`` only
+every second event, and ``B = 8192`` every fourth: the others wait for the next event.
+
+``aligned`` keeps count of the bytes it has written on this stream and, to flush, pads
+with exactly enough comment bytes that the total becomes a multiple of ``B``. Under
+"blocks" the proxy then holds no remainder; under "all" it holds at least ``B`` and so
+releases everything. Either way the whole event goes out, headers included (the stream
+start is aligned too, so the first block, which carries the headers through nginx, is
+released at once).
+
+Cost is bounded by a latency budget ``max_delay_s``: a write within the budget of the
+previous flush is not padded at once; it is sent unpadded (a direct client sees it
+immediately) and one flush pads at the end of the budget for everything written since.
+So at most one flush happens per budget, and padding stays below ``B / max_delay_s``
+bytes per second, however fast events come.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import attrs
+
+from app.sse import padding_comment
+from strategies.base import Cadence, Tuning
+
+__all__ = ["AlignedShaper", "AlignedStrategy"]
+
+DEFAULT_BLOCK_BYTES = 4096
+DEFAULT_MAX_DELAY_MS = 100.0
+
+
+@attrs.define
+class AlignedShaper:
+    """Pads each flush so the stream's byte count lands on a multiple of ``block_bytes``."""
+
+    block_bytes: int
+    max_delay_s: float
+    written: int = 0
+    last_flush_at: float = -math.inf
+    flush_due_at: float | None = None
+
+    def _pad(self) -> bytes:
+        gap = -self.written % self.block_bytes
+        if gap == 1:  # a comment line needs 2 bytes: go to the next boundary
+            gap += self.block_bytes
+        padding = padding_comment(gap)
+        self.written += len(padding)
+        return padding
+
+    def _flush(self, data: bytes, now: float) -> bytes:
+        self.written += len(data)
+        self.last_flush_at = now
+        self.flush_due_at = None
+        return data + self._pad()
+
+    def start(self, prefix: bytes, now: float) -> bytes:
+        return self._flush(prefix, now)
+
+    def write(self, frames: bytes, now: float) -> bytes:
+        if now - self.last_flush_at >= self.max_delay_s:
+            return self._flush(frames, now)
+        self.written += len(frames)
+        if self.written % self.block_bytes and self.flush_due_at is None:
+            self.flush_due_at = self.last_flush_at + self.max_delay_s
+        return frames
+
+    def deadline(self) -> float | None:
+        return self.flush_due_at
+
+    def poll(self, now: float) -> bytes:
+        if self.flush_due_at is None or now < self.flush_due_at:
+            return b""
+        return self._flush(b"", now)
+
+
+@attrs.frozen
+class AlignedStrategy:
+    """Pads each flush to the proxy's block boundary, at most once per latency budget."""
+
+    name: ClassVar[str] = "aligned"
+    cadence: Cadence
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    max_delay_s: float = DEFAULT_MAX_DELAY_MS / 1000
+
+    @classmethod
+    def from_tuning(cls, tuning: Tuning) -> AlignedStrategy:
+        block = (
+            DEFAULT_BLOCK_BYTES if tuning.proxy_buffer_bytes is None else tuning.proxy_buffer_bytes
+        )
+        delay_ms = DEFAULT_MAX_DELAY_MS if tuning.max_delay_ms is None else tuning.max_delay_ms
+        cadence = Cadence.from_tuning(
+            tuning, chunk_chars=500, chunk_interval_s=1.2, progress_with_chunks=True
+        )
+        return cls(cadence, block, delay_ms / 1000)
+
+    def shaper(self) -> AlignedShaper:
+        # A block size of 0 means "the path does not buffer": alignment is then a no-op.
+        return AlignedShaper(self.block_bytes or 1, self.max_delay_s)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "block_bytes": self.block_bytes,
+            "max_delay_ms": self.max_delay_s * 1000,
+            **attrs.asdict(self.cadence),
+        }

@@ -109,6 +109,10 @@ class EventBus(Protocol):
         """Forget the job's log (expiry); live subscribers end."""
         ...
 
+    def subscriber_count(self, job_id: str) -> int:
+        """How many subscribers of the job this process serves right now."""
+        ...
+
     async def aclose(self) -> None:
         """Release the bus's resources at shutdown."""
         ...
@@ -261,6 +265,10 @@ class MemoryEventBus:
 
     async def last_seq(self, job_id: str) -> int:
         return self._log(job_id).next_seq - 1
+
+    def subscriber_count(self, job_id: str) -> int:
+        log = self._logs.get(job_id)
+        return 0 if log is None else len(log.subscribers)
 
     async def discard(self, job_id: str) -> None:
         log = self._logs.pop(job_id, None)

@@ -1,0 +1,43 @@
+"""Shared fixtures: the app built by the real factory, served on a real socket."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from app.main import init_app
+from app.pipeline import Pipeline
+from app.settings import Settings
+
+MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+#: A demo job that finishes in about a second (2 steps x 40 tokens at 80 tokens/s).
+QUICK_JOB = {"steps": 2, "tokens_per_step": 40, "tokens_per_second": 80}
+
+
+def require_integration() -> bool:
+    """Whether a missing integration binary must fail instead of skip."""
+    return os.environ.get("FLUSHLINE_REQUIRE_INTEGRATION") == "1"
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]]) -> MakeClient:
+    """Build the app from ``env`` (FLUSHLINE_* variables) and serve it on a free port."""
+
+    async def make(
+        env: Mapping[str, str] | None = None, *, pipelines: tuple[Pipeline, ...] = ()
+    ) -> TestClient[web.Request, web.Application]:
+        settings = Settings.from_environ(dict(env or {}))
+        return await aiohttp_client(init_app(settings, pipelines=pipelines))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> TestClient[web.Request, web.Application]:
+    """The app with default settings."""
+    return await make_client()

@@ -52,12 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the service (configured by FLUSHLINE_* variables)")
-    from app import proxy
+    from app import probe, proxy, watch
 
     proxy.configure_parser(
         commands.add_parser(
             "proxy", help="run a buffering reverse proxy, to reproduce proxy buffering"
         )
+    )
+    probe.configure_parser(
+        commands.add_parser("probe", help="measure how the path to a service buffers a stream")
+    )
+    watch.configure_parser(
+        commands.add_parser("watch", help="print a job stream's events with their arrival lag")
     )
     return parser
 
@@ -72,4 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app import proxy
 
         return proxy.run_from_args(args)
+    if args.command == "probe":
+        from app import probe
+
+        return probe.run_from_args(args)
+    if args.command == "watch":
+        from app import watch
+
+        return watch.run_from_args(args)
     return _serve(args)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from app import api
 from app.bus import MemoryEventBus
+from app.diagnostics import diagnostics_stream
 from app.jobs import MemoryJobStore
 from app.keys import BUS, MANAGER, SETTINGS
 from app.manager import JobManager
@@ -60,6 +61,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     )
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job)
+    app.router.add_get("/api/diagnostics/stream", diagnostics_stream)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
     return app

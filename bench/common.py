@@ -20,7 +20,12 @@ from tests.support.sse_client import read_stream
 __all__ = ["JobRun", "print_table", "run_job", "serve"]
 
 #: The benchmark job: 3 steps x 240 tokens at 80 tokens/s, about 9 s.
-BENCH_OPTIONS: dict[str, Any] = {"steps": 3, "tokens_per_step": 240, "tokens_per_second": 80, "seed": 7}
+BENCH_OPTIONS: dict[str, Any] = {
+    "steps": 3,
+    "tokens_per_step": 240,
+    "tokens_per_second": 80,
+    "seed": 7,
+}
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +88,9 @@ async def run_job(
     started = time.time()
     record = await read_stream(session, stream_base + job["links"]["stream"], timeout_s=300)
     payloads = record.payloads()
-    received = [Received(float(p["ts"]), a.at) for p, a in zip(payloads, record.events, strict=True)]
+    received = [
+        Received(float(p["ts"]), a.at) for p, a in zip(payloads, record.events, strict=True)
+    ]
     duration = float(payloads[-1]["ts"]) - float(payloads[0]["ts"]) if payloads else 0.0
     return JobRun(
         strategy=strategy,

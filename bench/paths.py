@@ -44,7 +44,9 @@ def paths(include_nginx: bool) -> list[Path]:
     out = [Path("direct", 0)]
     for size in (4096, 16384):
         for release in ("all", "blocks"):
-            config = ProxyConfig(upstream="http://placeholder", threshold_bytes=size, release=release)
+            config = ProxyConfig(
+                upstream="http://placeholder", threshold_bytes=size, release=release
+            )
             out.append(Path(f"emulator {size} {release}", size, proxy=config))
     if include_nginx:
         out += [
@@ -72,11 +74,14 @@ async def open_path(path: Path, upstream: str, tmp: pathlib.Path) -> AsyncIterat
 async def measure(path: Path, block: int | None, tmp: pathlib.Path) -> list[JobRun]:
     """Run every strategy's job through ``path``, side by side."""
     size = path.buffer_bytes if block is None else block
-    async with serve({"FLUSHLINE_PROXY_BUFFER_BYTES": str(size)}) as service:
-        async with open_path(path, service, tmp) as front, aiohttp.ClientSession() as session:
-            return list(
-                await asyncio.gather(*(run_job(session, service, front, name) for name in STRATEGIES))
-            )
+    env = {"FLUSHLINE_PROXY_BUFFER_BYTES": str(size)}
+    async with (
+        serve(env) as service,
+        open_path(path, service, tmp) as front,
+        aiohttp.ClientSession() as session,
+    ):
+        jobs = (run_job(session, service, front, name) for name in STRATEGIES)
+        return list(await asyncio.gather(*jobs))
 
 
 async def main(include_nginx: bool, block: int | None) -> None:

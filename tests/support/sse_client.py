@@ -46,7 +46,11 @@ class StreamRecord:
     @property
     def events(self) -> list[Arrival]:
         """Arrivals carrying data, heartbeats excluded."""
-        return [a for a in self.arrivals if a.message.data is not None and a.message.event != "heartbeat"]
+        return [
+            a
+            for a in self.arrivals
+            if a.message.data is not None and a.message.event != "heartbeat"
+        ]
 
     @property
     def heartbeats(self) -> list[Arrival]:

@@ -250,7 +250,7 @@ class MemoryEventBus:
             del log.events[:drop]
             log.first_seq += drop
         for sub in log.subscribers:
-            if sub.pending(encoded.seq) > self.queue_limit:
+            if sub.pending(encoded.seq) > self.queue_limit or sub.cursor < log.first_seq - 1:
                 sub.cut_off()
         log.wake()
         return encoded

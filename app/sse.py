@@ -106,6 +106,7 @@ class SSEParser:
     _comments: list[str] = attrs.field(factory=list)
     _seen_field: bool = False
     _first: bool = True
+    _after_cr: bool = False  # the last line ended in a lone '\r': skip a '\n' that follows
     last_event_id: str = ""
 
     def feed(self, chunk: bytes) -> list[SSEMessage]:
@@ -121,13 +122,19 @@ class SSEParser:
     def _lines(self) -> Iterator[str]:
         start = 0
         buffer = self._buffer
+        if self._after_cr and buffer:
+            # The '\r' ending the previous line may be the first half of a '\r\n'.
+            self._after_cr = False
+            if buffer.startswith(b"\n"):
+                start = 1
         while True:
             match = _BYTE_LINE_BREAK.search(buffer, start)
             if match is None:
                 break
-            # A lone '\r' at the end might be the first half of '\r\n': wait for more.
+            # A lone '\r' at the end ends the line now (a CR-only stream must not wait
+            # for the next byte); a '\n' arriving next is then the rest of a '\r\n'.
             if match.group() == b"\r" and match.end() == len(buffer):
-                break
+                self._after_cr = True
             line = buffer[start : match.start()].decode("utf-8", "replace")
             start = match.end()
             if self._first:
@@ -154,7 +161,7 @@ class SSEParser:
             if "\0" not in value:
                 self._id = value
                 self.last_event_id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry_ms = int(value)
         return None
 

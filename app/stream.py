@@ -97,9 +97,15 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             async with asyncio.timeout(None) as cut_guard:
                 # Being cut off must interrupt even a write blocked on a stalled socket.
                 subscription.on_cut(lambda: cut_guard.reschedule(loop.time()))
+                # The history already published goes out with the stream's first write, so a
+                # strategy that pads each flush pays for one flush, not two.
+                batch = await subscription.next_batch(0)
+                writer.events_written += len(batch.events)
                 now = loop.time()
-                await writer.send(writer.shaper.start(retry_line(settings.retry_ms), now), now)
-                while True:
+                history = b"".join(event.frame for event in batch.events)
+                start = writer.shaper.start(retry_line(settings.retry_ms), now, history)
+                await writer.send(start, now)
+                while not batch.ended:
                     due = writer.last_write_at + heartbeat_s
                     flush_at = writer.shaper.deadline()
                     if flush_at is not None:
@@ -110,9 +116,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                         frames = b"".join(event.frame for event in batch.events)
                         writer.events_written += len(batch.events)
                         await writer.send(writer.shaper.write(frames, now), now)
-                    if batch.ended:
-                        break
-                    if not batch.events:
+                    if not batch.events and not batch.ended:
                         if now - writer.last_write_at >= heartbeat_s:
                             await writer.send(
                                 writer.shaper.write(heartbeat_frame(job_id), now), now

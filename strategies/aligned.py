@@ -61,7 +61,9 @@ class AlignedShaper:
     def _pad(self) -> bytes:
         gap = -self.written % self.block_bytes
         if self.block_bytes > 1:
-            while gap < self.min_tail_bytes:
+            # A comment line needs 2 bytes, so a gap of 1 also moves to the next boundary.
+            need = max(self.min_tail_bytes, 2) if gap or self.min_tail_bytes else 0
+            while gap < need:
                 gap += self.block_bytes
         padding = padding_comment(gap)
         self.written += len(padding)
@@ -73,8 +75,8 @@ class AlignedShaper:
         self.flush_due_at = None
         return data + self._pad()
 
-    def start(self, prefix: bytes, now: float) -> bytes:
-        return self._flush(prefix, now)
+    def start(self, prefix: bytes, now: float, frames: bytes = b"") -> bytes:
+        return self._flush(prefix + frames, now)  # one flush for both
 
     def write(self, frames: bytes, now: float) -> bytes:
         if now - self.last_flush_at >= self.max_delay_s * DEADLINE_SHARE:

@@ -73,8 +73,9 @@ class Cadence:
 class FrameShaper(Protocol):
     """Per-stream framing state. The stream writes exactly the bytes these methods return."""
 
-    def start(self, prefix: bytes, now: float) -> bytes:
-        """Bytes to send first: ``prefix`` (the ``retry:`` line) plus anything the strategy adds."""
+    def start(self, prefix: bytes, now: float, frames: bytes = b"") -> bytes:
+        """Bytes to send first: ``prefix`` (the ``retry:`` line), anything the strategy adds
+        at stream start, and ``frames``, the events already published (history), if any."""
         ...
 
     def write(self, frames: bytes, now: float) -> bytes:

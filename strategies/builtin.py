@@ -25,8 +25,8 @@ DEFAULT_PADDING_BYTES = 2048
 class PassThroughShaper:
     """Writes frames as they are, adding nothing."""
 
-    def start(self, prefix: bytes, now: float) -> bytes:
-        return prefix
+    def start(self, prefix: bytes, now: float, frames: bytes = b"") -> bytes:
+        return prefix + frames
 
     def write(self, frames: bytes, now: float) -> bytes:
         return frames
@@ -44,8 +44,8 @@ class PaddedShaper:
 
     padding: bytes
 
-    def start(self, prefix: bytes, now: float) -> bytes:
-        return prefix + self.padding
+    def start(self, prefix: bytes, now: float, frames: bytes = b"") -> bytes:
+        return prefix + self.padding + (self.write(frames, now) if frames else b"")
 
     def write(self, frames: bytes, now: float) -> bytes:
         return frames + self.padding

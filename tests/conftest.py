@@ -25,7 +25,9 @@ def require_integration() -> bool:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]]) -> MakeClient:
+def make_client(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+) -> MakeClient:
     """Build the app from ``env`` (FLUSHLINE_* variables) and serve it on a free port."""
 
     async def make(

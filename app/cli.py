@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
         args_list.insert(0, "serve")
     args = build_parser().parse_args(args_list)
+    if args.command in ("proxy", "probe", "watch"):
+        from app.logs import configure_logging
+
+        configure_logging("info", "auto")
     if args.command == "proxy":
         from app import proxy
 

@@ -61,7 +61,8 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         processors=[*shared, *renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: loggers created before configuration (module level) must follow it.
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ from app.diagnostics import diagnostics_stream
 from app.jobs import MemoryJobStore
 from app.keys import BUS, MANAGER, SETTINGS
 from app.manager import JobManager
-from app.middleware import middlewares
+from app.middleware import add_request_id, middlewares
 from app.pipeline import DemoPipeline, Pipeline
 from app.settings import Settings
 from app.stream import stream_job
@@ -64,6 +64,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.router.add_get("/api/diagnostics/stream", diagnostics_stream)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
+    app.on_response_prepare.append(add_request_id)
     return app
 
 

@@ -7,6 +7,7 @@ large) with theirs, and anything unexpected as a logged 500 that names no intern
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -18,7 +19,7 @@ from aiohttp.typedefs import Handler
 
 from app.errors import AtCapacity, FlushlineError, InvalidField
 
-__all__ = ["error_response", "json_response", "middlewares"]
+__all__ = ["add_request_id", "error_response", "json_response", "middlewares"]
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +69,14 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return error_response(status, code, str(message).removeprefix(f"{status}: "))
 
 
+def _body_bytes(response: web.StreamResponse | None) -> int | None:
+    """The response body's size: a plain response is not written yet when we log it."""
+    if isinstance(response, web.Response) and not response.prepared:
+        body = response.body
+        return len(body) if isinstance(body, bytes | bytearray) else response.content_length
+    return None if response is None else response.body_length
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind ``request_id`` for the request's logs and write one canonical line at its end."""
@@ -81,8 +90,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     try:
         response = await handler(request)
         status = response.status
-        response.headers.setdefault("X-Request-ID", request_id)
         return response
+    except asyncio.CancelledError:
+        # The client went away (or the server is stopping) before the handler ended:
+        # "client closed request" (nginx's 499), not a server error.
+        status = 499
+        raise
     finally:
         log.info(
             "request",
@@ -90,9 +103,16 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             path=request.path,
             status=status,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
-            bytes=getattr(response, "body_length", None),
+            bytes=_body_bytes(response),
             remote=request.remote,
         )
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: echo the request id, on streams too (before their headers go)."""
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if request_id:
+        response.headers.setdefault("X-Request-ID", str(request_id))
 
 
 @web.middleware

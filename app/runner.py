@@ -60,6 +60,7 @@ class _StepRun:
     _pending: list[str] = attrs.Factory(list)
     _pending_chars: int = 0
     _insights_sent: int = 0
+    _progress_sent: bool = False
 
     async def _chunk(self, now: float) -> None:
         text = "".join(self._pending)
@@ -69,6 +70,7 @@ class _StepRun:
             await self._progress(now)
 
     async def _progress(self, now: float) -> None:
+        self._progress_sent = True
         est = self.estimator.estimate(now)
         await self.publish(
             StepProgressEvent(
@@ -99,6 +101,9 @@ class _StepRun:
         now = loop.time()
         if self._pending:
             await self._chunk(now)
+        if not self._progress_sent:
+            # A step shorter than its chunk and progress intervals still reports progress.
+            await self._progress(now)
         overall = self.estimator.complete_step()
         await self.publish(
             StepCompletedEvent(

@@ -129,6 +129,9 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             _abort(request)
         except ConnectionError:
             outcome = "client_gone"
+        except asyncio.CancelledError:
+            outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
+            raise
         finally:
             log.info(
                 "stream closed",

@@ -1,0 +1,159 @@
+"""The process as a user runs it: ``python -m app`` / ``flushline serve`` on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import aiohttp
+import pytest
+
+from tests.conftest import QUICK_JOB
+from tests.support.sse_client import read_stream
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 20.0
+EXIT_TIMEOUT_S = 5.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without PORT or FLUSHLINE_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "PORT" and not k.startswith("FLUSHLINE_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def read_log(log: pathlib.Path) -> str:
+    """The server's output so far."""
+    return log.read_text(errors="replace")
+
+
+async def wait_accepting(process: asyncio.subprocess.Process, port: int) -> None:
+    """Wait until ``port`` accepts connections; fail if the process dies first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        assert process.returncode is None, f"the server exited with {process.returncode}"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing accepted connections on port {port}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+
+
+@contextlib.asynccontextmanager
+async def server_process(
+    argv: Sequence[str], env: dict[str, str], log: pathlib.Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start ``argv`` in the project directory; kill it on the way out if it still runs."""
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def run_user_flow(port: int) -> None:
+    """POST a job, read its stream to done, GET its snapshot."""
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/api/jobs", json={"options": QUICK_JOB}) as response:
+            assert response.status == 201, await response.text()
+            job = await response.json()
+            assert response.headers["Location"] == job["links"]["self"]
+        record = await read_stream(session, base + job["links"]["stream"], timeout_s=30)
+        assert record.status == 200
+        assert record.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert record.raw.startswith(b"retry:")
+        payloads = record.payloads()
+        assert [p["seq"] for p in payloads] == list(range(1, len(payloads) + 1))
+        assert payloads[0]["type"] == "job_started"
+        assert payloads[-1]["type"] == "done"
+        assert payloads[-1]["status"] == "succeeded"
+        async with session.get(base + job["links"]["self"]) as response:
+            assert response.status == 200
+            snapshot = await response.json()
+        assert snapshot["status"] == "succeeded"
+        assert snapshot["progress"] == 100
+        assert snapshot["result"] == payloads[-1]["result"]
+        assert snapshot["last_event_id"] == payloads[-1]["seq"]
+
+
+async def serve_and_stop(
+    argv: Sequence[str], env: dict[str, str], port: int, log: pathlib.Path
+) -> None:
+    """Run the whole flow against the process, then SIGTERM it: it exits 0 promptly."""
+    async with server_process(argv, env, log) as process:
+        await wait_accepting(process, port)
+        await run_user_flow(port)
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(process.wait(), EXIT_TIMEOUT_S)
+        except TimeoutError:
+            raise AssertionError(f"no exit within {EXIT_TIMEOUT_S} s of SIGTERM") from None
+        assert code == 0, read_log(log)[-2000:]
+
+
+class TestServe:
+    """Start the server the way a user (or Cloud Run) does."""
+
+    async def test_python_m_app_uses_port(self, tmp_path: pathlib.Path) -> None:
+        """`python -m app` listens on $PORT, serves a job end to end, exits 0 on SIGTERM."""
+        port = free_port()
+        decoy = free_port()  # PORT wins over FLUSHLINE_PORT
+        env = clean_env(PORT=str(port), FLUSHLINE_PORT=str(decoy))
+        await serve_and_stop([sys.executable, "-m", "app"], env, port, tmp_path / "server.log")
+
+    async def test_python_m_app_uses_flushline_port(self, tmp_path: pathlib.Path) -> None:
+        """Without PORT, `python -m app` listens on $FLUSHLINE_PORT."""
+        port = free_port()
+        env = clean_env(FLUSHLINE_PORT=str(port))
+        await serve_and_stop([sys.executable, "-m", "app"], env, port, tmp_path / "server.log")
+
+    async def test_flushline_serve(self, tmp_path: pathlib.Path) -> None:
+        """The `flushline serve` console script runs the same flow."""
+        script = shutil.which("flushline")
+        if script is None:
+            pytest.skip("the flushline console script is not on PATH (pip install -e . adds it)")
+        port = free_port()
+        env = clean_env(PORT=str(port))
+        await serve_and_stop([script, "serve"], env, port, tmp_path / "server.log")
+
+    async def test_invalid_setting_stops_start_up(self, tmp_path: pathlib.Path) -> None:
+        """A bad FLUSHLINE_ value stops start-up with one line naming variable and value."""
+        port = free_port()
+        env = clean_env(PORT=str(port), FLUSHLINE_STRATEGY="turbo")
+        log = tmp_path / "server.log"
+        async with server_process([sys.executable, "-m", "app"], env, log) as process:
+            code = await asyncio.wait_for(process.wait(), START_TIMEOUT_S)
+        assert code != 0
+        lines = [line for line in read_log(log).splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert "FLUSHLINE_STRATEGY" in lines[0]
+        assert "turbo" in lines[0]

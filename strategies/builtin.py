@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import attrs
 
@@ -58,97 +58,78 @@ class PaddedShaper:
 
 
 @attrs.frozen
-class NoneStrategy:
+class _ClassicStrategy:
+    """Shared shape of the four classic strategies: a fixed cadence, optional padding.
+
+    Subclasses only set their class-level defaults.
+    """
+
+    name: ClassVar[str]
+    default_chunk_chars: ClassVar[int]
+    default_chunk_interval_s: ClassVar[float]
+    padded: ClassVar[bool] = False
+    cadence: Cadence
+    padding_bytes: int = 0
+
+    @classmethod
+    def from_tuning(cls, tuning: Tuning) -> Self:
+        cadence = Cadence.from_tuning(
+            tuning,
+            chunk_chars=cls.default_chunk_chars,
+            chunk_interval_s=cls.default_chunk_interval_s,
+        )
+        return cls(cadence, _padding_bytes(tuning) if cls.padded else 0)
+
+    def shaper(self) -> PaddedShaper | PassThroughShaper:
+        return (
+            PaddedShaper(padding_comment(self.padding_bytes))
+            if self.padding_bytes
+            else PassThroughShaper()
+        )
+
+    def describe(self) -> dict[str, object]:
+        padding = {"padding_bytes": self.padding_bytes} if self.padded else {}
+        return {"name": self.name, **padding, **attrs.asdict(self.cadence)}
+
+
+@attrs.frozen
+class NoneStrategy(_ClassicStrategy):
     """No shaping: events are written as they are, 500 chars / 1.2 s chunks."""
 
     name: ClassVar[str] = "none"
-    cadence: Cadence
-
-    @classmethod
-    def from_tuning(cls, tuning: Tuning) -> NoneStrategy:
-        return cls(Cadence.from_tuning(tuning, chunk_chars=500, chunk_interval_s=1.2))
-
-    def shaper(self) -> PassThroughShaper:
-        return PassThroughShaper()
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, **attrs.asdict(self.cadence)}
+    default_chunk_chars: ClassVar[int] = 500
+    default_chunk_interval_s: ClassVar[float] = 1.2
 
 
 @attrs.frozen
-class FrequencyStrategy:
+class FrequencyStrategy(_ClassicStrategy):
     """No padding; emits small chunks often (100 chars / 0.3 s)."""
 
     name: ClassVar[str] = "frequency"
-    cadence: Cadence
-
-    @classmethod
-    def from_tuning(cls, tuning: Tuning) -> FrequencyStrategy:
-        return cls(Cadence.from_tuning(tuning, chunk_chars=100, chunk_interval_s=0.3))
-
-    def shaper(self) -> PassThroughShaper:
-        return PassThroughShaper()
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, **attrs.asdict(self.cadence)}
+    default_chunk_chars: ClassVar[int] = 100
+    default_chunk_interval_s: ClassVar[float] = 0.3
 
 
 @attrs.frozen
-class PaddingStrategy:
-    """A fixed block of comment padding (2048 bytes) after each event and at stream start."""
+class PaddingStrategy(_ClassicStrategy):
+    """A fixed block of comment padding (2048 bytes) after each write and at stream start."""
 
     name: ClassVar[str] = "padding"
-    cadence: Cadence
-    padding_bytes: int = DEFAULT_PADDING_BYTES
-
-    @classmethod
-    def from_tuning(cls, tuning: Tuning) -> PaddingStrategy:
-        return cls(
-            Cadence.from_tuning(tuning, chunk_chars=500, chunk_interval_s=1.2),
-            _padding_bytes(tuning),
-        )
-
-    def shaper(self) -> PaddedShaper | PassThroughShaper:
-        return _padded(self.padding_bytes)
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "padding_bytes": self.padding_bytes,
-            **attrs.asdict(self.cadence),
-        }
+    default_chunk_chars: ClassVar[int] = 500
+    default_chunk_interval_s: ClassVar[float] = 1.2
+    padded: ClassVar[bool] = True
 
 
 @attrs.frozen
-class CombinedStrategy:
-    """``padding`` and ``frequency`` together: 2048 bytes after each of many small events."""
+class CombinedStrategy(_ClassicStrategy):
+    """``padding`` and ``frequency`` together: 2048 bytes after each of many small writes."""
 
     name: ClassVar[str] = "combined"
-    cadence: Cadence
-    padding_bytes: int = DEFAULT_PADDING_BYTES
-
-    @classmethod
-    def from_tuning(cls, tuning: Tuning) -> CombinedStrategy:
-        return cls(
-            Cadence.from_tuning(tuning, chunk_chars=100, chunk_interval_s=0.3),
-            _padding_bytes(tuning),
-        )
-
-    def shaper(self) -> PaddedShaper | PassThroughShaper:
-        return _padded(self.padding_bytes)
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "padding_bytes": self.padding_bytes,
-            **attrs.asdict(self.cadence),
-        }
+    default_chunk_chars: ClassVar[int] = 100
+    default_chunk_interval_s: ClassVar[float] = 0.3
+    padded: ClassVar[bool] = True
 
 
 def _padding_bytes(tuning: Tuning) -> int:
     size = DEFAULT_PADDING_BYTES if tuning.padding_bytes is None else tuning.padding_bytes
     return 2 if size == 1 else size  # the shortest comment line is 2 bytes
-
-
-def _padded(size: int) -> PaddedShaper | PassThroughShaper:
-    return PaddedShaper(padding_comment(size)) if size else PassThroughShaper()

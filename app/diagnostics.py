@@ -62,7 +62,7 @@ def parse_pattern(query: dict[str, str] | web.Request) -> DiagnosticsPattern:
         if raw is None:
             values[name] = default
             continue
-        if not raw.isdigit() or not low <= int(raw) <= high:
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
             raise InvalidField(name, f"must be an integer from {low} to {high}")
         values[name] = int(raw)
     pattern = DiagnosticsPattern(**values)

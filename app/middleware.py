@@ -134,6 +134,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _from_http_exception(exc)
     except Exception:
         log.exception("unhandled error")
+        if request.writer is not None and request.writer.output_size:
+            raise  # a stream already started: aiohttp drops the connection, the client resumes
         return error_response(500, "internal_error", "internal error; see the server log")
 
 

@@ -72,13 +72,13 @@ class ProbeReport:
 
     def settings(self) -> dict[str, str]:
         """The environment to run Flushline with on this path."""
-        if self.compressed:
+        if self.compressed or (self.buffered and self.buffer_bytes is None):
             return {}
         if not self.buffered:
             return {"FLUSHLINE_STRATEGY": "aligned", "FLUSHLINE_PROXY_BUFFER_BYTES": "0"}
         return {
             "FLUSHLINE_STRATEGY": "aligned",
-            "FLUSHLINE_PROXY_BUFFER_BYTES": str(self.buffer_bytes or 4096),
+            "FLUSHLINE_PROXY_BUFFER_BYTES": str(self.buffer_bytes),
             "FLUSHLINE_MAX_DELAY_MS": "100",
         }
 
@@ -112,6 +112,11 @@ class ProbeReport:
             ]
         elif not self.buffered:
             lines += ["The path does not buffer. Use:", ""]
+        elif self.buffer_bytes is None:
+            lines += [
+                "The path buffers more than this pattern sent, so its size is unknown:",
+                "run the probe again with a larger --max-buffer (e.g. 65536).",
+            ]
         else:
             lines += ["The path buffers. Use:", ""]
         lines += [f"  {name}={value}" for name, value in self.settings().items()]
@@ -175,7 +180,11 @@ def analyse(
     max_lag_ms = max(lags, default=0.0) * 1000
 
     first_release_s = reads[0].at_s if reads else headers_at_s
-    headers_held = headers_at_s > held_threshold_s + 0.2 and headers_at_s >= first_release_s - 0.05
+    # Held: the headers came with the first release, later than an unbuffered path would
+    # have delivered the first write (``origin``).
+    headers_held = (
+        headers_at_s - origin > held_threshold_s and headers_at_s >= first_release_s - 0.05
+    )
 
     points = _release_points(reads, gap_s=max(interval_s * 0.6, 0.004))
     last_write_s = origin + pattern.writes * interval_s

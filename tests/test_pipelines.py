@@ -106,7 +106,7 @@ async def test_user_pipeline_sits_beside_demo(make_client: MakeClient) -> None:
 
 
 class TestRetention:
-    """Finished jobs are forgotten after FLUSHLINE_JOB_TTL, and beyond FLUSHLINE_MAX_RETAINED_JOBS."""
+    """Finished jobs are forgotten after their TTL, and beyond the retention limit."""
 
     async def test_finished_job_expires_after_its_ttl(self, make_client: MakeClient) -> None:
         """A finished job answers 404 (snapshot and stream) once its TTL has passed."""

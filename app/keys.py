@@ -8,10 +8,8 @@ from app.bus import EventBus
 from app.manager import JobManager
 from app.settings import Settings
 
-__all__ = ["BUS", "MANAGER", "SETTINGS", "STREAMS"]
+__all__ = ["BUS", "MANAGER", "SETTINGS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
 MANAGER = web.AppKey("manager", JobManager)
-#: Open SSE responses, so shutdown can end them before the server waits on handlers.
-STREAMS = web.AppKey("streams", set[web.StreamResponse])

@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 
 from tests.conftest import QUICK_JOB
+from tests.support.process import clean_env, free_port, server_process, wait_accepting
 from tests.support.sse_client import read_stream
-from tests.test_serve import clean_env, free_port, server_process, wait_accepting
 
 
 async def test_json_logs_carry_request_and_job_ids(tmp_path: pathlib.Path) -> None:

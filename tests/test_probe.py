@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +44,8 @@ from tests.support.paths import (
     run_in_thread,
     serve,
 )
+from tests.support.process import run_cli
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT = DiagnosticsPattern()
 WRITE = DEFAULT.write_bytes
 #: About the size of the final ``probe_end`` event.
@@ -423,26 +422,6 @@ class TestProbeEndToEnd:
 # --------------------------------------------------------------------------- CLI and endpoint
 
 
-async def _run_cli(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "app",
-        *args,
-        cwd=REPO_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 class TestProbeCli:
     """`python -m app probe URL` against a running service."""
 
@@ -451,7 +430,7 @@ class TestProbeCli:
         path = EMULATOR_PATHS[1]
         assert path.name == "emulator-4096-blocks"
         async with serve() as service, open_path(path, service, tmp_path) as front:
-            code, out, err = await _run_cli("probe", front, "--json", "--max-buffer", "4096")
+            code, out, err = await run_cli("probe", front, "--json", "--max-buffer", "4096")
         assert code == 0, err
         data = json.loads(out)
         assert data["url"] == front
@@ -464,7 +443,7 @@ class TestProbeCli:
     async def test_human_report_of_a_direct_path(self) -> None:
         """Without --json it prints a readable report ending in the settings to use."""
         async with serve() as service:
-            code, out, err = await _run_cli(
+            code, out, err = await run_cli(
                 "probe", service, "--max-buffer", "4096", "--interval-ms", "10"
             )
         assert code == 0, err
@@ -476,7 +455,7 @@ class TestProbeCli:
         """A URL nobody listens on: exit 1 and one line on stderr, no traceback."""
         async with serve() as service:
             pass  # now closed: its port is free
-        code, out, err = await _run_cli("probe", service, "--json", timeout_s=30)
+        code, out, err = await run_cli("probe", service, "--json", timeout_s=30)
         assert code == 1
         assert out == ""
         assert err.startswith("flushline probe:"), err

@@ -3,80 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import pathlib
 import shutil
 import signal
-import socket
 import sys
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import aiohttp
 import pytest
 
 from tests.conftest import QUICK_JOB
+from tests.support.process import (
+    START_TIMEOUT_S,
+    clean_env,
+    free_port,
+    read_log,
+    server_process,
+    wait_accepting,
+)
 from tests.support.sse_client import read_stream
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 20.0
 EXIT_TIMEOUT_S = 5.0
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without PORT or FLUSHLINE_* variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k != "PORT" and not k.startswith("FLUSHLINE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def read_log(log: pathlib.Path) -> str:
-    """The server's output so far."""
-    return log.read_text(errors="replace")
-
-
-async def wait_accepting(process: asyncio.subprocess.Process, port: int) -> None:
-    """Wait until ``port`` accepts connections; fail if the process dies first."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        assert process.returncode is None, f"the server exited with {process.returncode}"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nothing accepted connections on port {port}") from None
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-
-
-@contextlib.asynccontextmanager
-async def server_process(
-    argv: Sequence[str], env: dict[str, str], log: pathlib.Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Start ``argv`` in the project directory; kill it on the way out if it still runs."""
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=ROOT, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
 
 
 async def run_user_flow(port: int) -> None:

@@ -8,11 +8,8 @@ the lags it prints are real.
 
 from __future__ import annotations
 
-import asyncio
 import io
-import pathlib
 import re
-import sys
 from typing import Any
 
 import aiohttp
@@ -23,8 +20,8 @@ from app.proxy import BufferingProxy, ProxyConfig
 from app.watch import watch
 from tests.conftest import QUICK_JOB
 from tests.support.paths import SHORT_JOB, serve, start_job
+from tests.support.process import run_cli
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: About 3 s; unshaped, it stays under 4096 bytes until its final instant.
 JOB = SHORT_JOB
 #: The 100 ms budget of ``aligned`` plus a generous margin.
@@ -162,26 +159,6 @@ class TestWatchThroughABufferingPath:
         assert_summary_matches(out.getvalue(), stats)
 
 
-async def _run_cli(*args: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "app",
-        *args,
-        cwd=REPO_ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 class TestWatchCli:
     """`python -m app watch URL ...` as a user runs it."""
 
@@ -189,7 +166,7 @@ class TestWatchCli:
         """--strategy and --options shape the started job; exit 0 with lines and the summary."""
         options = '{"steps": 1, "tokens_per_step": 40, "tokens_per_second": 200}'
         async with serve() as service, aiohttp.ClientSession() as session:
-            code, out, err = await _run_cli(
+            code, out, err = await run_cli(
                 "watch", service, "--strategy", "none", "--options", options
             )
             jobs = await _jobs(session, service)
@@ -204,7 +181,7 @@ class TestWatchCli:
 
     async def test_invalid_options_json(self) -> None:
         """--options that is not JSON: exit 2 and a message naming --options, no request made."""
-        code, out, err = await _run_cli(
+        code, out, err = await run_cli(
             "watch", "http://127.0.0.1:9", "--options", "{not json", timeout_s=30
         )
         assert code == 2
@@ -215,7 +192,7 @@ class TestWatchCli:
         """A URL nobody listens on: exit 1 and one line on stderr, no traceback."""
         async with serve() as service:
             pass  # now closed: its port is free
-        code, out, err = await _run_cli("watch", service, timeout_s=30)
+        code, out, err = await run_cli("watch", service, timeout_s=30)
         assert code == 1
         assert out == ""
         assert err.startswith("flushline watch:"), err

@@ -60,8 +60,8 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         max_retained_jobs=settings.max_retained_jobs,
     )
     app.add_routes(api.routes)
-    app.router.add_get("/api/jobs/{job_id}/stream", stream_job)
-    app.router.add_get("/api/diagnostics/stream", diagnostics_stream)
+    app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)
+    app.router.add_get("/api/diagnostics/stream", diagnostics_stream, allow_head=False)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(add_request_id)

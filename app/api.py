@@ -13,6 +13,7 @@ from app.jobs import JobStatus
 from app.keys import MANAGER, SETTINGS
 from app.manager import JobRequest
 from app.middleware import json_response
+from app.params import parse_int
 
 __all__ = ["routes"]
 
@@ -75,9 +76,7 @@ async def create_job(request: web.Request) -> web.Response:
 @routes.get("/api/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     """``{"jobs": [...]}`` newest first; ``?limit=`` (1-1000, default 50), ``?status=``."""
-    raw_limit = request.query.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
-        raise InvalidField("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
+    limit = parse_int(request.query.get("limit", "50"), "limit", 1, MAX_LIST_LIMIT)
     status = None
     if "status" in request.query:
         try:
@@ -85,7 +84,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         except ValueError:
             allowed = ", ".join(s.value for s in JobStatus)
             raise InvalidField("status", f"must be one of {allowed}") from None
-    jobs = await request.app[MANAGER].newest(limit=int(raw_limit), status=status)
+    jobs = await request.app[MANAGER].newest(limit=limit, status=status)
     return json_response({"jobs": [job.to_json() for job in jobs]})
 
 

@@ -96,8 +96,10 @@ class EventBus(Protocol):
     def subscribe(self, job_id: str, after_seq: int = 0) -> Subscription:
         """Events with seq > ``after_seq``: history first, then live ones.
 
-        Entering the returned context raises ``JobNotFound`` for an unknown job and
-        ``HistoryTruncated`` when events after ``after_seq`` are no longer kept.
+        ``after_seq`` 0 means all the history still kept (from seq 1 unless the history
+        limit trimmed it). Entering the returned context raises ``JobNotFound`` for an
+        unknown job and ``HistoryTruncated`` when events after a non-zero ``after_seq``
+        are no longer kept.
         """
         ...
 
@@ -177,7 +179,9 @@ class _MemorySubscription:
         log = self.bus._logs.get(self.job_id)
         if log is None:
             raise JobNotFound(self.job_id)
-        if self.cursor < log.first_seq - 1:
+        if self.cursor == 0:
+            self.cursor = log.first_seq - 1  # no resume point: all the history still kept
+        elif self.cursor < log.first_seq - 1:
             raise HistoryTruncated(self.job_id, self.cursor, log.first_seq)
         self.log = log
         self.live_from = log.next_seq - 1
@@ -243,7 +247,8 @@ class MemoryEventBus:
             raise RuntimeError(f"the event log of job {job_id} is closed")
         encoded = encode_event(job_id, log.next_seq, event)
         log.next_seq += 1
-        log.events.append(encoded)
+        # History keeps the frame only; the event object goes back to the publisher.
+        log.events.append(attrs.evolve(encoded, event=None))
         if len(log.events) > self.history_limit:
             # Trim in slices of a tenth so trimming stays amortised O(1) per publish.
             drop = len(log.events) - self.history_limit + self.history_limit // 10

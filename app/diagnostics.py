@@ -20,6 +20,8 @@ import orjson
 from aiohttp import web
 
 from app.errors import InvalidField
+from app.keys import SETTINGS
+from app.params import parse_int
 from app.sse import encode_frame, padding_comment, retry_line
 from app.stream import STREAM_HEADERS
 
@@ -62,9 +64,7 @@ def parse_pattern(query: dict[str, str] | web.Request) -> DiagnosticsPattern:
         if raw is None:
             values[name] = default
             continue
-        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-            raise InvalidField(name, f"must be an integer from {low} to {high}")
-        values[name] = int(raw)
+        values[name] = parse_int(raw, name, low, high)
     pattern = DiagnosticsPattern(**values)
     duration_s = pattern.writes * pattern.interval_ms / 1000 + pattern.pause_ms / 1000
     if duration_s > MAX_DURATION_S:
@@ -89,13 +89,20 @@ async def diagnostics_stream(request: web.Request) -> web.StreamResponse:
     first = _write(size, retry_line(1000))
     response = web.StreamResponse(headers=STREAM_HEADERS)
     await response.prepare(request)
+    send_timeout_s = request.app[SETTINGS].send_timeout_s
+
+    async def send(data: bytes) -> None:
+        # A reader that stalls is dropped, not waited on for the whole pattern.
+        async with asyncio.timeout(send_timeout_s):
+            await response.write(data)
+
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await response.write(first)
+    await send(first)
     for index in range(1, pattern.writes + 1):
         await asyncio.sleep(max(start + index * pattern.interval_ms / 1000 - loop.time(), 0))
         data = orjson.dumps({"i": index, "offset": (index + 1) * size, "sent": time.time()})
-        await response.write(_write(size, encode_frame(data, event="probe", id=index)))
+        await send(_write(size, encode_frame(data, event="probe", id=index)))
     await asyncio.sleep(pattern.pause_ms / 1000)
     end = orjson.dumps(
         {
@@ -105,6 +112,7 @@ async def diagnostics_stream(request: web.Request) -> web.StreamResponse:
             **pattern.as_query(),
         }
     )
-    await response.write(encode_frame(end, event="probe_end"))
-    await response.write_eof()
+    await send(encode_frame(end, event="probe_end"))
+    async with asyncio.timeout(send_timeout_s):
+        await response.write_eof()
     return response

@@ -135,14 +135,23 @@ AnyEvent = (
 
 @attrs.frozen
 class EncodedEvent:
-    """A published event: its ``seq``, the payload and the SSE frame, encoded once."""
+    """A published event: its ``seq`` and its SSE frame, encoded once.
+
+    Only the frame is kept (history is held for every job): the JSON payload is its
+    single ``data:`` line, sliced out on demand.
+    """
 
     seq: int
     type: str
     ts: float
-    payload: bytes
     frame: bytes
     event: AnyEvent | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def payload(self) -> bytes:
+        """The event's JSON data (the frame's one ``data:`` line)."""
+        start = self.frame.index(b"\ndata: ") + len(b"\ndata: ")
+        return self.frame[start:-2]
 
 
 def event_fields(event: AnyEvent) -> dict[str, Any]:
@@ -161,7 +170,7 @@ def encode_event(job_id: str, seq: int, event: AnyEvent, ts: float | None = None
     )
     frame = encode_frame(payload, event=event.type, id=seq)
     return EncodedEvent(
-        seq=seq, type=event.type, ts=stamp, payload=payload, frame=frame, event=event
+        seq=seq, type=event.type, ts=stamp, frame=frame, event=event
     )
 
 

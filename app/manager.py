@@ -114,6 +114,8 @@ class JobManager:
     async def _run(
         self, job: JobSnapshot, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
     ) -> JobOutcome:
+        # The task inherited the creating request's context; its logs are the job's, not it.
+        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(job_id=job.id)
         started = time.monotonic()
         outcome = JobOutcome("cancelled")
@@ -123,6 +125,13 @@ class JobManager:
 
         try:
             outcome = await run_job(plan, pipeline, strategy.name, strategy.cadence, publish)
+            return outcome
+        except Exception as exc:
+            # run_job reports step failures itself; this is the backstop for a failure to
+            # report one (e.g. the bus refused the final event): the job must still end.
+            log.exception("job crashed")
+            outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
+            await self._end_without_events(job.id, outcome)
             return outcome
         finally:
             await self.bus.close(job.id)
@@ -135,6 +144,19 @@ class JobManager:
                 duration_s=round(time.monotonic() - started, 3),
                 events=self._events.pop(job.id, 0),
                 bytes=self._bytes.pop(job.id, 0),
+            )
+
+    async def _end_without_events(self, job_id: str, outcome: JobOutcome) -> None:
+        """Mark the job finished in the store when its final events could not be published."""
+        job = await self.store.get(job_id)
+        if not job.status.finished:
+            await self.store.put(
+                attrs.evolve(
+                    job,
+                    status=JobStatus(outcome.status),
+                    error=outcome.error,
+                    finished_at=time.time(),
+                )
             )
 
     async def get(self, job_id: str) -> JobSnapshot:

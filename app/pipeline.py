@@ -69,6 +69,8 @@ DEFAULT_STEPS = (
     ("polish", "Polishing the final wording..."),
 )
 MAX_STEPS = 50
+#: Bounds one job's memory (its text is kept in its history and result until it expires).
+MAX_JOB_TOKENS = 200_000
 _DEMO_OPTIONS = ("steps", "tokens_per_step", "tokens_per_second", "seed", "fail_at_step")
 
 
@@ -131,11 +133,15 @@ class DemoPipeline:
             )
         steps = self._steps(options)
         tokens = _int_option(options, "tokens_per_step", 400, 1, 100_000)
-        rate = options.get("tokens_per_second", 80)
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 100_000:
+        if tokens * len(steps) > MAX_JOB_TOKENS:
             raise InvalidField(
-                "options.tokens_per_second", "must be a number above 0, at most 100000"
+                "options.tokens_per_step",
+                f"steps x tokens_per_step is {tokens * len(steps)}; at most {MAX_JOB_TOKENS}",
             )
+        rate = options.get("tokens_per_second", 80)
+        is_number = isinstance(rate, int | float) and not isinstance(rate, bool)
+        if not is_number or not 0.1 <= rate <= 100_000:
+            raise InvalidField("options.tokens_per_second", "must be a number from 0.1 to 100000")
         seed = options.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int | str):
             raise InvalidField("options.seed", "must be an integer or a string")

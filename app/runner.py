@@ -189,6 +189,8 @@ async def run_job(
             await run.run()
             outputs.append("".join(run.text))
         result: Any = pipeline.result(plan, outputs)
+        # Inside the try: a result that cannot be encoded fails the job like any error.
+        await publish(DoneEvent("succeeded", 100.0, result=result))
     except asyncio.CancelledError:
         await publish(DoneEvent("cancelled", estimator.overall_pct, error="cancelled"))
         raise
@@ -197,5 +199,4 @@ async def run_job(
         await publish(ErrorEvent(message, current))
         await publish(DoneEvent("failed", estimator.overall_pct, error=message))
         return JobOutcome("failed", message)
-    await publish(DoneEvent("succeeded", 100.0, result=result))
     return JobOutcome("succeeded")

@@ -21,6 +21,7 @@ from aiohttp import web
 from app.errors import InvalidField, SubscriberLagged
 from app.events import heartbeat_frame
 from app.keys import BUS, MANAGER, SETTINGS
+from app.params import parse_int
 from app.sse import retry_line
 from strategies import FrameShaper
 
@@ -32,7 +33,6 @@ STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",
-    "Connection": "keep-alive",
 }
 _MAX_SEQ = 2**63 - 1
 
@@ -49,10 +49,7 @@ def parse_last_event_id(request: web.Request) -> int:
         field, raw = "last_event_id", request.query["last_event_id"]
     else:
         return 0
-    text = raw.strip()
-    if not text.isascii() or not text.isdigit() or int(text) > _MAX_SEQ:
-        raise InvalidField(field, f"must be a non-negative integer, got {raw!r}")
-    return int(text)
+    return parse_int(raw, field, 0, _MAX_SEQ)
 
 
 @attrs.define
@@ -86,6 +83,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     heartbeat_s = strategy.cadence.heartbeat_interval_s
     loop = asyncio.get_running_loop()
     structlog.contextvars.bind_contextvars(job_id=job_id)
+    newest = await request.app[BUS].last_seq(job_id)
+    if after_seq > newest:
+        # No event with that id exists: resuming there would wait for events that are
+        # not the ones the client saw (and, once the job ended, reconnect forever).
+        raise InvalidField(
+            "Last-Event-ID", f"{after_seq} is beyond the job's newest event ({newest})"
+        )
 
     async with request.app[BUS].subscribe(job_id, after_seq) as subscription:
         response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
@@ -123,7 +127,8 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                             )
                         else:
                             await writer.send(writer.shaper.poll(now), now)
-            await response.write_eof()
+                async with asyncio.timeout(settings.send_timeout_s):
+                    await response.write_eof()
         except (TimeoutError, SubscriberLagged):
             outcome = "cut_off" if subscription.cut else "send_timeout"
             _abort(request)

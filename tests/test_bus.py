@@ -388,17 +388,31 @@ class TestHistoryLimit:
     async def test_resume_before_the_window_raises_history_truncated(
         self, make_bus: MakeBus, job_id: str
     ) -> None:
-        """Once history is trimmed, entering a subscription from before it raises."""
+        """Once history is trimmed, resuming from a seq before it raises."""
         limit = 20
         bus = await make_bus(history_limit=limit)
         await bus.open(job_id)
         await publish_n(bus, job_id, 5 * limit)
         await bus.close(job_id)
-        for after in (0, 1, 3 * limit):
+        for after in (1, 3 * limit):
             with pytest.raises(HistoryTruncated):
                 async with bus.subscribe(job_id, after):
                     pass
         assert bus.subscriber_count(job_id) == 0
+
+    async def test_a_new_subscriber_gets_the_kept_history(
+        self, make_bus: MakeBus, job_id: str
+    ) -> None:
+        """Subscribing from 0 (no resume point) after trimming starts at the oldest kept event."""
+        limit = 20
+        bus = await make_bus(history_limit=limit)
+        await bus.open(job_id)
+        await publish_n(bus, job_id, 5 * limit)
+        await bus.close(job_id)
+        async with bus.subscribe(job_id, 0) as sub:
+            got = seqs(await drain(sub))
+        assert got == list(range(got[0], 5 * limit + 1))
+        assert 5 * limit - limit < got[0] <= 5 * limit - limit // 2
 
     async def test_resume_inside_the_window_still_works(
         self, make_bus: MakeBus, job_id: str

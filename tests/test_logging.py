@@ -49,6 +49,7 @@ async def test_json_logs_carry_request_and_job_ids(tmp_path: pathlib.Path) -> No
     assert len(finished) == 1
     assert finished[0]["job_id"] == job["id"]
     assert finished[0]["status"] == "succeeded"
+    assert "request_id" not in finished[0]  # the job outlives the request that created it
     assert finished[0]["events"] == len(record.payloads())
     assert finished[0]["bytes"] > 0
     assert finished[0]["duration_s"] > 0

@@ -8,8 +8,10 @@ from app.bus import EventBus
 from app.manager import JobManager
 from app.settings import Settings
 
-__all__ = ["BUS", "MANAGER", "SETTINGS"]
+__all__ = ["BUS", "MANAGER", "SETTINGS", "STREAM_BYTES"]
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
 MANAGER = web.AppKey("manager", JobManager)
+#: Bytes a stream wrote, for the request log line (aiohttp counts only completed bodies).
+STREAM_BYTES = web.ResponseKey("stream_bytes", int)

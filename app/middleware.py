@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from app.errors import AtCapacity, FlushlineError, InvalidField
+from app.keys import STREAM_BYTES
 
 __all__ = ["add_request_id", "error_response", "json_response", "middlewares"]
 
@@ -74,7 +75,10 @@ def _body_bytes(response: web.StreamResponse | None) -> int | None:
     if isinstance(response, web.Response) and not response.prepared:
         body = response.body
         return len(body) if isinstance(body, bytes | bytearray) else response.content_length
-    return None if response is None else response.body_length
+    if response is None:
+        return None
+    written: int | None = response.get(STREAM_BYTES)
+    return response.body_length if written is None else written
 
 
 @web.middleware

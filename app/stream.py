@@ -20,7 +20,7 @@ from aiohttp import web
 
 from app.errors import InvalidField, SubscriberLagged
 from app.events import heartbeat_frame
-from app.keys import BUS, MANAGER, SETTINGS
+from app.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
 from app.params import parse_int
 from app.sse import retry_line
 from strategies import FrameShaper
@@ -138,6 +138,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
             raise
         finally:
+            response[STREAM_BYTES] = writer.bytes_written
             log.info(
                 "stream closed",
                 outcome=outcome,

@@ -53,6 +53,8 @@ async def test_json_logs_carry_request_and_job_ids(tmp_path: pathlib.Path) -> No
     assert finished[0]["events"] == len(record.payloads())
     assert finished[0]["bytes"] > 0
     assert finished[0]["duration_s"] > 0
+    stream_requests = [e for e in lines if e["message"] == "request" and "stream" in e["path"]]
+    assert stream_requests[0]["bytes"] == len(record.raw)
     streams = [e for e in lines if e["message"] == "stream closed"]
     assert streams[0]["job_id"] == job["id"]
     assert streams[0]["outcome"] == "ended"

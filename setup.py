@@ -8,7 +8,7 @@ setup(
     description="Stream the live progress of long jobs to browsers over SSE, through any proxy.",
     python_requires=">=3.11",
     packages=find_packages(include=["app", "app.*", "strategies", "strategies.*"]),
-    include_package_data=True,
+    package_data={"app": ["py.typed"], "strategies": ["py.typed"]},
     install_requires=[
         "aiohttp>=3.9",
         "attrs>=23.1",

@@ -174,14 +174,6 @@ def encode_event(job_id: str, seq: int, event: AnyEvent, ts: float | None = None
     )
 
 
-def decode_event(frame_data: str | bytes) -> dict[str, Any]:
-    """Decode the ``data`` of an event frame (for clients and tests)."""
-    value = orjson.loads(frame_data)
-    if not isinstance(value, dict):
-        raise ValueError("event data is not a JSON object")
-    return value
-
-
 def heartbeat_frame(job_id: str, ts: float | None = None) -> bytes:
     """A keep-alive frame: ``event: heartbeat``, no ``id:`` line and no ``seq``."""
     stamp = time.time() if ts is None else ts

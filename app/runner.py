@@ -79,11 +79,10 @@ class _StepRun:
         )
         # Later insights are spread evenly over the step's progress.
         later = self.plan.insights[1:]
-        if self._insights_sent <= len(later):
-            due = int(est.pct / 100 * (len(later) + 1))
-            while self._insights_sent < min(due, len(later)):
-                await self.publish(InsightEvent(later[self._insights_sent], self.plan.name))
-                self._insights_sent += 1
+        due = min(int(est.pct / 100 * (len(later) + 1)), len(later))
+        while self._insights_sent < due:
+            await self.publish(InsightEvent(later[self._insights_sent], self.plan.name))
+            self._insights_sent += 1
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import structlog
@@ -28,6 +28,16 @@ from strategies import FlushStrategy
 __all__ = ["JobManager", "JobRequest"]
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def _lookup(registry: Mapping[str, T], field: str, name: str) -> T:
+    try:
+        return registry[name]
+    except KeyError:
+        allowed = ", ".join(registry)
+        raise InvalidField(field, f"unknown {field} {name!r}; allowed: {allowed}") from None
 
 
 @attrs.frozen
@@ -62,23 +72,11 @@ class JobManager:
 
     def strategy(self, name: str) -> FlushStrategy:
         """The configured strategy called ``name`` (``InvalidField`` if unknown)."""
-        try:
-            return self.strategies[name]
-        except KeyError:
-            allowed = ", ".join(self.strategies)
-            raise InvalidField(
-                "strategy", f"unknown strategy {name!r}; allowed: {allowed}"
-            ) from None
+        return _lookup(self.strategies, "strategy", name)
 
     def pipeline(self, name: str) -> Pipeline:
         """The registered pipeline called ``name`` (``InvalidField`` if unknown)."""
-        try:
-            return self.pipelines[name]
-        except KeyError:
-            allowed = ", ".join(self.pipelines)
-            raise InvalidField(
-                "pipeline", f"unknown pipeline {name!r}; allowed: {allowed}"
-            ) from None
+        return _lookup(self.pipelines, "pipeline", name)
 
     async def create(self, request: JobRequest) -> JobSnapshot:
         """Validate, store and start a job; returns its first snapshot."""

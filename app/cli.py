@@ -17,9 +17,9 @@ COMMANDS = ("serve", "proxy", "probe", "watch")
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from app.logs import configure_logging
-    from app.main import init_app
-    from app.settings import Settings, SettingsError
+    from app.core.logs import configure_logging
+    from app.core.settings import Settings, SettingsError
+    from app.web.factory import init_app
 
     try:
         settings = Settings.from_environ()
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the service (configured by FLUSHLINE_* variables)")
-    from app import probe, proxy, watch
+    from app.pathtools import probe, watch
+    from app.pathtools.proxy import command as proxy
 
     proxy.configure_parser(
         commands.add_parser(
@@ -75,19 +76,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "serve")
     args = build_parser().parse_args(args_list)
     if args.command in ("proxy", "probe", "watch"):
-        from app.logs import configure_logging
+        from app.core.logs import configure_logging
 
         configure_logging("info", "auto")
     if args.command == "proxy":
-        from app import proxy
+        from app.pathtools.proxy import command as proxy
 
         return proxy.run_from_args(args)
     if args.command == "probe":
-        from app import probe
+        from app.pathtools import probe
 
         return probe.run_from_args(args)
     if args.command == "watch":
-        from app import watch
+        from app.pathtools import watch
 
         return watch.run_from_args(args)
     return _serve(args)

@@ -11,10 +11,10 @@ import aiohttp
 import attrs
 from aiohttp import web
 
-from app.delivery import DeliveryStats, Received, delivery_stats
-from app.logs import configure_logging
-from app.main import init_app
-from app.settings import Settings
+from app.core.logs import configure_logging
+from app.core.settings import Settings
+from app.pathtools.delivery import DeliveryStats, Received, delivery_stats
+from app.web.factory import init_app
 from tests.support.sse_client import read_stream
 
 __all__ = ["JobRun", "print_table", "run_job", "serve"]

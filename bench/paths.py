@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import attrs
 
-from app.proxy import BufferingProxy, ProxyConfig
+from app.pathtools.proxy import BufferingProxy, ProxyConfig
 from bench.common import BENCH_OPTIONS, JobRun, print_table, run_job, serve
 from strategies import STRATEGIES
 from tests.support.nginx import NginxMode, find_nginx, run_nginx

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import attrs
 
-from app.sse import padding_comment
+from app.core.sse import padding_comment
 from strategies.base import Cadence, Tuning
 
 __all__ = ["AlignedShaper", "AlignedStrategy"]

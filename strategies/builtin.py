@@ -6,7 +6,7 @@ from typing import ClassVar, Self
 
 import attrs
 
-from app.sse import padding_comment
+from app.core.sse import padding_comment
 from strategies.base import Cadence, Tuning
 
 __all__ = [

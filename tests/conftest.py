@@ -9,9 +9,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from app.main import init_app
-from app.pipeline import Pipeline
-from app.settings import Settings
+from app.core.settings import Settings
+from app.jobs.pipelines import Pipeline
+from app.web.factory import init_app
 
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 

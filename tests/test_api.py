@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.keys import MANAGER
+from app.web.keys import MANAGER
 from tests.conftest import QUICK_JOB, MakeClient
 from tests.support.jobs import (
     FAST_JOB,

@@ -1,4 +1,4 @@
-"""Tests for the EventBus protocol (app/bus.py), written against the protocol only.
+"""Tests for the EventBus protocol (app/bus/), written against the protocol only.
 
 Every test gets its bus from the parametrized ``make_bus``/``bus`` fixtures, so another
 implementation (e.g. Redis) is added by registering one more factory in BUS_FACTORIES;
@@ -18,8 +18,8 @@ import orjson
 import pytest
 
 from app.bus import EventBus, MemoryEventBus, Subscription
-from app.errors import HistoryTruncated, JobNotFound, SubscriberLagged
-from app.events import EncodedEvent, InsightEvent
+from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
+from app.core.events import EncodedEvent, InsightEvent
 
 # --- fixtures ----------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "config"
-SETTINGS_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "app" / "settings.py"
+SETTINGS_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "app" / "core" / "settings.py"
 
 
 def _env_file(path: pathlib.Path) -> dict[str, str]:

@@ -22,8 +22,8 @@ import aiohttp
 import attrs
 import pytest
 
-from app.diagnostics import DiagnosticsPattern
-from app.probe import ProbeReport, run_probe
+from app.pathtools.probe import ProbeReport, run_probe
+from app.web.diagnostics import DiagnosticsPattern
 from strategies import STRATEGIES
 from tests.conftest import MakeClient
 from tests.support.nginx import find_nginx, require_nginx

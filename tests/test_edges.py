@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.pipeline import JobPlan
+from app.jobs.pipelines import JobPlan
 from tests.conftest import MakeClient
 from tests.support.jobs import (
     FAST_JOB,

@@ -10,8 +10,8 @@ from typing import Any
 
 import attrs
 
-from app.pipeline import JobPlan, StepPlan
-from app.tokens import TokenRequest, threaded
+from app.jobs.pipelines import JobPlan, StepPlan
+from app.jobs.tokens import TokenRequest, threaded
 from tests.conftest import MakeClient
 from tests.support.jobs import FAST_JOB, create_job, get_job, stream_job, wait_finished, wait_until
 

@@ -1,6 +1,6 @@
 """``flushline probe``: the analysis of a diagnostics stream, end to end, and its CLI.
 
-Unit tests feed :func:`app.probe.analyse` synthetic read sequences: the pattern's writes
+Unit tests feed :func:`app.pathtools.probe.analyse` synthetic read sequences: the pattern's writes
 as a modelled path would release them (direct; a buffer releasing everything once it
 holds ``B`` bytes; one releasing whole ``B``-byte blocks; nginx's first block shortened
 by the upstream's response head; gzip; a timer flush during the final pause).
@@ -29,8 +29,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.diagnostics import DiagnosticsPattern
-from app.probe import ProbeReport, Read, analyse, run_probe
+from app.pathtools.probe import ProbeReport, Read, analyse, run_probe
+from app.web.diagnostics import DiagnosticsPattern
 from tests.conftest import MakeClient
 from tests.support.nginx import find_nginx, require_nginx
 from tests.support.paths import (

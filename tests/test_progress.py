@@ -1,4 +1,4 @@
-"""Tests for token-based progress (app/progress.py).
+"""Tests for token-based progress (app/jobs/progress.py).
 
 Expected values are derived from the contract's definition (tokens so far against the
 tokens expected, weighted by each step's expected tokens), never copied from a run.
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.progress import ProgressEstimator
+from app.jobs.progress import ProgressEstimator
 
 
 class TestStepPct:

@@ -1,4 +1,4 @@
-"""Tests for the buffering reverse proxy emulator (app/proxy.py).
+"""Tests for the buffering reverse proxy emulator (app/pathtools/proxy/).
 
 Proxy tests use real sockets: an in-process aiohttp upstream that writes a timed
 script, the proxy in front of it, and an aiohttp client that timestamps every chunk.
@@ -24,15 +24,14 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.proxy import (
+from app.pathtools.proxy import (
     BufferingProxy,
     ProxyConfig,
     ReleaseBuffer,
     ReleaseModel,
     ReleaseReason,
-    configure_parser,
-    run_from_args,
 )
+from app.pathtools.proxy.command import configure_parser, run_from_args
 
 
 def _now() -> float:

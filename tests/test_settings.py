@@ -1,4 +1,4 @@
-"""Tests for settings (app/settings.py): defaults, every variable, and one-line errors.
+"""Tests for settings (app/core/settings.py): defaults, every variable, and one-line errors.
 
 ``Settings.from_environ`` is always given an explicit mapping, so the test process's
 own environment never leaks in; only the start-up test runs a real process.
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from app.settings import Settings, SettingsError
+from app.core.settings import Settings, SettingsError
 from strategies import STRATEGIES, Tuning
 
 MAIN = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Tests for the SSE wire format (app/sse.py): encoding, comments, padding and the parser.
+"""Tests for the SSE wire format (app/core/sse.py): encoding, comments, padding and the parser.
 
 The parser is the inverse of the encoder, so most tests encode something, feed the bytes
 to :class:`SSEParser` in various chunkings and compare with what went in.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.sse import SSEMessage, SSEParser, comment, encode_frame, padding_comment, retry_line
+from app.core.sse import SSEMessage, SSEParser, comment, encode_frame, padding_comment, retry_line
 
 # --- helpers -----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.sse import SSEMessage, SSEParser, encode_frame, retry_line
+from app.core.sse import SSEMessage, SSEParser, encode_frame, retry_line
 from strategies import STRATEGIES, Tuning, build_strategy
 from strategies.aligned import DEADLINE_SHARE, AlignedShaper, AlignedStrategy
 from strategies.builtin import PaddedShaper, PassThroughShaper

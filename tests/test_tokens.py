@@ -1,4 +1,4 @@
-"""Tests for token sources (app/tokens.py): the simulated source and the thread adapter."""
+"""Tests for token sources (app/jobs/tokens.py): the simulated source and the thread adapter."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Iterator
 import attrs
 import pytest
 
-from app.tokens import SimulatedTokenSource, ThreadedTokenSource, TokenRequest, threaded
+from app.jobs.tokens import SimulatedTokenSource, ThreadedTokenSource, TokenRequest, threaded
 
 FAST = 20_000.0  # tokens per second: pacing negligible
 

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.delivery import DeliveryStats
-from app.proxy import BufferingProxy, ProxyConfig
-from app.watch import watch
+from app.pathtools.delivery import DeliveryStats
+from app.pathtools.proxy import BufferingProxy, ProxyConfig
+from app.pathtools.watch import watch
 from tests.conftest import QUICK_JOB
 from tests.support.paths import SHORT_JOB, serve, start_job
 from tests.support.process import run_cli

@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from app.bus import EventBus
-from app.keys import BUS
-from app.pipeline import JobPlan, StepPlan
-from app.tokens import TokenRequest
+from app.jobs.pipelines import JobPlan, StepPlan
+from app.jobs.tokens import TokenRequest
+from app.web.keys import BUS
 from tests.support.sse_client import StreamRecord, read_stream
 
 __all__ = [

@@ -25,10 +25,10 @@ import aiohttp
 import attrs
 from aiohttp import web
 
-from app.delivery import DeliveryStats, Received, delivery_stats
-from app.main import init_app
-from app.proxy import BufferingProxy, ProxyConfig
-from app.settings import Settings
+from app.core.settings import Settings
+from app.pathtools.delivery import DeliveryStats, Received, delivery_stats
+from app.pathtools.proxy import BufferingProxy, ProxyConfig
+from app.web.factory import init_app
 from tests.support.nginx import NginxMode, run_nginx
 from tests.support.sse_client import StreamRecord, read_stream
 

@@ -9,7 +9,7 @@ import aiohttp
 import attrs
 import orjson
 
-from app.sse import SSEMessage, SSEParser
+from app.core.sse import SSEMessage, SSEParser
 
 __all__ = ["Arrival", "StreamRecord", "read_stream"]
 

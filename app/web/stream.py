@@ -18,11 +18,11 @@ import attrs
 import structlog
 from aiohttp import web
 
-from app.errors import InvalidField, SubscriberLagged
-from app.events import heartbeat_frame
-from app.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
-from app.params import parse_int
-from app.sse import retry_line
+from app.core.errors import InvalidField, SubscriberLagged
+from app.core.events import heartbeat_frame
+from app.core.sse import retry_line
+from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
+from app.web.params import parse_int
 from strategies import FrameShaper
 
 __all__ = ["parse_last_event_id", "stream_job"]

@@ -1,6 +1,6 @@
 """Domain errors. Each carries the HTTP status and code it becomes at the boundary.
 
-Code below the HTTP layer raises these; ``app.middleware`` turns them into the
+Code below the HTTP layer raises these; ``app.web.middleware`` turns them into the
 contract's JSON error body ``{"error": {"code": ..., "message": ...}}``.
 """
 

@@ -1,9 +1,9 @@
 """Pipelines: what a job does, as an ordered list of token-streaming steps.
 
 A :class:`Pipeline` validates a job's ``input`` and ``options`` and returns a
-:class:`JobPlan`; the runner (``app.runner``) executes the plan and emits the events.
+:class:`JobPlan`; the runner (``app.jobs.runner``) executes the plan and emits the events.
 Users add their own with ``init_app(settings, pipelines=[...])``. The built-in ``demo``
-pipeline simulates a multi-step LLM job with :class:`~app.tokens.SimulatedTokenSource`.
+pipeline simulates a multi-step LLM job with :class:`~app.jobs.tokens.SimulatedTokenSource`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Protocol
 
 import attrs
 
-from app.errors import InvalidField
-from app.tokens import SimulatedTokenSource, TokenRequest, TokenSource
+from app.core.errors import InvalidField
+from app.jobs.tokens import SimulatedTokenSource, TokenRequest, TokenSource
 
 __all__ = ["DemoPipeline", "JobPlan", "Pipeline", "StepFailed", "StepPlan"]
 

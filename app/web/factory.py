@@ -11,17 +11,17 @@ from collections.abc import AsyncIterator, Iterable
 import structlog
 from aiohttp import web
 
-from app import api
 from app.bus import MemoryEventBus
-from app.diagnostics import diagnostics_stream
-from app.jobs import MemoryJobStore
-from app.keys import BUS, MANAGER, SETTINGS
-from app.manager import JobManager
-from app.middleware import add_request_id, middlewares
-from app.pipeline import DemoPipeline, Pipeline
-from app.settings import Settings
-from app.stream import stream_job
-from app.tasks import cancel_and_wait
+from app.core.settings import Settings
+from app.core.tasks import cancel_and_wait
+from app.jobs.manager import JobManager
+from app.jobs.pipelines import DemoPipeline, Pipeline
+from app.jobs.store import MemoryJobStore
+from app.web import api
+from app.web.diagnostics import diagnostics_stream
+from app.web.keys import BUS, MANAGER, SETTINGS
+from app.web.middleware import add_request_id, middlewares
+from app.web.stream import stream_job
 from strategies import STRATEGIES, build_strategy
 
 __all__ = ["init_app"]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol
 import attrs
 import orjson
 
-from app.sse import encode_frame
+from app.core.sse import encode_frame
 
 __all__ = [
     "ChunkEvent",
@@ -169,9 +169,7 @@ def encode_event(job_id: str, seq: int, event: AnyEvent, ts: float | None = None
         {"type": event.type, "job_id": job_id, "seq": seq, "ts": stamp, **event_fields(event)}
     )
     frame = encode_frame(payload, event=event.type, id=seq)
-    return EncodedEvent(
-        seq=seq, type=event.type, ts=stamp, frame=frame, event=event
-    )
+    return EncodedEvent(seq=seq, type=event.type, ts=stamp, frame=frame, event=event)
 
 
 def heartbeat_frame(job_id: str, ts: float | None = None) -> bytes:

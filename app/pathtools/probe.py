@@ -1,6 +1,6 @@
 """``flushline probe URL``: measure how the path to a Flushline service delivers a stream.
 
-The probe reads ``/api/diagnostics/stream`` (see ``app.diagnostics``) through whatever
+The probe reads ``/api/diagnostics/stream`` (see ``app.web.diagnostics``) through whatever
 sits between the user and the service and works out from *when* and *how many* bytes
 arrived:
 
@@ -30,7 +30,7 @@ import aiohttp
 import attrs
 import orjson
 
-from app.diagnostics import DiagnosticsPattern
+from app.web.diagnostics import DiagnosticsPattern
 
 __all__ = ["ProbeReport", "Read", "analyse", "configure_parser", "run_from_args", "run_probe"]
 

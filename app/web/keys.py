@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.bus import EventBus
-from app.manager import JobManager
-from app.settings import Settings
+from app.core.settings import Settings
+from app.jobs.manager import JobManager
 
 __all__ = ["BUS", "MANAGER", "SETTINGS", "STREAM_BYTES"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from app.events import (
+from app.core.events import (
     AnyEvent,
     ChunkEvent,
     DoneEvent,
@@ -26,9 +26,9 @@ from app.events import (
     StepProgressEvent,
     StepStartedEvent,
 )
-from app.pipeline import JobPlan, Pipeline, StepPlan
-from app.progress import ProgressEstimator
-from app.tasks import cancel_and_wait
+from app.core.tasks import cancel_and_wait
+from app.jobs.pipelines import JobPlan, Pipeline, StepPlan
+from app.jobs.progress import ProgressEstimator
 from strategies import Cadence
 
 __all__ = ["JobOutcome", "run_job"]

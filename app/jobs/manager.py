@@ -18,11 +18,11 @@ import attrs
 import structlog
 
 from app.bus import EventBus
-from app.errors import AtCapacity, InvalidField, JobAlreadyFinished
-from app.events import AnyEvent, EncodedEvent
-from app.jobs import JobSnapshot, JobStatus, JobStore, StepState, apply_event
-from app.pipeline import JobPlan, Pipeline
-from app.runner import JobOutcome, run_job
+from app.core.errors import AtCapacity, InvalidField, JobAlreadyFinished
+from app.core.events import AnyEvent, EncodedEvent
+from app.jobs.pipelines import JobPlan, Pipeline
+from app.jobs.runner import JobOutcome, run_job
+from app.jobs.store import JobSnapshot, JobStatus, JobStore, StepState, apply_event
 from strategies import FlushStrategy
 
 __all__ = ["JobManager", "JobRequest"]

@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from app.errors import InvalidField
-from app.jobs import JobStatus
-from app.keys import MANAGER, SETTINGS
-from app.manager import JobRequest
-from app.middleware import json_response
-from app.params import parse_int
+from app.core.errors import InvalidField
+from app.jobs.manager import JobRequest
+from app.jobs.store import JobStatus
+from app.web.keys import MANAGER, SETTINGS
+from app.web.middleware import json_response
+from app.web.params import parse_int
 
 __all__ = ["routes"]
 

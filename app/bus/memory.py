@@ -1,8 +1,4 @@
-"""The event bus: per-job ordered history, live fan-out, resume from any seq.
-
-:class:`EventBus` is the seam a Redis-backed bus plugs into; ``tests/test_bus.py`` is
-written against the protocol so a second implementation passes it unchanged.
-:class:`MemoryEventBus` keeps each job's history in process.
+"""MemoryEventBus: each job's history and live fan-out in this process.
 
 Fan-out design: a job's history is one shared list of :class:`EncodedEvent` (encoded
 once at publish). A subscriber is only a cursor into it, so a subscriber joining late,
@@ -17,107 +13,17 @@ wait for it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
 import attrs
 
-from app.errors import HistoryTruncated, JobNotFound, SubscriberLagged
-from app.events import AnyEvent, EncodedEvent, encode_event
+from app.bus.base import MAX_BATCH, Batch
+from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
+from app.core.events import AnyEvent, EncodedEvent, encode_event
 
-__all__ = ["Batch", "EventBus", "MemoryEventBus", "Subscription"]
-
-MAX_BATCH = 256
-
-
-@attrs.frozen
-class Batch:
-    """What one ``Subscription.next_batch`` call returns.
-
-    ``events`` are in seq order, continuing exactly after the previous batch. ``ended``
-    is true once the job's log is closed and every event has been delivered.
-    """
-
-    events: Sequence[EncodedEvent]
-    ended: bool = False
-
-
-class Subscription(Protocol):
-    """One subscriber's view of one job's events; use it as an async context manager."""
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last event delivered (the resume point)."""
-        ...
-
-    @property
-    def cut(self) -> bool:
-        """Whether the bus has cut this subscriber off for falling behind."""
-        ...
-
-    async def next_batch(self, timeout_s: float | None) -> Batch:
-        """Wait up to ``timeout_s`` for events after ``last_seq``.
-
-        Returns an empty, not-ended batch on timeout; raises ``SubscriberLagged`` once
-        the subscriber has been cut off.
-        """
-        ...
-
-    def on_cut(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` (once, synchronously) when the subscriber is cut off."""
-        ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class EventBus(Protocol):
-    """Per-job event logs: publish assigns ``seq`` and encodes once; subscribe resumes."""
-
-    async def open(self, job_id: str) -> None:
-        """Create the (empty) log of a new job."""
-        ...
-
-    async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
-        """Assign the next seq to ``event``, stamp ``ts``, encode it and fan it out."""
-        ...
-
-    async def close(self, job_id: str) -> None:
-        """Mark the log complete: subscribers end after the last event."""
-        ...
-
-    def subscribe(self, job_id: str, after_seq: int = 0) -> Subscription:
-        """Events with seq > ``after_seq``: history first, then live ones.
-
-        ``after_seq`` 0 means all the history still kept (from seq 1 unless the history
-        limit trimmed it). Entering the returned context raises ``JobNotFound`` for an
-        unknown job and ``HistoryTruncated`` when events after a non-zero ``after_seq``
-        are no longer kept.
-        """
-        ...
-
-    async def last_seq(self, job_id: str) -> int:
-        """The newest seq of the job (0 before the first event)."""
-        ...
-
-    async def discard(self, job_id: str) -> None:
-        """Forget the job's log (expiry); live subscribers end."""
-        ...
-
-    def subscriber_count(self, job_id: str) -> int:
-        """How many subscribers of the job this process serves right now."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release the bus's resources at shutdown."""
-        ...
+__all__ = ["MemoryEventBus"]
 
 
 @attrs.define(eq=False)

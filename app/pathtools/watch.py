@@ -19,8 +19,8 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
-from app.delivery import DeliveryStats, Received, delivery_stats
-from app.sse import SSEParser
+from app.core.sse import SSEParser
+from app.pathtools.delivery import DeliveryStats, Received, delivery_stats
 
 __all__ = ["configure_parser", "run_from_args", "watch"]
 

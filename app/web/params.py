@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.errors import InvalidField
+from app.core.errors import InvalidField
 
 __all__ = ["parse_int"]
 

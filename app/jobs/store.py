@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from app.errors import JobNotFound
-from app.events import (
+from app.core.errors import JobNotFound
+from app.core.events import (
     DoneEvent,
     EncodedEvent,
     ErrorEvent,

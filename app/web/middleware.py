@@ -17,8 +17,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app.errors import AtCapacity, FlushlineError, InvalidField
-from app.keys import STREAM_BYTES
+from app.core.errors import AtCapacity, FlushlineError, InvalidField
+from app.web.keys import STREAM_BYTES
 
 __all__ = ["add_request_id", "error_response", "json_response", "middlewares"]
 

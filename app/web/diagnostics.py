@@ -19,11 +19,11 @@ import attrs
 import orjson
 from aiohttp import web
 
-from app.errors import InvalidField
-from app.keys import SETTINGS
-from app.params import parse_int
-from app.sse import encode_frame, padding_comment, retry_line
-from app.stream import STREAM_HEADERS
+from app.core.errors import InvalidField
+from app.core.sse import encode_frame, padding_comment, retry_line
+from app.web.keys import SETTINGS
+from app.web.params import parse_int
+from app.web.stream import STREAM_HEADERS
 
 __all__ = ["DiagnosticsPattern", "diagnostics_stream", "parse_pattern"]
 

@@ -1,0 +1,1 @@
+"""What every part shares: settings, domain errors, events and the SSE wire format, logging."""

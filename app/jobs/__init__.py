@@ -1,0 +1,1 @@
+"""Jobs: the manager, the runner, pipelines, token sources, progress and the snapshot store."""

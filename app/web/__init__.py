@@ -1,0 +1,1 @@
+"""The HTTP boundary: the app factory, routes, middleware, REST job API and streams."""

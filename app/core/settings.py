@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -63,6 +64,8 @@ class Settings:
     send_timeout_s: float = 30.0
     log_level: str = "info"
     log_format: str = "auto"
+    #: Origins allowed to call the API from a browser; ``("*",)`` allows any, ``()`` none.
+    cors_origins: tuple[str, ...] = ()
 
     def tuning(self) -> Tuning:
         """The operator's strategy overrides (unset ones stay None)."""
@@ -109,6 +112,7 @@ class Settings:
             send_timeout_s=r.seconds("FLUSHLINE_SEND_TIMEOUT", 30.0),
             log_level=r.choice("FLUSHLINE_LOG_LEVEL", "info", _LOG_LEVELS),
             log_format=r.choice("FLUSHLINE_LOG_FORMAT", "auto", _LOG_FORMATS),
+            cors_origins=r.origins("FLUSHLINE_CORS_ORIGINS"),
         )
 
 
@@ -180,6 +184,28 @@ class _Reader:
             return value
 
         return self._parse(name, parse, allowed)
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """A comma list of origins (``scheme://host[:port]``), or ``*`` for any."""
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if items == ("*",):
+            return items
+        allowed = "'*' or a comma list of origins like https://app.example.com"
+        for item in items:
+            url = urlsplit(item)
+            if (
+                url.scheme not in ("http", "https")
+                or not url.netloc
+                or url.path
+                or url.query
+                or url.fragment
+                or "@" in url.netloc
+            ):
+                raise SettingsError(name, raw, allowed)
+        return tuple(item.lower() for item in items)
 
     def seconds(self, name: str, default: float) -> float:
         value = self.optional_seconds(name)

@@ -8,7 +8,7 @@ setup(
     description="Stream the live progress of long jobs to browsers over SSE, through any proxy.",
     python_requires=">=3.11",
     packages=find_packages(include=["app", "app.*", "strategies", "strategies.*"]),
-    package_data={"app": ["py.typed"], "strategies": ["py.typed"]},
+    package_data={"app": ["py.typed", "web/static/*"], "strategies": ["py.typed"]},
     install_requires=[
         "aiohttp>=3.9",
         "attrs>=23.1",
@@ -21,6 +21,8 @@ setup(
             "pytest-aiohttp>=1.1",
             "pytest-asyncio>=0.23",
             "hypothesis>=6.100",
+            # Drives the system Chromium for the browser tests (no browser download).
+            "playwright>=1.40",
         ],
         "dev": [
             "mypy>=1.10",

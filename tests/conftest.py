@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import pytest
 from aiohttp import web
@@ -12,6 +13,10 @@ from aiohttp.test_utils import TestClient
 from app.core.settings import Settings
 from app.jobs.pipelines import Pipeline
 from app.web.factory import init_app
+from tests.support.browser import launch_browser
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 MakeClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -43,3 +48,10 @@ def make_client(
 async def client(make_client: MakeClient) -> TestClient[web.Request, web.Application]:
     """The app with default settings."""
     return await make_client()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A headless system Chromium driven by Playwright (skips, or fails under CI, without it)."""
+    async for launched in launch_browser():
+        yield launched

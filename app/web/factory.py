@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from collections.abc import AsyncIterator, Iterable
 
 import structlog
@@ -29,6 +30,8 @@ __all__ = ["init_app"]
 log = structlog.get_logger(__name__)
 
 EXPIRY_INTERVAL_S = 60.0
+#: The page and the browser client (``flushline.js``), served as they are: no build step.
+STATIC_DIR = pathlib.Path(__file__).parent / "static"
 
 
 def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.Application:
@@ -62,10 +65,17 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)
     app.router.add_get("/api/diagnostics/stream", diagnostics_stream, allow_head=False)
+    app.router.add_get("/", index_page)
+    app.router.add_static("/static/", STATIC_DIR, append_version=False)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(add_request_id)
     return app
+
+
+async def index_page(request: web.Request) -> web.FileResponse:
+    """``GET /``: the live progress page (``?job=ID`` opens an existing job)."""
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def _expiry_task(app: web.Application) -> AsyncIterator[None]:

@@ -9,6 +9,8 @@ snapshot in the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import secrets
 import time
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ import structlog
 
 from app.bus import EventBus
 from app.core.errors import AtCapacity, InvalidField, JobAlreadyFinished
-from app.core.events import AnyEvent, EncodedEvent
+from app.core.events import AnyEvent, DoneEvent, EncodedEvent
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
 from app.jobs.store import JobSnapshot, JobStatus, JobStore, StepState, apply_event
@@ -30,6 +32,9 @@ __all__ = ["JobManager", "JobRequest"]
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+#: How long a cancel request waits for the job to publish its ``done``.
+CANCEL_WAIT_S = 5.0
 
 
 def _lookup(registry: Mapping[str, T], field: str, name: str) -> T:
@@ -51,6 +56,20 @@ class JobRequest:
 
 
 @attrs.define(eq=False)
+class _Running:
+    """A job this process runs: its task, and how far its ending has got."""
+
+    job: JobSnapshot
+    task: asyncio.Task[JobOutcome] | None = None
+    #: A cancel has been asked for (by ``cancel`` or ``shutdown``): a second one is a 409.
+    cancelling: bool = False
+    #: Set once the job has published its last event, closed its topic and logged its end.
+    ended: asyncio.Event = attrs.Factory(asyncio.Event)
+    #: Ends a job whose task was cancelled before it first ran (see ``_task_done``).
+    ender: asyncio.Task[None] | None = None
+
+
+@attrs.define(eq=False)
 class JobManager:
     """Owns the running jobs of this process."""
 
@@ -61,14 +80,14 @@ class JobManager:
     max_active_jobs: int = 100
     job_ttl_s: float = 3600.0
     max_retained_jobs: int = 10_000
-    _tasks: dict[str, asyncio.Task[JobOutcome]] = attrs.Factory(dict)
+    _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
 
     @property
     def active_jobs(self) -> int:
-        """Jobs whose task has not finished yet."""
-        return len(self._tasks)
+        """Jobs that have not ended yet (queued, running or being cancelled)."""
+        return len(self._running)
 
     def strategy(self, name: str) -> FlushStrategy:
         """The configured strategy called ``name`` (``InvalidField`` if unknown)."""
@@ -97,9 +116,12 @@ class JobManager:
         )
         await self.store.add(job)
         await self.bus.open(job.id)
-        task = asyncio.create_task(self._run(job, plan, pipeline, strategy), name=f"job:{job.id}")
-        self._tasks[job.id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        run = _Running(job)
+        self._running[job.id] = run
+        run.task = asyncio.create_task(
+            self._run(run, plan, pipeline, strategy), name=f"job:{job.id}"
+        )
+        run.task.add_done_callback(functools.partial(self._task_done, run))
         return job
 
     async def _publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
@@ -110,8 +132,9 @@ class JobManager:
         return encoded
 
     async def _run(
-        self, job: JobSnapshot, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
+        self, run: _Running, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
     ) -> JobOutcome:
+        job = run.job
         # The task inherited the creating request's context; its logs are the job's, not it.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(job_id=job.id)
@@ -127,12 +150,45 @@ class JobManager:
         except Exception as exc:
             # run_job reports step failures itself; this is the backstop for a failure to
             # report one (e.g. the bus refused the final event): the job must still end.
-            log.exception("job crashed")
-            outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
-            await self._end_without_events(job.id, outcome)
+            outcome = await self._crashed(job.id, exc)
             return outcome
         finally:
+            await self._close(run, outcome, started)
+
+    def _task_done(self, run: _Running, task: asyncio.Task[JobOutcome]) -> None:
+        if run.ended.is_set():
+            return
+        # asyncio cancels a task that has not started yet without running any of its
+        # body, so nothing published this job's `done` (its streams would wait forever),
+        # closed its topic or logged its end: a task of its own does that now.
+        run.ender = asyncio.create_task(self._end_unstarted(run), name=f"job-end:{run.job.id}")
+
+    async def _end_unstarted(self, run: _Running) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(job_id=run.job.id)
+        started = time.monotonic()
+        outcome = JobOutcome("cancelled")
+        try:
+            await self._publish(run.job.id, DoneEvent("cancelled", 0.0, error="cancelled"))
+        except Exception as exc:
+            outcome = await self._crashed(run.job.id, exc)
+        finally:
+            await self._close(run, outcome, started)
+
+    async def _crashed(self, job_id: str, exc: Exception) -> JobOutcome:
+        log.exception("job crashed")
+        outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
+        await self._end_without_events(job_id, outcome)
+        return outcome
+
+    async def _close(self, run: _Running, outcome: JobOutcome, started: float) -> None:
+        """Close the job's topic and log its end; whatever happens, the job has ended."""
+        job = run.job
+        try:
             await self.bus.close(job.id)
+        finally:
+            self._running.pop(job.id, None)
+            run.ended.set()
             log.info(
                 "job finished",
                 pipeline=job.pipeline,
@@ -166,14 +222,24 @@ class JobManager:
         return await self.store.newest(limit=limit, status=status)
 
     async def cancel(self, job_id: str) -> JobSnapshot:
-        """Cancel a queued or running job; ``JobAlreadyFinished`` if it has ended."""
+        """Cancel a queued or running job; ``JobAlreadyFinished`` if it has ended.
+
+        A job already being cancelled counts as ended: of two concurrent cancels, only
+        the first is accepted.
+        """
         job = await self.store.get(job_id)
-        task = self._tasks.get(job_id)
-        if job.status.finished or task is None or task.done():
-            raise JobAlreadyFinished(job_id, job.status.value)
-        task.cancel()
-        # Let the task publish its final event, so the answer shows the cancelled job.
-        await asyncio.wait([task], timeout=5.0)
+        run = self._running.get(job_id)
+        if run is None or run.task is None or run.cancelling or job.status.finished:
+            status = job.status
+            if not status.finished and run is not None and run.cancelling:
+                status = JobStatus.CANCELLED
+            raise JobAlreadyFinished(job_id, status.value)
+        run.cancelling = True
+        run.task.cancel()
+        # Let the job publish its final event, so the answer shows the cancelled job.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await run.ended.wait()
         return await self.store.get(job_id)
 
     async def _make_room(self) -> None:
@@ -197,9 +263,11 @@ class JobManager:
         return len(expired)
 
     async def shutdown(self) -> None:
-        """Cancel every running job and wait for each to publish its ``done``."""
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every job that has not ended and wait for each to publish its ``done``."""
+        runs = list(self._running.values())
+        for run in runs:
+            if not run.cancelling and run.task is not None:
+                run.cancelling = True
+                run.task.cancel()
+        if runs:
+            await asyncio.gather(*(run.ended.wait() for run in runs))

@@ -178,10 +178,12 @@ async def run_job(
     """
     estimator = ProgressEstimator([step.expected_tokens for step in plan.steps])
     names = tuple(step.name for step in plan.steps)
-    await publish(JobStartedEvent(names, strategy_name))
     outputs: list[str] = []
     current: str | None = None
     try:
+        # Inside the try: a cancel that lands while the first event is being published
+        # (a bus that waits on a network) still ends the job with `done`.
+        await publish(JobStartedEvent(names, strategy_name))
         for index, step in enumerate(plan.steps):
             current = step.name
             run = _StepRun(step, index, len(plan.steps), cadence, estimator, publish)

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidField",
     "JobAlreadyFinished",
     "JobNotFound",
+    "OriginNotAllowed",
     "SubscriberLagged",
 ]
 
@@ -73,6 +74,18 @@ class AtCapacity(FlushlineError):
     def __init__(self, limit: int, retry_after_s: int = 5) -> None:
         super().__init__(f"{limit} jobs are already running; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class OriginNotAllowed(FlushlineError):
+    """A browser page from an origin not in ``FLUSHLINE_CORS_ORIGINS`` tried to change state."""
+
+    status = 403
+    code = "origin_not_allowed"
+
+    def __init__(self, origin: str) -> None:
+        super().__init__(
+            f"origin {origin[:200]!r} is not allowed (FLUSHLINE_CORS_ORIGINS lists who is)"
+        )
 
 
 class HistoryTruncated(FlushlineError):

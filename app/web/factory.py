@@ -19,9 +19,11 @@ from app.jobs.manager import JobManager
 from app.jobs.pipelines import DemoPipeline, Pipeline
 from app.jobs.store import MemoryJobStore
 from app.web import api
+from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
 from app.web.keys import BUS, MANAGER, SETTINGS
 from app.web.middleware import add_request_id, middlewares
+from app.web.poll import poll_events
 from app.web.stream import stream_job
 from strategies import STRATEGIES, build_strategy
 
@@ -64,12 +66,14 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     )
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)
+    app.router.add_get("/api/jobs/{job_id}/events", poll_events, allow_head=False)
     app.router.add_get("/api/diagnostics/stream", diagnostics_stream, allow_head=False)
     app.router.add_get("/", index_page)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(add_request_id)
+    CorsPolicy(settings.cors_origins).install(app)
     return app
 
 

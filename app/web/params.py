@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from app.core.errors import InvalidField
 
-__all__ = ["parse_int"]
+__all__ = ["MAX_SEQ", "parse_int", "parse_seq"]
+
+#: The largest event seq a client may name (a resume point is at most the newest seq).
+MAX_SEQ = 2**63 - 1
 
 
 def parse_int(raw: str, field: str, low: int, high: int) -> int:
@@ -22,3 +25,8 @@ def parse_int(raw: str, field: str, low: int, high: int) -> int:
     ):
         raise InvalidField(field, f"must be an integer from {low} to {high}, got {raw[:40]!r}")
     return int(text)
+
+
+def parse_seq(raw: str, field: str) -> int:
+    """An event seq named by a client (``Last-Event-ID``, ``after``): 0 or more."""
+    return parse_int(raw, field, 0, MAX_SEQ)

@@ -18,14 +18,15 @@ import attrs
 import structlog
 from aiohttp import web
 
-from app.core.errors import InvalidField, SubscriberLagged
+from app.core.errors import SubscriberLagged
 from app.core.events import heartbeat_frame
 from app.core.sse import retry_line
 from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
 from app.web.params import parse_int
-from strategies import FrameShaper
+from app.web.resume import check_resume_point, stream_resume_point
+from strategies import FlushStrategy, FrameShaper, build_strategy
 
-__all__ = ["parse_last_event_id", "stream_job"]
+__all__ = ["MAX_PROXY_BUFFER_BYTES", "STREAM_HEADERS", "stream_job", "stream_shaper"]
 
 log = structlog.get_logger(__name__)
 
@@ -34,22 +35,21 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",
 }
-_MAX_SEQ = 2**63 - 1
+#: The largest ``?proxy_buffer=`` a client may ask for (1 MiB).
+MAX_PROXY_BUFFER_BYTES = 1 << 20
 
 
-def parse_last_event_id(request: web.Request) -> int:
-    """The resume point: the ``Last-Event-ID`` header, else ``?last_event_id=``, else 0.
+def stream_shaper(request: web.Request, strategy: FlushStrategy) -> FrameShaper:
+    """The stream's shaper: the job strategy's, or ``aligned`` at ``?proxy_buffer=BYTES``.
 
-    The header wins because a reconnecting ``EventSource`` sends the newest id there,
-    while its URL still carries the query it was first opened with.
+    The hint comes from a client that measured its path's block size; it reshapes this
+    one stream only (the job's cadence is the job's).
     """
-    if "Last-Event-ID" in request.headers:
-        field, raw = "Last-Event-ID", request.headers["Last-Event-ID"]
-    elif "last_event_id" in request.query:
-        field, raw = "last_event_id", request.query["last_event_id"]
-    else:
-        return 0
-    return parse_int(raw, field, 0, _MAX_SEQ)
+    if "proxy_buffer" not in request.query:
+        return strategy.shaper()
+    block = parse_int(request.query["proxy_buffer"], "proxy_buffer", 0, MAX_PROXY_BUFFER_BYTES)
+    tuning = attrs.evolve(request.app[SETTINGS].tuning(), proxy_buffer_bytes=block)
+    return build_strategy("aligned", tuning).shaper()
 
 
 @attrs.define
@@ -75,35 +75,35 @@ class _StreamWriter:
 async def stream_job(request: web.Request) -> web.StreamResponse:
     """``GET /api/jobs/{job_id}/stream``: the job's events as ``text/event-stream``."""
     job_id = request.match_info["job_id"]
-    after_seq = parse_last_event_id(request)
+    field, after_seq = stream_resume_point(request)
     manager = request.app[MANAGER]
     settings = request.app[SETTINGS]
     job = await manager.get(job_id)
     strategy = manager.strategy(job.strategy)
+    shaper = stream_shaper(request, strategy)
     heartbeat_s = strategy.cadence.heartbeat_interval_s
     loop = asyncio.get_running_loop()
     structlog.contextvars.bind_contextvars(job_id=job_id)
-    newest = await request.app[BUS].last_seq(job_id)
-    if after_seq > newest:
-        # No event with that id exists: resuming there would wait for events that are
-        # not the ones the client saw (and, once the job ended, reconnect forever).
-        raise InvalidField(
-            "Last-Event-ID", f"{after_seq} is beyond the job's newest event ({newest})"
-        )
+    await check_resume_point(request.app[BUS], job_id, after_seq, field)
 
     async with request.app[BUS].subscribe(job_id, after_seq) as subscription:
+        # The history already published goes out with the stream's first write, so a
+        # strategy that pads each flush pays for one flush, not two.
+        batch = await subscription.next_batch(0)
+        if batch.ended and not batch.events:
+            # The client already has the job's last event: 204 is the one answer that
+            # makes a browser's EventSource stop reconnecting.
+            log.info("stream closed", outcome="no_content", after_seq=after_seq)
+            return web.Response(status=204)
         response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
         await response.prepare(request)
-        writer = _StreamWriter(response, strategy.shaper(), settings.send_timeout_s)
+        writer = _StreamWriter(response, shaper, settings.send_timeout_s)
         outcome = "ended"
         started = time.monotonic()
         try:
             async with asyncio.timeout(None) as cut_guard:
                 # Being cut off must interrupt even a write blocked on a stalled socket.
                 subscription.on_cut(lambda: cut_guard.reschedule(loop.time()))
-                # The history already published goes out with the stream's first write, so a
-                # strategy that pads each flush pays for one flush, not two.
-                batch = await subscription.next_batch(0)
                 writer.events_written += len(batch.events)
                 now = loop.time()
                 history = b"".join(event.frame for event in batch.events)

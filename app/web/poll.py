@@ -1,0 +1,76 @@
+"""Long-polling: a job's events as complete JSON responses, for paths that defeat streaming.
+
+``GET /api/jobs/{id}/events?after=N&wait_s=S&limit=L`` answers at once when events
+after ``N`` exist, else when the next one is published, else after ``S`` seconds with an
+empty list. Every answer is a complete response with a ``Content-Length``, so a proxy
+that buffers or compresses whole responses passes it as soon as it is sent, and
+``Cache-Control: no-store`` so that no cache on the path answers a poll with an old one.
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from app.core.events import EncodedEvent
+from app.web.keys import BUS, MANAGER
+from app.web.params import parse_int, parse_seq
+from app.web.resume import check_resume_point
+
+__all__ = ["DEFAULT_LIMIT", "DEFAULT_WAIT_S", "MAX_LIMIT", "MAX_WAIT_S", "poll_events"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_WAIT_S = 25
+#: Below the 60 s idle timeout of common proxies and load balancers.
+MAX_WAIT_S = 55
+DEFAULT_LIMIT = 500
+MAX_LIMIT = 1000
+
+_HEADERS = {"Cache-Control": "no-store"}
+
+
+def _body(events: list[EncodedEvent], last_event_id: int, done: bool) -> bytes:
+    # The payloads are the events' JSON, encoded once at publish: join, do not re-encode.
+    return b"".join(
+        (
+            b'{"events":[',
+            b",".join(event.payload for event in events),
+            b'],"last_event_id":%d,"done":%s}' % (last_event_id, b"true" if done else b"false"),
+        )
+    )
+
+
+async def poll_events(request: web.Request) -> web.Response:
+    """``GET /api/jobs/{job_id}/events``: ``{"events": [...], "last_event_id", "done"}``.
+
+    ``last_event_id`` is the seq to pass as ``after`` next: the last event returned, or
+    ``after`` itself when none was. ``done`` is true once the job's last event has been
+    returned (at or before ``after``): nothing more will come.
+    """
+    job_id = request.match_info["job_id"]
+    after_seq = parse_seq(request.query.get("after", "0"), "after")
+    wait_s = parse_int(request.query.get("wait_s", str(DEFAULT_WAIT_S)), "wait_s", 0, MAX_WAIT_S)
+    limit = parse_int(request.query.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
+    await request.app[MANAGER].get(job_id)
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    bus = request.app[BUS]
+    await check_resume_point(bus, job_id, after_seq, "after")
+
+    events: list[EncodedEvent] = []
+    done = False
+    async with bus.subscribe(job_id, after_seq) as subscription:
+        batch = await subscription.next_batch(wait_s)
+        while batch.events:
+            events.extend(batch.events)
+            if len(events) >= limit:
+                break
+            batch = await subscription.next_batch(0)  # what else is already there
+        done = batch.ended
+    events = events[:limit]
+    last_event_id = events[-1].seq if events else after_seq
+    return web.Response(
+        body=_body(events, last_event_id, done),
+        content_type="application/json",
+        headers=_HEADERS,
+    )

@@ -1,24 +1,114 @@
 """The ``flushline`` command: ``serve`` (the default), ``proxy``, ``probe`` and ``watch``.
 
 Each command is a thin wrapper: parsing arguments here, the work in its own module.
+``python -m app`` and the ``flushline`` console script both call :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-__all__ = ["main"]
+import attrs
+import structlog
+
+from app import __version__
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from app.core.settings import Settings
+
+__all__ = ["build_parser", "main", "normalize_url"]
 
 COMMANDS = ("serve", "proxy", "probe", "watch")
+#: Arguments that belong to ``flushline`` itself rather than to the implied ``serve``.
+_TOP_LEVEL = ("-h", "--help", "--version")
+#: Bind failures that are the operator's to fix (not a bug): one line, exit status 2.
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+log = structlog.get_logger(__name__)
+
+_SERVE_DESCRIPTION = """\
+Run the service. It is configured by FLUSHLINE_* environment variables
+(config/reference.md); --host and --port win over the environment
+(FLUSHLINE_HOST; PORT, then FLUSHLINE_PORT)."""
+
+
+def _port(raw: str) -> int:
+    """An argparse type: a TCP port from 1 to 65535."""
+    try:
+        port = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {raw!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 1 to 65535, got {port}")
+    return port
+
+
+def normalize_url(raw: str) -> str:
+    """``localhost:8080`` -> ``http://localhost:8080``; ``ValueError`` saying what is wrong."""
+    text = raw.strip()
+    if not text:
+        raise ValueError("the URL is empty")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"{raw!r} contains whitespace")
+    if "://" not in text:
+        text = "http://" + text
+    url = urlsplit(text)
+    if url.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{raw!r} has the scheme {url.scheme!r}; use http:// or https://")
+    if not url.hostname:
+        raise ValueError(f"{raw!r} has no host (expected e.g. localhost:8080)")
+    try:
+        url.port  # noqa: B018 (urlsplit checks the port only when it is read)
+    except ValueError:
+        port = url.netloc.rpartition(":")[2]
+        raise ValueError(f"{raw!r} has an invalid port {port!r} (1-65535)") from None
+    return text
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _startup_fields(app: web.Application, settings: Settings) -> dict[str, Any]:
+    """The effective settings of a started service, for its one start-up line."""
+    from app.web.keys import MANAGER
+
+    return {
+        "version": __version__,
+        "host": settings.host,
+        "port": settings.port,
+        "strategy": app[MANAGER].strategies[settings.strategy].describe(),
+        "bus": settings.bus,
+        "pipeline": settings.pipeline,
+        "cors_origins": list(settings.cors_origins),
+        "limits": {
+            "max_active_jobs": settings.max_active_jobs,
+            "max_body_bytes": settings.max_body_bytes,
+            "history_limit": settings.history_limit,
+            "subscriber_queue": settings.subscriber_queue,
+            "send_timeout_s": settings.send_timeout_s,
+            "job_ttl_s": settings.job_ttl_s,
+            "max_retained_jobs": settings.max_retained_jobs,
+            "retry_ms": settings.retry_ms,
+        },
+        "log_level": settings.log_level,
+    }
 
 
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from app.core.logs import configure_logging
-    from app.core.settings import Settings, SettingsError
+    from app.core.settings import Settings, SettingsError, unknown_variables
     from app.web.factory import init_app
 
     try:
@@ -26,21 +116,50 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"flushline: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    flags = {"host": args.host, "port": args.port}
+    settings = attrs.evolve(settings, **{k: v for k, v in flags.items() if v is not None})
+    json_logs = configure_logging(settings.log_level, settings.log_format) == "json"
+
+    def fail(message: str, **fields: Any) -> int:
+        # One line either way: a JSON object for a log pipeline, plain text for a person.
+        if json_logs:
+            log.error(message, **fields)
+        else:
+            print(f"flushline: {message}", file=sys.stderr)
+        return 2
+
+    for unknown in unknown_variables():
+        hint = {"hint": f"did you mean {unknown.suggestion}?"} if unknown.suggestion else {}
+        log.warning("unknown variable ignored", variable=unknown.name, **hint)
     try:
         app = init_app(settings)
     except ValueError as exc:
-        print(f"flushline: {exc}", file=sys.stderr)
-        return 2
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        handler_cancellation=True,
-        access_log=None,
-        print=lambda msg: print(msg, file=sys.stderr),
-        shutdown_timeout=10.0,
-    )
+        return fail(str(exc))
+    address = _address(settings.host, settings.port)
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            handler_cancellation=True,
+            access_log=None,
+            # Called once every socket listens: the start-up line replaces aiohttp's banner.
+            print=lambda *_: log.info("serving", **_startup_fields(app, settings)),
+            shutdown_timeout=10.0,
+        )
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            reason = str(exc.strerror).lower()
+        elif exc.errno in _LISTEN_ERRNOS:
+            reason = os.strerror(exc.errno or 0).lower()
+        else:
+            raise
+        return fail(
+            f"cannot listen on {address}: {reason}",
+            host=settings.host,
+            port=settings.port,
+            reason=reason,
+        )
     return 0
 
 
@@ -48,10 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
         prog="flushline",
-        description="Stream live job progress over SSE through buffering proxies.",
+        description="Stream live job progress over SSE through buffering proxies. "
+        "Without a command, runs `serve`.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"flushline {__version__}", help="print the version"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="run the service (configured by FLUSHLINE_* variables)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the service (FLUSHLINE_* variables; --host/--port win over them)",
+        description=_SERVE_DESCRIPTION,
+    )
+    serve.add_argument(
+        "--host", help="address to listen on; wins over FLUSHLINE_HOST (default 0.0.0.0)"
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        help="port to listen on; wins over PORT and FLUSHLINE_PORT (default 8080)",
+    )
     from app.pathtools import probe, watch
     from app.pathtools.proxy import command as proxy
 
@@ -70,11 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``flushline`` console script."""
+    """Entry point of the ``flushline`` console script and of ``python -m app``."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
+    if not args_list or args_list[0] not in (*COMMANDS, *_TOP_LEVEL):
         args_list.insert(0, "serve")
     args = build_parser().parse_args(args_list)
+    if args.command in ("probe", "watch"):
+        try:
+            args.url = normalize_url(args.url)
+        except ValueError as exc:
+            print(f"flushline {args.command}: invalid URL: {exc}", file=sys.stderr)
+            return 2
     if args.command in ("proxy", "probe", "watch"):
         from app.core.logs import configure_logging
 

@@ -3,10 +3,15 @@
 ``Settings.from_environ()`` is the only place that reads the environment. A bad value
 raises :class:`SettingsError` whose message is one line naming the variable, the value
 and what is allowed; ``flushline serve`` prints it and exits with status 2.
+
+The loader is also the one list of known variables: :func:`known_variables` runs it on an
+empty environment and records every name it reads, so :func:`unknown_variables` can flag a
+misspelt ``FLUSHLINE_*`` variable (with the closest known name) without a second list.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -16,13 +21,14 @@ import attrs
 
 from strategies import STRATEGIES, Tuning
 
-__all__ = ["Settings", "SettingsError"]
+__all__ = ["Settings", "SettingsError", "UnknownVariable", "known_variables", "unknown_variables"]
 
 T = TypeVar("T")
 
 _BUSES = ("memory",)
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_PREFIX = "FLUSHLINE_"
 
 
 class SettingsError(ValueError):
@@ -82,12 +88,15 @@ class Settings:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``); raise ``SettingsError``."""
-        env = os.environ if environ is None else environ
-        r = _Reader(env)
-        port_var = "PORT" if env.get("PORT", "").strip() else "FLUSHLINE_PORT"
+        return cls._load(_Reader(os.environ if environ is None else environ))
+
+    @classmethod
+    def _load(cls, r: _Reader) -> Settings:
+        # PORT (Cloud Run's) wins over FLUSHLINE_PORT.
+        port_var = "PORT" if r.is_set("PORT") else "FLUSHLINE_PORT"
         return cls(
             host=r.text("FLUSHLINE_HOST", "0.0.0.0"),
-            port=r.integer(port_var, 8080, low=1, high=65535) or 8080,
+            port=r.integer(port_var, 8080, low=1, high=65535),
             strategy=r.choice("FLUSHLINE_STRATEGY", "aligned", tuple(STRATEGIES)),
             bus=r.choice("FLUSHLINE_BUS", "memory", _BUSES),
             pipeline=r.text("FLUSHLINE_PIPELINE", "demo"),
@@ -117,12 +126,53 @@ class Settings:
 
 
 @attrs.frozen
+class UnknownVariable:
+    """A ``FLUSHLINE_*`` variable no setting reads, with the closest known name if any."""
+
+    name: str
+    suggestion: str | None
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable the settings loader reads (found by running it, not by a list).
+
+    The loader therefore asks for every variable whatever the others hold (a variable
+    read only when another one is set would be missing here).
+    """
+    reader = _Reader({})
+    Settings._load(reader)
+    return frozenset(reader.seen)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[UnknownVariable]:
+    """The ``FLUSHLINE_*`` variables in ``environ`` (default ``os.environ``) nothing reads."""
+    env = os.environ if environ is None else environ
+    # Compared without the shared prefix, which would make every name look close.
+    known = {name.removeprefix(_PREFIX) for name in known_variables() if name.startswith(_PREFIX)}
+    unknown = []
+    for name in sorted(env):
+        suffix = name.removeprefix(_PREFIX)
+        if name.startswith(_PREFIX) and suffix not in known:
+            close = difflib.get_close_matches(suffix, sorted(known), n=1)
+            unknown.append(UnknownVariable(name, _PREFIX + close[0] if close else None))
+    return unknown
+
+
+@attrs.define
 class _Reader:
-    """Parses one variable at a time, turning every failure into a ``SettingsError``."""
+    """Parses one variable at a time, turning every failure into a ``SettingsError``.
+
+    ``seen`` records every name asked for: the loader's own list of known variables.
+    """
 
     env: Mapping[str, str]
+    seen: set[str] = attrs.field(factory=set)
+
+    def is_set(self, name: str) -> bool:
+        return self._raw(name) is not None
 
     def _raw(self, name: str) -> str | None:
+        self.seen.add(name)
         value = self.env.get(name)
         if value is None or not value.strip():
             return None

@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 from app.core.errors import AtCapacity, FlushlineError, InvalidField
 from app.web.keys import STREAM_BYTES
 
-__all__ = ["add_request_id", "error_response", "json_response", "middlewares"]
+__all__ = ["add_request_id", "client_gone", "error_response", "json_response", "middlewares"]
 
 log = structlog.get_logger(__name__)
 
@@ -81,31 +81,50 @@ def _body_bytes(response: web.StreamResponse | None) -> int | None:
     return response.body_length if written is None else written
 
 
+def client_gone(request: web.BaseRequest) -> bool:
+    """Whether the client has closed its connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind ``request_id`` for the request's logs and write one canonical line at its end."""
+    """Bind ``request_id`` for the request's logs and write one canonical line at its end.
+
+    ``outcome`` says how the request ended: ``completed`` (a response, whatever its
+    status), ``client_gone`` (the client left first: status 499, nginx's "client closed
+    request", at info level because it is no server error) or ``cancelled`` (the server
+    is stopping).
+    """
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else secrets.token_hex(8)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.monotonic()
-    status = 500
+    status, outcome = 500, "error"
     response: web.StreamResponse | None = None
     try:
         response = await handler(request)
-        status = response.status
+        status, outcome = response.status, "completed"
         return response
     except asyncio.CancelledError:
-        # The client went away (or the server is stopping) before the handler ended:
-        # "client closed request" (nginx's 499), not a server error.
-        status = 499
+        status, outcome = 499, "client_gone" if client_gone(request) else "cancelled"
         raise
+    except ConnectionResetError:
+        # Reading the body of a client that left, when aiohttp does not cancel handlers
+        # (its default outside ``run_app``). Answering keeps aiohttp from logging it as
+        # an error; the answer itself goes nowhere.
+        if not client_gone(request):
+            raise
+        status, outcome = 499, "client_gone"
+        return web.Response(status=499)
     finally:
         log.info(
             "request",
             method=request.method,
             path=request.path,
             status=status,
+            outcome=outcome,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             bytes=_body_bytes(response),
             remote=request.remote,
@@ -136,7 +155,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         return _from_http_exception(exc)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and client_gone(request):
+            raise  # no server error: request_context logs the request as client_gone
         log.exception("unhandled error")
         if request.writer is not None and request.writer.output_size:
             raise  # a stream already started: aiohttp drops the connection, the client resumes

@@ -322,6 +322,8 @@ class TestFailure:
         assert [s["status"] for s in snapshot["steps"]] == ["failed", "pending"]
 
 
+TPS = "options.tokens_per_second"
+#: (test id, body, the error's ``field``, which its message names too).
 INVALID_BODIES: list[tuple[str, bytes | dict[str, Any] | list[Any], str]] = [
     ("invalid-json", b'{"pipeline": ', "body"),
     ("array-body", [1, 2], "body"),
@@ -337,23 +339,23 @@ INVALID_BODIES: list[tuple[str, bytes | dict[str, Any] | list[Any], str]] = [
     ("input-string", {"input": "hello"}, "input"),
     ("options-not-object", {"options": "fast"}, "options"),
     ("options-list", {"options": [1]}, "options"),
-    ("steps-zero", {"options": {"steps": 0}}, "steps"),
-    ("steps-51", {"options": {"steps": 51}}, "steps"),
-    ("steps-empty-list", {"options": {"steps": []}}, "steps"),
-    ("steps-empty-name", {"options": {"steps": [""]}}, "steps"),
-    ("steps-duplicates", {"options": {"steps": ["a", "a"]}}, "steps"),
-    ("steps-string", {"options": {"steps": "x"}}, "steps"),
-    ("steps-bool", {"options": {"steps": True}}, "steps"),
-    ("tokens-per-step-zero", {"options": {"tokens_per_step": 0}}, "tokens_per_step"),
-    ("tokens-per-step-string", {"options": {"tokens_per_step": "9"}}, "tokens_per_step"),
-    ("tokens-per-second-zero", {"options": {"tokens_per_second": 0}}, "tokens_per_second"),
-    ("tokens-per-second-negative", {"options": {"tokens_per_second": -1}}, "tokens_per_second"),
-    ("tokens-per-second-string", {"options": {"tokens_per_second": "fast"}}, "tokens_per_second"),
-    ("seed-list", {"options": {"seed": []}}, "seed"),
-    ("fail-at-step-too-big", {"options": {"steps": 2, "fail_at_step": 2}}, "fail_at_step"),
-    ("fail-at-step-negative", {"options": {"fail_at_step": -1}}, "fail_at_step"),
-    ("fail-at-step-string", {"options": {"fail_at_step": "1"}}, "fail_at_step"),
-    ("unknown-option", {"options": {"speed": 3}}, "speed"),
+    ("steps-zero", {"options": {"steps": 0}}, "options.steps"),
+    ("steps-51", {"options": {"steps": 51}}, "options.steps"),
+    ("steps-empty-list", {"options": {"steps": []}}, "options.steps"),
+    ("steps-empty-name", {"options": {"steps": [""]}}, "options.steps"),
+    ("steps-duplicates", {"options": {"steps": ["a", "a"]}}, "options.steps"),
+    ("steps-string", {"options": {"steps": "x"}}, "options.steps"),
+    ("steps-bool", {"options": {"steps": True}}, "options.steps"),
+    ("tokens-per-step-zero", {"options": {"tokens_per_step": 0}}, "options.tokens_per_step"),
+    ("tokens-per-step-string", {"options": {"tokens_per_step": "9"}}, "options.tokens_per_step"),
+    ("tokens-per-second-zero", {"options": {"tokens_per_second": 0}}, TPS),
+    ("tokens-per-second-negative", {"options": {"tokens_per_second": -1}}, TPS),
+    ("tokens-per-second-string", {"options": {"tokens_per_second": "fast"}}, TPS),
+    ("seed-list", {"options": {"seed": []}}, "options.seed"),
+    ("fail-at-step-too-big", {"options": {"steps": 2, "fail_at_step": 2}}, "options.fail_at_step"),
+    ("fail-at-step-negative", {"options": {"fail_at_step": -1}}, "options.fail_at_step"),
+    ("fail-at-step-string", {"options": {"fail_at_step": "1"}}, "options.fail_at_step"),
+    ("unknown-option", {"options": {"speed": 3}}, "options.speed"),
 ]
 
 
@@ -367,14 +369,14 @@ class TestBadInput:
     async def test_bad_body_is_400(
         self, client: Client, body: bytes | dict[str, Any] | list[Any], field: str
     ) -> None:
-        """A bad POST /api/jobs body is a 400 whose message names the field; no job is made."""
+        """A bad POST /api/jobs body is a 400 whose `field` (named in the message) is to blame."""
         if isinstance(body, bytes):
             response = await client.post(
                 "/api/jobs", data=body, headers={"Content-Type": "application/json"}
             )
         else:
             response = await client.post("/api/jobs", json=body)
-        await expect_json_error(response, 400, field)
+        await expect_json_error(response, 400, field=field)
         assert await (await client.get("/api/jobs")).json() == {"jobs": []}
 
     @pytest.mark.parametrize(
@@ -382,13 +384,13 @@ class TestBadInput:
         ["limit=0", "limit=-1", "limit=abc", "limit=1.5", "limit=", "limit=1001", "limit=99999999"],
     )
     async def test_bad_limit_is_400(self, client: Client, query: str) -> None:
-        """A ?limit= that is not an integer in range is a 400 naming limit."""
-        await expect_json_error(await client.get(f"/api/jobs?{query}"), 400, "limit")
+        """A ?limit= that is not an integer in range is a 400 whose field is limit."""
+        await expect_json_error(await client.get(f"/api/jobs?{query}"), 400, field="limit")
 
     @pytest.mark.parametrize("query", ["status=done", "status=", "status=RUNNING!"])
     async def test_bad_status_is_400(self, client: Client, query: str) -> None:
-        """A ?status= that is not a job status is a 400 naming status."""
-        await expect_json_error(await client.get(f"/api/jobs?{query}"), 400, "status")
+        """A ?status= that is not a job status is a 400 whose field is status."""
+        await expect_json_error(await client.get(f"/api/jobs?{query}"), 400, field="status")
 
     @pytest.mark.parametrize(
         ("method", "path"),
@@ -405,23 +407,29 @@ class TestBadInput:
         await expect_json_error(await client.request(method, path), 404)
 
     @pytest.mark.parametrize(
-        ("method", "path"),
+        ("method", "path", "allowed"),
         [
-            ("DELETE", "/api/jobs"),
-            ("PUT", "/api/jobs"),
-            ("PUT", "/api/jobs/{id}"),
-            ("DELETE", "/api/jobs/{id}"),
-            ("POST", "/api/jobs/{id}"),
-            ("GET", "/api/jobs/{id}/cancel"),
-            ("POST", "/api/jobs/{id}/stream"),
+            ("DELETE", "/api/jobs", {"GET", "POST"}),
+            ("PUT", "/api/jobs", {"GET", "POST"}),
+            ("PUT", "/api/jobs/{id}", {"GET"}),
+            ("DELETE", "/api/jobs/{id}", {"GET"}),
+            ("POST", "/api/jobs/{id}", {"GET"}),
+            ("GET", "/api/jobs/{id}/cancel", {"POST"}),
+            ("POST", "/api/jobs/{id}/stream", {"GET"}),
+            ("POST", "/healthz", {"GET"}),
         ],
     )
-    async def test_wrong_method_is_405(self, client: Client, method: str, path: str) -> None:
-        """A known route with the wrong method is a 405 JSON error (for real and unknown ids)."""
+    async def test_wrong_method_is_405_with_allow(
+        self, client: Client, method: str, path: str, allowed: set[str]
+    ) -> None:
+        """A wrong method is a 405 JSON error whose Allow lists the route's methods, not it."""
         job = await create_job(client, FAST_JOB)
         for job_id in (job["id"], "unknown"):
             response = await client.request(method, path.format(id=job_id))
             await expect_json_error(response, 405, method)
+            allow = {m.strip() for m in response.headers.get("Allow", "").split(",")}
+            assert allowed <= allow, response.headers.get("Allow")
+            assert method not in allow, response.headers.get("Allow")
 
     async def test_body_too_large_is_413(self, make_client: MakeClient) -> None:
         """A body over FLUSHLINE_MAX_BODY_BYTES is a 413 JSON error; one under it is accepted."""

@@ -7,6 +7,9 @@ times and check the bytes: what is added, that it is comment-only, and (for
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -274,11 +277,13 @@ class TestAlignedShaper:
             assert shaper.poll(t + 1.0) == b""
 
     def test_padding_rate_is_bounded_by_about_a_block_per_budget(self) -> None:
-        """Under a fast event stream, padding per second stays near block/budget, not per event."""
+        """Under a fast event stream: one padded flush per budget at most, each event within it."""
         block, delay = 4096, 0.1
         shaper = AlignedShaper(block_bytes=block, max_delay_s=delay)
         duration = 2.0
         padding = len(shaper.start(PREFIX, 0.0)) - len(PREFIX)
+        flushes = [0.0]  # when a write carried padding (the start does)
+        written_at: list[float] = []
         t, events = 0.0, 0
         while t < duration:
             t = round(t + 0.001, 6)
@@ -286,18 +291,31 @@ class TestAlignedShaper:
             deadline = shaper.deadline()
             if deadline is not None and deadline <= t:
                 padding += len(shaper.poll(deadline))
+                flushes.append(deadline)
             frames = frame(events, 40)
-            padding += len(shaper.write(frames, t)) - len(frames)
+            out = shaper.write(frames, t)
+            written_at.append(t)
+            if len(out) > len(frames):
+                padding += len(out) - len(frames)
+                flushes.append(t)
         deadline = shaper.deadline()
         if deadline is not None:
             padding += len(shaper.poll(deadline))
+            flushes.append(deadline)
             duration = max(duration, deadline)
         # At most one flush per DEADLINE_SHARE of the budget (plus the start), each padding
         # less than a block plus the minimum tail.
         per_flush = block + shaper.min_tail_bytes
         assert padding <= per_flush * (duration / (delay * DEADLINE_SHARE) + 1)
-        # ...within 15% of the documented block / (share * budget) bytes per second,
-        assert padding / duration <= 1.15 * block / (DEADLINE_SHARE * delay) + block
+        # ...yet every write is flushed (padded out) within the budget,
+        for at in written_at:
+            index = bisect.bisect_left(flushes, at)
+            assert index < len(flushes), f"the write at {at} s is never flushed"
+            assert flushes[index] - at <= delay, (at, flushes[index])
+        # ...because padded flushes are never closer together than that share of the
+        # budget, whereas a write arrives every millisecond,
+        gaps = [b - a for a, b in itertools.pairwise(flushes)]
+        assert min(gaps) >= delay * DEADLINE_SHARE - 1e-9, min(gaps)
         # ...and far below padding every event (2000 events x ~4 KB).
         assert padding < events * block / 10
 

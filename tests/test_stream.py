@@ -301,14 +301,14 @@ class TestResume:
         job = await create_job(client, FAST_JOB)
         url = client.make_url(f"/api/jobs/{job['id']}/stream")
         response = await client.session.get(url, headers={"Last-Event-ID": value})
-        await expect_json_error(response, 400, "Last-Event-ID")
+        await expect_json_error(response, 400, field="Last-Event-ID")
 
     @pytest.mark.parametrize("value", ["-1", "abc", "1.5", "", "1e3", "%2B3", "%20"])
     async def test_invalid_query_is_400(self, client: Client, value: str) -> None:
         """A ?last_event_id= that is not a non-negative integer is a 400 naming the field."""
         job = await create_job(client, FAST_JOB)
         response = await client.get(f"/api/jobs/{job['id']}/stream?last_event_id={value}")
-        await expect_json_error(response, 400, "last_event_id")
+        await expect_json_error(response, 400, field="last_event_id")
 
 
 class TestLiveSubscribers:

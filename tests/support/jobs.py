@@ -133,10 +133,15 @@ def bus_of(client: Client) -> EventBus:
 
 
 async def expect_json_error(
-    response: aiohttp.ClientResponse, status: int, names: str | None = None
+    response: aiohttp.ClientResponse,
+    status: int,
+    names: str | None = None,
+    *,
+    field: str | None = None,
 ) -> dict[str, Any]:
     """Assert the contract's JSON error shape with ``status``; ``names`` must be in the message.
 
+    With ``field``, the error's ``field`` must be exactly that (and the message names it).
     Returns the ``error`` object.
     """
     text = await response.text()
@@ -153,6 +158,9 @@ async def expect_json_error(
     assert error["message"], text
     if names is not None:
         assert names in error["message"], f"{names!r} not named in {error['message']!r}"
+    if field is not None:
+        assert error.get("field") == field, text
+        assert field in error["message"], f"{field!r} not named in {error['message']!r}"
     return error
 
 

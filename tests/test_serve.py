@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
 
 import aiohttp
-import pytest
 
 from tests.conftest import QUICK_JOB
 from tests.support.process import (
@@ -18,6 +16,7 @@ from tests.support.process import (
     clean_env,
     free_port,
     read_log,
+    require_flushline_script,
     server_process,
     wait_accepting,
 )
@@ -84,10 +83,8 @@ class TestServe:
         await serve_and_stop([sys.executable, "-m", "app"], env, port, tmp_path / "server.log")
 
     async def test_flushline_serve(self, tmp_path: pathlib.Path) -> None:
-        """The `flushline serve` console script runs the same flow."""
-        script = shutil.which("flushline")
-        if script is None:
-            pytest.skip("the flushline console script is not on PATH (pip install -e . adds it)")
+        """The `flushline serve` console script (beside python or on PATH) runs the same flow."""
+        script = require_flushline_script()
         port = free_port()
         env = clean_env(PORT=str(port))
         await serve_and_stop([script, "serve"], env, port, tmp_path / "server.log")

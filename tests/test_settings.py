@@ -7,6 +7,7 @@ own environment never leaks in; only the start-up test runs a real process.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,18 @@ from typing import Any
 
 import pytest
 
-from app.core.settings import Settings, SettingsError
+from app.core.settings import (
+    Settings,
+    SettingsError,
+    UnknownVariable,
+    known_variables,
+    unknown_variables,
+)
+from app.web.factory import init_app
 from strategies import STRATEGIES, Tuning
+from tests.conftest import MakeClient
+from tests.support.jobs import ScriptedPipeline, create_job
+from tests.support.process import json_lines
 
 MAIN = Path(__file__).resolve().parent.parent
 
@@ -91,8 +102,7 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("FLUSHLINE_HOST", "127.0.0.1", "host", "127.0.0.1"),
     ("FLUSHLINE_STRATEGY", "padding", "strategy", "padding"),
     ("FLUSHLINE_STRATEGY", "Frequency", "strategy", "frequency"),
-    ("FLUSHLINE_BUS", "memory", "bus", "memory"),
-    ("FLUSHLINE_PIPELINE", "demo", "pipeline", "demo"),
+    ("FLUSHLINE_PIPELINE", "scripted", "pipeline", "scripted"),
     ("FLUSHLINE_PADDING_BYTES", "4096", "padding_bytes", 4096),
     ("FLUSHLINE_PADDING_BYTES", "0", "padding_bytes", 0),
     ("FLUSHLINE_CHUNK_CHARS", "250", "chunk_chars", 250),
@@ -116,19 +126,14 @@ PARSED: list[tuple[str, str, str, Any]] = [
 ]
 
 
-# Variables whose only valid value today is also their default.
-ONLY_VALUE_IS_DEFAULT = ("FLUSHLINE_BUS", "FLUSHLINE_PIPELINE")
-
-
 class TestEveryVariable:
     @pytest.mark.parametrize(("variable", "raw", "field", "value"), PARSED)
     def test_variable_is_parsed(self, variable: str, raw: str, field: str, value: Any) -> None:
-        """Each FLUSHLINE_* variable sets its field, typed (case-insensitive choices)."""
+        """Each FLUSHLINE_* variable sets its field to a non-default, typed value."""
         parsed = getattr(load(**{variable: raw}), field)
         assert parsed == value
         assert type(parsed) is type(value)
-        if variable not in ONLY_VALUE_IS_DEFAULT:  # else an ignored variable would pass
-            assert getattr(load(), field) != value
+        assert getattr(load(), field) != value  # else an ignored variable would pass
 
     def test_surrounding_whitespace_is_stripped(self) -> None:
         """Values are stripped before parsing."""
@@ -162,6 +167,73 @@ class TestEveryVariable:
         assert load(FLUSHLINE_STRATEGY=name).strategy == name
 
 
+class TestBusAndPipeline:
+    """The two variables whose only built-in value is their default: read, and checked."""
+
+    @pytest.mark.parametrize("raw", ["memory", " MEMORY ", "Memory"])
+    def test_bus_accepts_memory_in_any_case(self, raw: str) -> None:
+        """FLUSHLINE_BUS is a case-insensitive choice (only `memory` exists so far)."""
+        assert load(FLUSHLINE_BUS=raw).bus == "memory"
+
+    def test_bus_is_read(self) -> None:
+        """FLUSHLINE_BUS is not ignored: a value other than `memory` is refused by name."""
+        with pytest.raises(SettingsError, match="FLUSHLINE_BUS='redis': allowed: memory"):
+            load(FLUSHLINE_BUS="redis")
+
+    def test_unknown_pipeline_is_refused_by_the_factory(self) -> None:
+        """A FLUSHLINE_PIPELINE naming no registered pipeline fails init_app in one line."""
+        message = "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            init_app(load(FLUSHLINE_PIPELINE="summarise"))
+
+    def test_registered_pipeline_is_accepted_by_the_factory(self) -> None:
+        """FLUSHLINE_PIPELINE may name a user pipeline registered with init_app."""
+        pipeline = ScriptedPipeline(((0.0, "a"),))
+        init_app(load(FLUSHLINE_PIPELINE="scripted"), pipelines=(pipeline,))
+
+    async def test_pipeline_is_the_default_of_jobs_naming_none(
+        self, make_client: MakeClient
+    ) -> None:
+        """A job whose body names no pipeline runs FLUSHLINE_PIPELINE's (demo without it)."""
+        pipeline = ScriptedPipeline(((0.0, "a"),))
+        client = await make_client({"FLUSHLINE_PIPELINE": "scripted"}, pipelines=(pipeline,))
+        assert (await create_job(client))["pipeline"] == "scripted"
+        default = await make_client({}, pipelines=(pipeline,))
+        assert (await create_job(default))["pipeline"] == "demo"
+
+
+class TestUnknownVariables:
+    """Misspelt FLUSHLINE_* variables are found against the loader's own names."""
+
+    def test_known_variables_are_those_the_loader_reads(self) -> None:
+        """Every variable exercised above is known, PORT included; nothing else is."""
+        exercised = {row[0] for row in PARSED} | {row[0] for row in INVALID}
+        exercised |= {"FLUSHLINE_BUS", "FLUSHLINE_CORS_ORIGINS"}
+        assert exercised <= known_variables()
+        assert known_variables() - exercised == set()
+
+    @pytest.mark.parametrize(
+        ("name", "suggestion"),
+        [
+            ("FLUSHLINE_STARTEGY", "FLUSHLINE_STRATEGY"),
+            ("FLUSHLINE_LOGLEVEL", "FLUSHLINE_LOG_LEVEL"),
+            ("FLUSHLINE_CORS_ORIGIN", "FLUSHLINE_CORS_ORIGINS"),
+            ("FLUSHLINE_PROXY_BUFFER", "FLUSHLINE_PROXY_BUFFER_BYTES"),
+            ("FLUSHLINE_ZZZ", None),
+        ],
+    )
+    def test_unknown_variable_names_the_closest_known_one(
+        self, name: str, suggestion: str | None
+    ) -> None:
+        """An unknown FLUSHLINE_ name comes with the closest known name, if any is close."""
+        assert unknown_variables({name: "1"}) == [UnknownVariable(name, suggestion)]
+
+    def test_known_and_foreign_variables_are_not_reported(self) -> None:
+        """Known FLUSHLINE_ variables and other programs' variables are left alone."""
+        env = {"FLUSHLINE_STRATEGY": "none", "PORT": "1", "HOME": "/", "FLUSHLINEX": "1"}
+        assert unknown_variables(env) == []
+
+
 # --- invalid values ----------------------------------------------------------------
 
 INVALID: list[tuple[str, str, str]] = [
@@ -169,6 +241,7 @@ INVALID: list[tuple[str, str, str]] = [
     ("FLUSHLINE_STRATEGY", "bogus", "combined"),
     ("FLUSHLINE_STRATEGY", "padding,frequency", "padding"),
     ("FLUSHLINE_BUS", "kafka", "memory"),
+    ("FLUSHLINE_BUS", "memory,redis", "memory"),
     ("FLUSHLINE_LOG_LEVEL", "verbose", "debug"),
     ("FLUSHLINE_LOG_FORMAT", "xml", "json"),
     ("PORT", "0", "65535"),
@@ -270,4 +343,37 @@ def test_startup_with_invalid_strategy_exits_2_with_one_stderr_line() -> None:
     assert "bogus" in line
     for name in STRATEGIES:
         assert name in line
+    assert result.stdout == ""
+
+
+def run_app(**variables: str) -> subprocess.CompletedProcess[str]:
+    """`python -m app` with only ``variables`` of the FLUSHLINE_ kind set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUSHLINE_") and k != "PORT"}
+    env.update(variables)
+    return subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=MAIN,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_startup_with_unknown_pipeline_exits_2_with_one_line() -> None:
+    """An unregistered FLUSHLINE_PIPELINE stops start-up: one line naming it, exit 2."""
+    result = run_app(FLUSHLINE_PIPELINE="summarise", FLUSHLINE_LOG_FORMAT="console")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "flushline: invalid FLUSHLINE_PIPELINE='summarise': allowed: demo\n"
+    assert result.stdout == ""
+
+
+def test_startup_with_unknown_pipeline_in_json_mode_is_one_json_line() -> None:
+    """In JSON mode the same refusal is one JSON log line (severity ERROR), exit 2."""
+    result = run_app(FLUSHLINE_PIPELINE="summarise", FLUSHLINE_LOG_FORMAT="json")
+    assert result.returncode == 2, result.stderr
+    [line] = json_lines(result.stderr)
+    assert line["severity"] == "ERROR"
+    assert line["message"] == "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo"
     assert result.stdout == ""

@@ -148,6 +148,12 @@ function formatBytes(bytes) {
   return bytes >= 1024 && bytes % 1024 === 0 ? `${bytes / 1024} KiB` : `${bytes} B`;
 }
 
+function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
+  return `${(bytes / 1024 / 1024).toFixed(2)} MiB`;
+}
+
 /** A one-line summary of an event for the log. */
 function summarize(data) {
   switch (data.type) {
@@ -286,7 +292,8 @@ function renderHealth(state) {
   let blockText = block ? `measured ${block}` : "not measured";
   if (hint) blockText += `, stream padded to ${hint}`;
   setText(ui.block, blockText);
-  setText(ui.eventCount, String(state.events ?? 0));
+  const received = typeof state.bytes === "number" ? `, ${formatSize(state.bytes)} received` : "";
+  setText(ui.eventCount, `${state.events ?? 0}${received}`);
   const reason = state.reason || "no decision yet";
   setText(ui.reason, sensing ? reason : `sensing off (?sense=0); ${reason}`);
   renderLastByte(state);

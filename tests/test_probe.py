@@ -3,14 +3,16 @@
 Unit tests feed :func:`app.pathtools.probe.analyse` synthetic read sequences: the pattern's writes
 as a modelled path would release them (direct; a buffer releasing everything once it
 holds ``B`` bytes; one releasing whole ``B``-byte blocks; nginx's first block shortened
-by the upstream's response head; gzip; a timer flush during the final pause).
+by the upstream's response head; gzip; a timer flush during the final pause; a time
+hold; the whole response held to the end).
 
 End-to-end tests run the real probe against the real service behind a direct
-connection, the buffering emulator (4096 / 16384 bytes, both release models, and with
-a hold timer) and real nginx (HTTP/1.0 buffering, gzip, HTTP/1.1), all side by side in
-the module fixture ``probes``. Patterns are shortened to about 2.5x the buffer size to
-detect; the 4096-byte paths keep the default 25 ms interval, so their first release
-(16 writes in) comes late enough to count as holding the headers.
+connection, the buffering emulator (4096 / 16384 bytes, both release models, with a
+hold timer, holding every write 200 ms, holding the whole response, gzip) and real
+nginx (HTTP/1.0 buffering, gzip, HTTP/1.1), all side by side in the module fixture
+``probes``. Patterns are the probe's own for a 4096 or 16384 byte buffer; the
+4096-byte paths keep the default 25 ms interval, so their first release (12 writes
+after the 1 KB first write) comes late enough to count as holding the headers.
 """
 
 from __future__ import annotations
@@ -29,13 +31,24 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.pathtools.probe import ProbeReport, Read, analyse, run_probe
+from app.pathtools.probe import (
+    Fix,
+    PathKind,
+    ProbeReport,
+    Read,
+    analyse,
+    probe_pattern,
+    run_probe,
+)
 from app.web.diagnostics import DiagnosticsPattern
 from tests.conftest import MakeClient
 from tests.support.nginx import find_nginx, require_nginx
 from tests.support.paths import (
     DIRECT,
+    EMULATOR_GZIP,
     EMULATOR_PATHS,
+    EMULATOR_TIME_HOLD,
+    EMULATOR_WHOLE_RESPONSE,
     NGINX_GZIP,
     NGINX_HTTP10,
     NGINX_HTTP11,
@@ -47,6 +60,8 @@ from tests.support.paths import (
 from tests.support.process import run_cli
 
 DEFAULT = DiagnosticsPattern()
+#: The pattern ``flushline probe`` sends by default (1 KB first write, large writes).
+PROBE = probe_pattern()
 WRITE = DEFAULT.write_bytes
 #: About the size of the final ``probe_end`` event.
 END_BYTES = 160
@@ -94,8 +109,7 @@ def simulate(
     left goes out at the end of the stream. Headers arrive with the first release.
     ``latency_s`` is the network delay of every release (and of a direct path's headers).
     """
-    interval = pattern.interval_ms / 1000
-    sends = [(k * interval, (k + 1) * pattern.write_bytes) for k in range(pattern.writes + 1)]
+    sends = [(w.sent_s, w.end) for w in pattern.schedule()]
     end_at = sends[-1][0] + pattern.pause_ms / 1000
     sends.append((end_at, sends[-1][1] + END_BYTES))
     reads: list[Read] = []
@@ -285,15 +299,173 @@ class TestAnalyseCompressionAndTimer:
         assert "timer flush" not in report.render()
 
 
+class TestAnalyseWithTheProbePattern:
+    """The probe's own pattern (1 KB first write, then large writes) keeps every finding."""
+
+    def test_first_write_is_at_least_1_kb(self) -> None:
+        """Compressors with a minimum length (1 KB at most) compress the very first write."""
+        assert PROBE.first_bytes >= 1024
+        assert PROBE.first_bytes % WRITE == 0  # still on the 257-byte grid
+        assert probe_pattern(write_bytes=2000).first_bytes == 2000
+
+    def test_direct(self) -> None:
+        """Unbuffered: nothing held, and no fix needed."""
+        report = simulate(PROBE).analyse(PROBE)
+        assert report.kind is PathKind.UNBUFFERED
+        assert not report.buffered
+        assert report.fixes == ()
+        assert report.first_write_bytes == PROBE.first_bytes
+        assert report.settings() == DIRECT_SETTINGS
+
+    @pytest.mark.parametrize("model", ["all", "blocks"])
+    @pytest.mark.parametrize("size", [2048, 4096, 8192, 16384])
+    def test_size_buffer(self, size: int, model: str) -> None:
+        """A size buffer releases the same bytes with large writes: block size, found exactly."""
+        report = simulate(PROBE, buffer=size, model=model).analyse(PROBE)
+        assert report.kind is PathKind.SIZE_BUFFER, report
+        assert report.release_model == model
+        assert report.buffer_bytes == size
+        assert report.release_growth is not None
+        assert report.release_growth < 1.5, report
+        assert report.hold_ms is None
+        assert report.fixes == (Fix.BLOCK_SIZE, Fix.PROXY_SETTING)
+        assert report.settings() == buffered_settings(size)
+        text = report.render()
+        assert f"?proxy_buffer={size}" in text
+        assert "proxy_buffering off;" in text  # the proxy setting, as the other fix
+
+    def test_nginx_first_block_short_by_the_response_head(self) -> None:
+        """nginx's short first block with the 1 KB first write: still blocks of 4096."""
+        report = simulate(PROBE, buffer=4096, model="blocks", head=200).analyse(PROBE)
+        assert report.kind is PathKind.SIZE_BUFFER
+        assert report.release_model == "blocks"
+        assert report.buffer_bytes == 4096
+
+    def test_a_buffer_larger_than_the_small_writes_is_found_from_the_large_ones(self) -> None:
+        """One release during the small writes: the size comes from the large writes' releases."""
+        pattern = probe_pattern(4096)  # about 10 KB of small writes
+        report = simulate(pattern, buffer=8192, model="all").analyse(pattern)
+        assert report.kind is PathKind.SIZE_BUFFER, report
+        assert report.buffer_bytes == 8192
+
+
+class TestAnalyseTimeHold:
+    """A path that holds what it has for a while, whatever its size, is no size buffer."""
+
+    def test_time_hold_is_not_a_size_buffer(self) -> None:
+        """Small writes go out like a 2048 buffer's (2 KB per 200 ms); large ones tell them apart.
+
+        The two paths look alike while the writes are small; with writes four times
+        larger the buffer releases its 2 KB four times as often, the hold four times
+        the bytes as often as before.
+        """
+        held = simulate(PROBE, buffer=10**9, hold_s=0.2).analyse(PROBE)
+        sized = simulate(PROBE, buffer=2048, model="all").analyse(PROBE)
+        assert sized.kind is PathKind.SIZE_BUFFER
+        assert sized.buffer_bytes == 2048
+        assert held.kind is PathKind.TIME_HOLD, held
+        assert held.release_model == "time"
+        assert held.buffer_bytes is None
+        assert held.release_growth is not None
+        assert held.release_growth > 3, held
+        assert held.headers_held
+
+    def test_hold_time_is_reported(self) -> None:
+        """The hold is the wait of the oldest write of each release: 200 ms."""
+        report = simulate(PROBE, buffer=10**9, hold_s=0.2).analyse(PROBE)
+        assert report.hold_ms is not None
+        assert 190 <= report.hold_ms <= 230, report
+
+    @hypothesis_settings(max_examples=25, deadline=None)
+    @given(hold_ms=st.integers(min_value=100, max_value=400))
+    def test_any_hold_from_100_to_400_ms(self, hold_ms: int) -> None:
+        """Every hold from 100 to 400 ms is a time hold, its length within one write interval."""
+        report = simulate(PROBE, buffer=10**9, hold_s=hold_ms / 1000).analyse(PROBE)
+        assert report.kind is PathKind.TIME_HOLD, report
+        assert report.hold_ms is not None
+        assert abs(report.hold_ms - hold_ms) <= PROBE.interval_ms + 5, report
+
+    def test_within_the_budget_streams_unpadded(self) -> None:
+        """200 ms within a 500 ms budget: no fix needed, pad nothing (padding cannot help)."""
+        report = simulate(PROBE, buffer=10**9, hold_s=0.2).analyse(PROBE, latency_budget_ms=500)
+        assert report.within_budget is True
+        assert report.fixes == ()
+        assert report.settings() == DIRECT_SETTINGS
+        text = report.render()
+        assert "padding cannot shorten a time hold" in text
+        assert "within the 500 ms latency budget" in text
+        assert "FLUSHLINE_PROXY_BUFFER_BYTES=0" in text
+
+    def test_over_the_budget_long_polling_or_the_proxy_setting(self) -> None:
+        """200 ms over a 100 ms budget: the fix is long-polling or the proxy setting."""
+        report = simulate(PROBE, buffer=10**9, hold_s=0.2).analyse(PROBE, latency_budget_ms=100)
+        assert report.within_budget is False
+        assert report.fixes == (Fix.LONG_POLLING, Fix.PROXY_SETTING)
+        text = report.render()
+        assert "exceeds the 100 ms latency budget" in text
+        assert "GET /api/jobs/{id}/events" in text
+        assert "flush_interval -1" in text  # Caddy's line among the proxy settings
+
+    def test_a_buffer_with_a_timer_is_still_a_size_buffer(self) -> None:
+        """4096 that fills before its 1 s timer: a size buffer (and a timer flush), not a hold."""
+        report = simulate(PROBE, buffer=4096, model="all", hold_s=1.0).analyse(PROBE)
+        assert report.kind is PathKind.SIZE_BUFFER
+        assert report.buffer_bytes == 4096
+        assert report.timer_flush_s is not None
+
+
+class TestAnalyseWholeResponse:
+    """Everything at the end: the whole response (Content-Length), or an unknown size."""
+
+    def test_whole_response_with_content_length(self) -> None:
+        """All at the end with a Content-Length: whole response; long-polling or proxy setting."""
+        sim = simulate(PROBE, buffer=10**9)
+        total = sim.reads[-1].total
+        report = sim.analyse(PROBE, content_length=total)
+        assert report.kind is PathKind.WHOLE_RESPONSE, report
+        assert report.release_model == "end"
+        assert report.content_length == total
+        assert report.held_share > 0.9
+        assert report.headers_held
+        assert report.fixes == (Fix.LONG_POLLING, Fix.PROXY_SETTING)
+        assert report.settings() == {}
+        text = report.render()
+        assert "the whole response" in text
+        assert "GET /api/jobs/{id}/events" in text
+        assert "--max-buffer" not in text
+        assert "FLUSHLINE_" not in text
+
+    def test_without_content_length_the_size_is_unknown(self) -> None:
+        """All at the end, chunked: a buffer larger than the pattern; probe again, bigger."""
+        report = simulate(PROBE, buffer=10**9).analyse(PROBE)
+        assert report.kind is PathKind.LARGE_BUFFER
+        assert report.release_model == "unknown"
+        assert "larger --max-buffer" in report.render()
+        assert report.fixes == (Fix.LONG_POLLING, Fix.PROXY_SETTING)
+
+    def test_compressed_whole_response_is_reported_as_compression(self) -> None:
+        """gzip and a Content-Length: compression is what to fix first."""
+        sim = simulate(PROBE, buffer=10**9)
+        report = sim.analyse(PROBE, content_encoding="gzip", content_length=900)
+        assert report.kind is PathKind.COMPRESSED
+        assert report.fixes == (Fix.PROXY_SETTING, Fix.LONG_POLLING)
+        text = report.render()
+        assert "`gzip off;`" in text
+        assert "excludedContentTypes" in text
+
+
 # --------------------------------------------------------------------------- end to end
 
-#: 2.5x the 4096 buffer at the default 25 ms interval (about 1.5 s).
-PATTERN_4K = DiagnosticsPattern(interval_ms=25, total_bytes=10_240, pause_ms=500)
-#: 2.5x the 16384 buffer at 10 ms (about 2.1 s): the first release still comes 640 ms in.
-PATTERN_16K = DiagnosticsPattern(interval_ms=10, total_bytes=40_960, pause_ms=500)
+#: The probe's pattern for a 4096 buffer at the default 25 ms interval (about 2.4 s).
+PATTERN_4K = probe_pattern(4096, pause_ms=500)
+#: For 16384 at 10 ms (about 3 s): the first release still comes 600 ms in.
+PATTERN_16K = probe_pattern(16384, interval_ms=10, pause_ms=500)
 #: For the hold timer: a pause long enough for the 1 s timer to fire within it.
-PATTERN_TIMER = DiagnosticsPattern(interval_ms=25, total_bytes=10_240, pause_ms=1_500)
+PATTERN_TIMER = probe_pattern(4096, pause_ms=1_500)
 TIMER_S = 1.0
+#: The time-hold emulator's hold, and the probe's default latency budget.
+HOLD_MS = 200
+BUDGET_MS = 500
 
 
 @attrs.frozen
@@ -313,6 +485,9 @@ CASES = (
         for p in EMULATOR_PATHS
     ),
     ProbeCase("emulator-timer", EMULATOR_PATHS[0], PATTERN_TIMER, (("max_hold_s", TIMER_S),)),
+    ProbeCase("emulator-time-hold", EMULATOR_TIME_HOLD, PATTERN_4K),
+    ProbeCase("emulator-whole-response", EMULATOR_WHOLE_RESPONSE, PATTERN_4K),
+    ProbeCase("emulator-gzip", EMULATOR_GZIP, PATTERN_4K),
     ProbeCase("nginx-http10", NGINX_HTTP10, PATTERN_4K),
     ProbeCase("nginx-gzip", NGINX_GZIP, PATTERN_4K),
     ProbeCase("nginx-http11", NGINX_HTTP11, PATTERN_4K),
@@ -366,7 +541,8 @@ class TestProbeEndToEnd:
         assert report.release_model == "none"
         assert not report.headers_held, report
         assert not report.compressed
-        assert report.total_bytes > (PATTERN_4K.writes + 1) * WRITE
+        assert report.total_bytes > PATTERN_4K.schedule()[-1].end
+        assert report.kind is PathKind.UNBUFFERED
         assert report.settings() == DIRECT_SETTINGS
 
     @pytest.mark.parametrize("path", EMULATOR_PATHS, ids=str)
@@ -380,6 +556,7 @@ class TestProbeEndToEnd:
         assert report.headers_held, report
         assert report.timer_flush_s is None, report
         assert not report.compressed
+        assert report.kind is PathKind.SIZE_BUFFER, report
         assert report.settings() == buffered_settings(path.proxy.threshold_bytes)
 
     def test_emulator_with_a_hold_timer(self, probes: Probes) -> None:
@@ -389,6 +566,44 @@ class TestProbeEndToEnd:
         assert report.buffer_bytes == 4096, report
         assert report.timer_flush_s is not None, report
         assert 0.1 < report.timer_flush_s <= TIMER_S + 0.1, report
+        assert report.kind is PathKind.SIZE_BUFFER, report
+
+    def test_emulator_holding_every_write(self, probes: Probes) -> None:
+        """--max-hold-s 0.2 with a huge threshold: a 200 ms time hold, not a block size."""
+        report = _report(probes, "emulator-time-hold")
+        assert report.kind is PathKind.TIME_HOLD, report
+        assert report.buffered
+        assert report.buffer_bytes is None, report
+        assert report.hold_ms is not None
+        assert HOLD_MS - 20 <= report.hold_ms <= HOLD_MS + 150, report
+        assert report.headers_held, report
+        # Padding cannot help: pad nothing. 200 ms is within the default 500 ms budget.
+        assert report.settings() == DIRECT_SETTINGS
+        assert report.within_budget is True
+        assert report.fixes == ()
+        assert "padding cannot shorten a time hold" in report.render()
+        tight = attrs.evolve(report, latency_budget_ms=100)
+        assert tight.fixes == (Fix.LONG_POLLING, Fix.PROXY_SETTING)
+
+    def test_emulator_holding_the_whole_response(self, probes: Probes) -> None:
+        """A threshold beyond the pattern: the whole response, with a Content-Length."""
+        report = _report(probes, "emulator-whole-response")
+        assert report.kind is PathKind.WHOLE_RESPONSE, report
+        assert report.content_length == report.total_bytes, report
+        assert report.held_share > 0.9, report
+        assert report.headers_held, report
+        assert report.settings() == {}
+        assert report.fixes == (Fix.LONG_POLLING, Fix.PROXY_SETTING)
+        assert "--max-buffer" not in report.render()
+
+    def test_emulator_gzip(self, probes: Probes) -> None:
+        """The emulator gzip-ing the stream: compressed; turn compression off, or long-poll."""
+        report = _report(probes, "emulator-gzip")
+        assert report.kind is PathKind.COMPRESSED, report
+        assert report.content_encoding == "gzip"
+        assert report.headers_held, report
+        assert report.settings() == {}
+        assert report.fixes == (Fix.PROXY_SETTING, Fix.LONG_POLLING)
 
     def test_nginx_http10(self, probes: Probes) -> None:
         """nginx HTTP/1.0 buffering: blocks of 4096, the first short by the response head."""
@@ -398,17 +613,20 @@ class TestProbeEndToEnd:
         assert report.buffer_bytes == 4096, report
         assert 4096 - 300 <= report.release_sizes[0] <= 4096 - 100, report
         assert report.headers_held, report
+        assert report.kind is PathKind.SIZE_BUFFER, report
         assert report.settings() == buffered_settings(4096)
 
     def test_nginx_gzip(self, probes: Probes) -> None:
         """nginx gzip-ing the stream: compressed, and no padding setting recommended."""
         report = _report(probes, "nginx-gzip")
         assert report.compressed, report
+        assert report.kind is PathKind.COMPRESSED, report
         assert report.content_encoding == "gzip"
         assert report.headers_held, report
         assert report.settings() == {}
+        assert report.fixes == (Fix.PROXY_SETTING, Fix.LONG_POLLING)
         # The probe counts the bytes as the server wrote them (decompressed).
-        assert report.total_bytes > (PATTERN_4K.writes + 1) * WRITE
+        assert report.total_bytes > PATTERN_4K.schedule()[-1].end
 
     def test_nginx_http11(self, probes: Probes) -> None:
         """nginx speaking HTTP/1.1 passes each write through: not buffered."""
@@ -416,6 +634,7 @@ class TestProbeEndToEnd:
         assert not report.buffered, report
         assert not report.headers_held, report
         assert not report.compressed
+        assert report.kind is PathKind.UNBUFFERED, report
         assert report.settings() == DIRECT_SETTINGS
 
 
@@ -438,7 +657,22 @@ class TestProbeCli:
         assert data["buffered"] is True
         assert data["release_model"] == "blocks"
         assert data["buffer_bytes"] == 4096
+        assert data["kind"] == "size_buffer"
+        assert data["fixes"] == ["block_size", "proxy_setting"]
+        assert data["first_write_bytes"] >= 1024
         assert data["settings"] == buffered_settings(4096)
+
+    async def test_time_hold_over_the_budget(self, tmp_path: pathlib.Path) -> None:
+        """Through a 200 ms hold with --latency-budget-ms 100: long-polling or the proxy setting."""
+        async with serve() as service, open_path(EMULATOR_TIME_HOLD, service, tmp_path) as front:
+            code, out, err = await run_cli(
+                "probe", front, "--max-buffer", "4096", "--latency-budget-ms", "100"
+            )
+        assert code == 0, err
+        assert "buffering:   a time hold: each write held about" in out, out
+        assert "exceeds the 100 ms latency budget" in out, out
+        assert "GET /api/jobs/{id}/events" in out
+        assert "proxy_buffering off;" in out
 
     async def test_human_report_of_a_direct_path(self) -> None:
         """Without --json it prints a readable report ending in the settings to use."""
@@ -479,6 +713,12 @@ class TestDiagnosticsParameters:
             ("pause_ms=-1", "pause_ms"),
             ("pause_ms=10001", "pause_ms"),
             ("interval_ms=2000", "interval_ms"),  # valid alone, but would last > 60 s
+            ("first_writes=0", "first_writes"),
+            ("first_writes=257", "first_writes"),
+            ("large_write_bytes=300", "large_write_bytes"),  # less than twice write_bytes
+            ("large_write_bytes=262145", "large_write_bytes"),
+            ("large_total_bytes=-5", "large_total_bytes"),
+            ("large_write_bytes=1028&large_total_bytes=4000000&interval_ms=100", "interval_ms"),
         ],
     )
     async def test_bad_parameter_is_a_400_naming_it(
@@ -509,3 +749,37 @@ class TestDiagnosticsParameters:
         assert data["writes"] == pattern.writes
         assert data["offset"] == len(body)
         assert {k: data[k] for k in pattern.as_query()} == pattern.as_query()
+
+    async def test_probe_pattern_first_write_and_large_writes(
+        self, make_client: MakeClient
+    ) -> None:
+        """The probe's pattern: a first write of >= 1 KB, small writes, then 4x larger ones."""
+        client = await make_client()
+        pattern = attrs.evolve(probe_pattern(1024, interval_ms=5, pause_ms=0), large_total_bytes=0)
+        response = await client.get("/api/diagnostics/stream", params=pattern.as_query())
+        assert response.status == 200
+        raw = await response.read()
+        body, _, end = raw.rpartition(b"event: probe_end\n")
+        schedule = pattern.schedule()
+        assert len(body) == schedule[-1].end
+        # The first write is the padded retry line, up to the first probe event.
+        assert body.index(b"id: 1\n") == pattern.first_bytes >= 1024
+        # Each write ends where the schedule says: its event's offset.
+        events = [line for line in body.split(b"\n") if line.startswith(b"data: ")]
+        offsets = [json.loads(line.removeprefix(b"data: "))["offset"] for line in events]
+        assert offsets == [w.end for w in schedule[1:]]
+        sizes = {b - a for a, b in itertools.pairwise(w.end for w in schedule)}
+        assert sizes == {pattern.write_bytes, pattern.large_write_bytes}
+        assert pattern.large_writes == pattern.total_bytes // pattern.large_write_bytes
+        data = json.loads(end.removeprefix(b"data: ").strip())
+        assert data["large_writes"] == pattern.large_writes
+
+    async def test_old_parameters_give_the_old_pattern(self, make_client: MakeClient) -> None:
+        """Only the original four parameters: first write of write_bytes, no large writes."""
+        client = await make_client()
+        query = {"write_bytes": "300", "interval_ms": "5", "total_bytes": "3000", "pause_ms": "0"}
+        response = await client.get("/api/diagnostics/stream", params=query)
+        raw = await response.read()
+        body, _, _ = raw.rpartition(b"event: probe_end\n")
+        assert body.index(b"id: 1\n") == 300
+        assert len(body) == 3000  # (3000 // 300 - 1) writes after the first, all of 300

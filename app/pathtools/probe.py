@@ -290,8 +290,6 @@ class ProbeReport:
                     f"stream through it. Fix: {long_poll},",
                     "or the proxy setting:",
                     *_config_lines(STREAMING_SETTINGS),
-                    "(A buffer larger than the bytes sent looks the same: --max-buffer 65536",
-                    "would find it.)",
                 ]
             case PathKind.COMPRESSED:
                 return [
@@ -467,6 +465,7 @@ def analyse(
 
     model, buffer_bytes, buffer_range = "none", None, None
     if buffered:
+        model = "unknown"
         # The small writes' releases say most; else the large ones'; else the first.
         if phase_deltas[1]:
             model, buffer_bytes, buffer_range = _size_buffer(phase_deltas[1], size, size)

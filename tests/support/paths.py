@@ -34,20 +34,30 @@ from tests.support.sse_client import StreamRecord, read_stream
 
 __all__ = [
     "ALL_PATHS",
+    "CLIENT_JOB",
+    "CLIENT_PATHS",
     "DIRECT",
+    "EMULATOR_4096_ALL",
+    "EMULATOR_HOLD_ALL",
     "EMULATOR_PATHS",
+    "HOLD_ALL_BYTES",
     "NGINX_GZIP",
     "NGINX_HTTP10",
+    "NGINX_HTTP10_8K",
     "NGINX_HTTP11",
     "SHORT_JOB",
+    "ClientRun",
     "DeliveryPath",
     "JobDelivery",
     "comment_bytes",
     "deliver_job",
+    "job_history",
     "open_path",
     "run_in_thread",
     "serve",
     "start_job",
+    "watch_in_browser",
+    "watch_through",
 ]
 
 T = TypeVar("T")
@@ -71,6 +81,8 @@ class DeliveryPath:
     buffer_bytes: int  # 0: the path does not buffer
     proxy: ProxyConfig | None = None
     nginx: NginxMode | None = None
+    #: Extra directives for nginx's ``location /`` (e.g. bigger buffers).
+    nginx_directives: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -94,6 +106,24 @@ NGINX_HTTP10 = DeliveryPath("nginx-http10", 4096, nginx=NginxMode.HTTP10)
 NGINX_GZIP = DeliveryPath("nginx-gzip", 4096, nginx=NginxMode.GZIP)
 NGINX_HTTP11 = DeliveryPath("nginx-http11", 0, nginx=NginxMode.HTTP11)
 ALL_PATHS = (DIRECT, *EMULATOR_PATHS, NGINX_HTTP10, NGINX_GZIP, NGINX_HTTP11)
+#: Holds every write about 200 ms, whatever its size (``--threshold 1000000
+#: --max-hold-s 0.2``): headers and every event arrive about 200 ms late.
+EMULATOR_TIME_HOLD = DeliveryPath(
+    "emulator-hold-200ms",
+    0,
+    proxy=ProxyConfig(upstream=_PLACEHOLDER, threshold_bytes=1_000_000, max_hold_s=0.2),
+)
+#: A threshold larger than any response here: the whole response arrives at its end,
+#: with a ``Content-Length``.
+EMULATOR_WHOLE_RESPONSE = DeliveryPath(
+    "emulator-whole-response", 0, proxy=ProxyConfig(upstream=_PLACEHOLDER, threshold_bytes=1 << 30)
+)
+#: ``--gzip`` at 4096 (compressed) bytes, like nginx gzip-ing ``text/event-stream``.
+EMULATOR_GZIP = DeliveryPath(
+    "emulator-gzip", 4096, proxy=ProxyConfig(upstream=_PLACEHOLDER, threshold_bytes=4096, gzip=True)
+)
+#: Paths that no block size gets a stream through on time.
+HOLDING_PATHS = (EMULATOR_TIME_HOLD, EMULATOR_WHOLE_RESPONSE, EMULATOR_GZIP)
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +159,9 @@ async def open_path(
             yield proxy.url
     elif path.nginx is not None:
         port = int(upstream.rsplit(":", 1)[1])
-        async with run_nginx(port, path.nginx, tmp_dir=tmp_dir) as nginx:
+        async with run_nginx(
+            port, path.nginx, tmp_dir=tmp_dir, extra_directives=path.nginx_directives
+        ) as nginx:
             yield nginx.url
     else:
         yield upstream
@@ -244,3 +276,276 @@ def run_in_thread(main: Callable[[], Awaitable[T]]) -> T:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: asyncio.run(runner())).result()
+
+
+# --------------------------------------------------------------------------- the browser client
+
+#: The job the browser client watches through each path (about 12 s): 4 steps x 240 tokens
+#: at 80 tokens/s. With the default ``aligned`` cadence (a chunk with progress every
+#: 2.5 s or 1000 chars) it shows 7 distinct intermediate progress values when delivered.
+CLIENT_JOB: dict[str, Any] = {
+    "steps": 4,
+    "tokens_per_step": 240,
+    "tokens_per_second": 80,
+    "seed": 7,
+}
+#: An emulator threshold no job here reaches: the proxy holds the whole response.
+HOLD_ALL_BYTES = 64 * 1024 * 1024
+
+
+def _client_emulator(
+    name: str,
+    threshold: int,
+    release: str = "all",
+    *,
+    gzip: bool = False,
+    max_hold_s: float | None = None,
+) -> DeliveryPath:
+    config = ProxyConfig(
+        upstream=_PLACEHOLDER,
+        threshold_bytes=threshold,
+        release=release,
+        gzip=gzip,
+        max_hold_s=max_hold_s,
+    )
+    return DeliveryPath(name, threshold, proxy=config)
+
+
+EMULATOR_4096_ALL = _client_emulator("emulator-4096-all", 4096)
+EMULATOR_HOLD_ALL = _client_emulator("emulator-hold-all", HOLD_ALL_BYTES)
+#: nginx's defaults with HTTP/1.0 to the upstream, but 8 KB buffers (one 8k page each).
+NGINX_HTTP10_8K = DeliveryPath(
+    "nginx-http10-8k",
+    8192,
+    nginx=NginxMode.HTTP10,
+    nginx_directives="proxy_buffer_size 8k;\nproxy_buffers 8 8k;",
+)
+#: The paths of issue 6 that the browser client must get through with default settings.
+CLIENT_PATHS = (
+    EMULATOR_4096_ALL,
+    _client_emulator("emulator-8192-blocks", 8192, "blocks"),
+    _client_emulator("emulator-12000-all", 12000),
+    _client_emulator("emulator-32768-blocks", 32768, "blocks"),
+    _client_emulator("emulator-4096-gzip", 4096, gzip=True),
+    EMULATOR_HOLD_ALL,
+    _client_emulator("emulator-hold-200ms", HOLD_ALL_BYTES, max_hold_s=0.2),
+    NGINX_HTTP10_8K,
+)
+
+#: Loads ``flushline.js`` over HTTP from the page's origin (the front of the path).
+_IMPORT_JS = """
+async () => {
+  window.__flushline = await import(new URL("static/flushline.js", location.href).href);
+}
+"""
+#: Watches one job with the imported ``flushline.js``, recording what the page would
+#: show: a sample of ``overallPct`` and the step statuses every 50 ms, every event with
+#: its arrival and lag, the log lines, and each stream connection's arrivals (the
+#: client's own records).
+_WATCH_JS = """
+async ({ streamUrl, options }) => {
+  const flushline = window.__flushline;
+  const rec = { samples: [], events: [], log: [], connections: [], outcome: null };
+  window.__flushlineRecord = rec;
+  const note = (...args) =>
+    rec.log.push(args.map((a) => (typeof a === "string" ? a : JSON.stringify(a))).join(" "));
+  let arrivals = null;
+  const watcher = flushline.watchJob(streamUrl, {
+    ...options,
+    log: { info: note, log: note, warn: note, error: note },
+    onEvent(data, info) {
+      rec.events.push({
+        seq: data.seq, type: data.type, ts: data.ts, step: data.step ?? null,
+        index: data.index ?? null, text: data.text ?? null, overall_pct: data.overall_pct ?? null,
+        arrivedAt: info.arrivedAt, lagMs: info.lagMs, transport: info.transport,
+      });
+    },
+    onState(state) {
+      if (state.arrivals !== arrivals) {
+        arrivals = state.arrivals;
+        rec.connections.push({
+          requestedAt: state.connectionStartedAt, proxyBuffer: state.proxyBuffer, arrivals,
+        });
+      }
+    },
+  });
+  window.__flushlineWatcher = watcher;
+  const sample = () => rec.samples.push(
+    [Date.now(), watcher.state.overallPct, watcher.state.steps.map((s) => s.status)]);
+  sample();
+  const timer = setInterval(sample, 50);
+  watcher.done.then(() => "done", (error) => `failed: ${error.message}`).then((outcome) => {
+    sample();
+    clearInterval(timer);
+    const { arrivals: _, ...state } = watcher.state;
+    rec.state = JSON.parse(JSON.stringify(state));
+    rec.outcome = outcome;
+  });
+}
+"""
+
+
+@attrs.frozen
+class ClientRun:
+    """What the browser client did, and what a page built on it showed, for one job."""
+
+    path: str
+    job_id: str
+    #: The job's newest event id as the service knows it once the job ended.
+    last_seq: int
+    #: The full text of each step, from the service's own history (long-poll, direct).
+    step_texts: tuple[str, ...]
+    record: dict[str, Any]
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The client's final state."""
+        state = self.record.get("state")
+        assert isinstance(state, dict), self.record.get("outcome")
+        return state
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every event handed to ``onEvent``, in order, with arrivedAt/lagMs/transport."""
+        events: list[dict[str, Any]] = self.record["events"]
+        return events
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        """The client's decisions (``state.decisions``)."""
+        decisions: list[dict[str, Any]] = self.state["decisions"]
+        return decisions
+
+    @property
+    def adapted_at_ms(self) -> float:
+        """When the client made its last decision (epoch ms)."""
+        return float(self.decisions[-1]["at"])
+
+    @property
+    def adapted_lags_ms(self) -> list[float]:
+        """Lags of the events emitted after the last decision (once adapted)."""
+        return [e["lagMs"] for e in self.events if e["ts"] * 1000 >= self.adapted_at_ms]
+
+    @property
+    def lags_ms(self) -> list[float]:
+        """Lags of every event."""
+        return [e["lagMs"] for e in self.events]
+
+    @property
+    def job_span_ms(self) -> float:
+        """From the first to the last event's ``ts``."""
+        return (self.events[-1]["ts"] - self.events[0]["ts"]) * 1000
+
+    @property
+    def bytes_per_event(self) -> float:
+        """Bytes the client received (all transports) per event."""
+        return float(self.state["bytes"]) / max(len(self.events), 1)
+
+    def progress_changes(self) -> list[tuple[float, float]]:
+        """(time ms, value) of each distinct intermediate (0 < pct < 100) progress value
+        the page showed, in the order it first showed them (sampled every 50 ms)."""
+        seen: list[tuple[float, float]] = []
+        for at, pct, _ in self.record["samples"]:
+            if 0 < pct < 100 and all(pct != value for _, value in seen):
+                seen.append((float(at), float(pct)))
+        return seen
+
+    def choice(self) -> str:
+        """What the client ended up using, e.g. ``fetch-stream proxy_buffer=8192``."""
+        last = self.decisions[-1]
+        hint = f" proxy_buffer={last['proxyBuffer']}" if last.get("proxyBuffer") else ""
+        return f"{last['transport']}{hint}"
+
+    def describe(self) -> str:
+        """One line for assertion messages."""
+        lags = self.lags_ms
+        return (
+            f"{self.path}: {self.record.get('outcome')}, {len(self.events)} events of "
+            f"{self.last_seq}, chose {self.choice()}, decisions "
+            f"{[d['reason'] for d in self.decisions]}, progress {self.progress_changes()}, "
+            f"lag max {max(lags, default=0):.0f} ms"
+        )
+
+
+async def job_history(session: aiohttp.ClientSession, service: str, job_id: str) -> list[Any]:
+    """Every event of a finished job, read directly from the service (long-poll)."""
+    url = f"{service}/api/jobs/{job_id}/events"
+    async with session.get(url, params={"after": "0", "wait_s": "0", "limit": "1000"}) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    events: list[Any] = body["events"]
+    return events
+
+
+async def watch_in_browser(
+    browser: Any,
+    service: str,
+    front: str,
+    create_job: Callable[[], Awaitable[Mapping[str, Any]]],
+    *,
+    path_name: str,
+    sensing: bool = True,
+    options: Mapping[str, Any] | None = None,
+    during: Callable[[], Awaitable[None]] | None = None,
+    timeout_s: float = 60.0,
+) -> ClientRun:
+    """Watch a job with ``flushline.js`` in a new Chromium page whose origin is ``front``.
+
+    ``browser`` is a Playwright ``Browser``. The page and the script both come through
+    the path; once the script is loaded, ``create_job`` starts the job and the page
+    watches it at once (as a page that starts a job does). ``during`` runs while the
+    job is watched (e.g. to cut the connection).
+    """
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        response = await page.goto(f"{front}/healthz", timeout=30_000)
+        assert response is not None
+        assert response.ok, response.status
+        await page.evaluate(_IMPORT_JS)
+        job = await create_job()
+        watch_options = {"sensing": sensing, **(options or {})}
+        await page.evaluate(
+            _WATCH_JS, {"streamUrl": job["links"]["stream"], "options": watch_options}
+        )
+        if during is not None:
+            await during()
+        await page.wait_for_function(
+            "window.__flushlineRecord.outcome !== null", timeout=timeout_s * 1000, polling=100
+        )
+        record = await page.evaluate("window.__flushlineRecord")
+    finally:
+        await context.close()
+    async with aiohttp.ClientSession() as session:
+        history = await job_history(session, service, job["id"])
+    steps = next(e for e in history if e["type"] == "job_started")["steps"]
+    texts = tuple(
+        "".join(e["text"] for e in history if e["type"] == "chunk" and e["step"] == name)
+        for name in steps
+    )
+    return ClientRun(path_name, job["id"], history[-1]["seq"], texts, record)
+
+
+async def watch_through(
+    browser: Any,
+    path: DeliveryPath,
+    tmp_dir: pathlib.Path,
+    *,
+    strategy: str = "aligned",
+    job_options: Mapping[str, Any] = CLIENT_JOB,
+    sensing: bool = True,
+) -> ClientRun:
+    """The service with default settings behind ``path``; one job watched in Chromium."""
+    async with (
+        serve() as service,
+        open_path(path, service, tmp_dir / path.name) as front,
+        aiohttp.ClientSession() as session,
+    ):
+        return await watch_in_browser(
+            browser,
+            service,
+            front,
+            lambda: start_job(session, service, strategy, job_options),
+            path_name=path.name,
+            sensing=sensing,
+        )

@@ -221,6 +221,13 @@ async def test_opens_a_finished_job_by_id(client: Client, open_page: OpenPage) -
     await wait_state(page, "succeeded")
     await assert_finished_view(page, snapshot)
     assert await page.text_content("#job-strategy") == "none"
+    # The time since the last byte keeps counting with no event: it is redrawn every second.
+    before = await page.text_content("#last-byte")
+    assert before is not None
+    assert before.endswith(" s ago")
+    await page.wait_for_function(
+        "b => document.getElementById('last-byte').textContent !== b", arg=before, timeout=3000
+    )
     record.assert_clean()
 
 

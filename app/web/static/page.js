@@ -67,6 +67,7 @@ const ui = {
   lastByte: $("last-byte"),
   block: $("block"),
   eventCount: $("event-count"),
+  bytes: $("bytes"),
   reason: $("reason"),
   log: $("log"),
   logLimit: $("log-limit"),
@@ -219,6 +220,7 @@ function renderPhases(steps, currentStep) {
       const button = document.createElement("button");
       button.type = "button";
       button.className = "phase-button";
+      button.title = "Show this step's text";
       button.innerHTML = '<span class="phase-name"></span><span class="phase-state"></span>';
       button.addEventListener("click", () => selectStep(i));
       item.append(button);
@@ -292,8 +294,8 @@ function renderHealth(state) {
   let blockText = block ? `measured ${block}` : "not measured";
   if (hint) blockText += `, stream padded to ${hint}`;
   setText(ui.block, blockText);
-  const received = typeof state.bytes === "number" ? `, ${formatSize(state.bytes)} received` : "";
-  setText(ui.eventCount, `${state.events ?? 0}${received}`);
+  setText(ui.eventCount, String(state.events ?? 0));
+  setText(ui.bytes, typeof state.bytes === "number" ? formatSize(state.bytes) : "unknown");
   const reason = state.reason || "no decision yet";
   setText(ui.reason, sensing ? reason : `sensing off (?sense=0); ${reason}`);
   renderLastByte(state);

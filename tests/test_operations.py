@@ -125,14 +125,16 @@ class TestStalledWriter:
         self, make_client: MakeClient
     ) -> None:
         """A socket that stops reading is closed (send_timeout, not the queue); resume fills in."""
-        # 60 events of 100 KB over 3 s: far more than the socket buffers hold, yet far
-        # fewer than the subscriber queue allows, so only the send timeout can act.
-        big = ScriptedPipeline(tuple((0.05, "x" * 100_000) for _ in range(60)))
+        # 100 events of 100 KB over about 5 s: far more than the socket buffers hold (about
+        # 3 MB here), yet far fewer than the subscriber queue allows, so only the send
+        # timeout can act. The timeout leaves the resume's one write of the missed history
+        # (a few MB) time to get through.
+        big = ScriptedPipeline(tuple((0.05, "x" * 100_000) for _ in range(100)))
         client = await make_client(
             {
                 "FLUSHLINE_STRATEGY": "none",
                 "FLUSHLINE_SUBSCRIBER_QUEUE": str(1 << 24),
-                "FLUSHLINE_SEND_TIMEOUT": "0.5",
+                "FLUSHLINE_SEND_TIMEOUT": "2.0",
             },
             pipelines=(big,),
         )

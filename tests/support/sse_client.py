@@ -78,6 +78,7 @@ async def read_stream(
     record = StreamRecord(requested_at=time.time())
     parser = SSEParser()
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    raw = bytearray()  # appending to bytes would copy the whole stream on every read
     async with session.get(url, headers=headers, timeout=timeout) as response:
         record.status = response.status
         record.headers = dict(response.headers)
@@ -87,11 +88,12 @@ async def read_stream(
             return record
         async for chunk in response.content.iter_any():
             now = time.time()
-            record.raw += chunk
+            raw += chunk
             record.reads.append((now, len(chunk)))
             for message in parser.feed(chunk):
                 record.arrivals.append(Arrival(now, message))
             if stop_after is not None and len(record.events) >= stop_after:
                 break
+    record.raw = bytes(raw)
     record.ended_at = time.time()
     return record

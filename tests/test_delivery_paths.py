@@ -1,12 +1,14 @@
 """What actually arrives, per flush strategy, through each delivery path.
 
 The real service (app factory, real port) runs behind nothing, the buffering emulator
-(4096 and 16384 bytes, both release models) or a real nginx (HTTP/1.0 buffering, gzip,
-HTTP/1.1); a recording client reads one short demo job per strategy through it. The
+(4096 and 16384 bytes, both release models; holding every write 200 ms; holding the
+whole response; gzip) or a real nginx (HTTP/1.0 buffering, gzip, HTTP/1.1); a
+recording client reads one short demo job per strategy through it. The
 client and the service share one clock, so an event's lag is its arrival minus its
 ``ts``. ``aligned`` is told the path's buffer size (``FLUSHLINE_PROXY_BUFFER_BYTES``)
-as ``flushline probe`` reports it: 4096/16384 for the buffering paths, 0 for direct and
-nginx HTTP/1.1.
+as ``flushline probe`` reports it: 4096/16384 for the buffering paths, 0 for direct,
+nginx HTTP/1.1, the time hold and the whole-response path (where no block size helps),
+and 4096 for the compressing paths (to show that even then nothing gets through).
 
 All paths are measured once, side by side, by the module fixture ``deliveries`` (about
 4 s); the tests below only judge the records. Timing bounds are generous: "live" is
@@ -30,7 +32,11 @@ from tests.support.nginx import find_nginx, require_nginx
 from tests.support.paths import (
     ALL_PATHS,
     DIRECT,
+    EMULATOR_GZIP,
     EMULATOR_PATHS,
+    EMULATOR_TIME_HOLD,
+    EMULATOR_WHOLE_RESPONSE,
+    HOLDING_PATHS,
     NGINX_GZIP,
     NGINX_HTTP10,
     NGINX_HTTP11,
@@ -91,7 +97,8 @@ def deliveries(tmp_path_factory: pytest.TempPathFactory) -> Deliveries:
 
     A path whose measurement failed holds the exception, raised by its tests only.
     """
-    paths = [p for p in ALL_PATHS if p.nginx is None or find_nginx() is not None]
+    every = (*ALL_PATHS, *HOLDING_PATHS)
+    paths = [p for p in every if p.nginx is None or find_nginx() is not None]
     tmp = tmp_path_factory.mktemp("paths")
 
     async def measure_all() -> list[PathRecord | BaseException]:
@@ -204,6 +211,54 @@ class TestCompressingPathDefeatsPadding:
         assert run.record.headers.get("Content-Encoding") == "gzip", run.record.headers
         _assert_held_to_the_end(run)
         assert run.headers_after_s > HELD_S, run.describe()
+
+
+#: The time-hold emulator's hold (``--max-hold-s``).
+HOLD_S = 0.2
+
+
+class TestTimeHoldDelaysEveryEventByTheHold:
+    """A path holding each write 200 ms delays every strategy by about that, no more."""
+
+    @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+    def test_events_arrive_about_the_hold_late(self, deliveries: Deliveries, strategy: str) -> None:
+        """Median lag 100-450 ms; live events no later than hold + 250 ms; headers within 1 s.
+
+        Events emitted before the stream was requested (the job's first ones, replayed)
+        also carry the time until the request: only the later ones measure the path.
+        """
+        assert EMULATOR_TIME_HOLD.proxy is not None
+        assert EMULATOR_TIME_HOLD.proxy.max_hold_s == HOLD_S
+        run = _record(deliveries, EMULATOR_TIME_HOLD).jobs[strategy]
+        assert HOLD_S / 2 < run.stats.lag_p50_ms / 1000 < HOLD_S + 0.25, run.describe()
+        live = [r.lag_s for r in run.received if r.ts > run.requested_at]
+        assert len(live) >= len(run.received) // 2, run.describe()
+        assert max(live) < HOLD_S + 0.25, run.describe()
+        # Held like the events (not until the end of the 3 s job).
+        assert HOLD_S / 2 < run.headers_after_s < 1.0, run.describe()
+
+
+class TestWholeResponsePathHoldsEverything:
+    """A path that holds the whole response delivers every strategy at the end, all at once."""
+
+    @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+    def test_every_strategy_arrives_at_the_end(self, deliveries: Deliveries, strategy: str) -> None:
+        """Even `aligned`: one burst at the end, headers with it, with a Content-Length."""
+        run = _record(deliveries, EMULATOR_WHOLE_RESPONSE).jobs[strategy]
+        assert int(run.record.headers["Content-Length"]) == len(run.record.raw)
+        _assert_held_to_the_end(run)
+        assert run.headers_after_s > HELD_S, run.describe()
+
+
+class TestCompressingEmulatorDefeatsPadding:
+    """The emulator with --gzip, like nginx gzip: nothing gets through before the end."""
+
+    @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+    def test_every_strategy_arrives_at_the_end(self, deliveries: Deliveries, strategy: str) -> None:
+        """Every strategy (aligned told 4096) compressed and held to the end."""
+        run = _record(deliveries, EMULATOR_GZIP).jobs[strategy]
+        assert run.record.headers.get("Content-Encoding") == "gzip", run.record.headers
+        _assert_held_to_the_end(run)
 
 
 class TestServiceNeverCompresses:

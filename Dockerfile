@@ -7,19 +7,22 @@
 # into the target directories with --no-cache-dir, and only those directories are copied.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# 1. Dependencies: exactly the pinned versions, binary wheels only (slim has no compiler),
-#    into an empty venv (no pip or setuptools inside: nothing at run time needs them).
+# 1. Dependencies: the pinned versions and nothing else (--no-deps: a dependency missing
+#    from the file fails `pip check` below rather than being resolved unpinned), binary
+#    wheels only (slim has no compiler), into an empty venv (no pip or setuptools inside:
+#    nothing at run time needs them).
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv --without-pip /opt/venv
 COPY requirements/constraints.txt /tmp/constraints.txt
-RUN pip --python /opt/venv/bin/python install --no-cache-dir --only-binary=:all: \
+RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-deps --only-binary=:all: \
         -r /tmp/constraints.txt
 
 # 2. The app, installed without dependencies into a prefix of its own, which the final
-#    stage lays over the venv. `pip check` proves the pins hold everything the app needs.
+#    stage lays over the venv. `pip check` proves the pins hold everything the app needs,
+#    and everything they need in turn.
 FROM deps AS app
 WORKDIR /src
 COPY setup.py pyproject.toml ./

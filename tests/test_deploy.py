@@ -285,7 +285,7 @@ class TestDockerfile:
         for _, sources in _context_copies(dep_stage):
             assert sources == ["requirements/constraints.txt"], sources
         (install,) = [i for i in dep_stage.instructions if _installs_constraints(i, dep_stage)]
-        assert "--no-deps" not in install.args
+        assert "--no-deps" in install.words(), "the pins and nothing else"
 
         final = stages[-1]
         copies_from = [i.flags.get("from") for i in final.named("COPY")]
@@ -297,12 +297,14 @@ class TestDockerfile:
         assert not _context_copies(final), "the final stage copies from the context"
         first_app = min(n for n, name in enumerate(copies_from) if name in app_stages)
         assert copies_from.index(dep_stage.name) < first_app
-        # The app layer installs the app alone: it never resolves dependencies again.
+        # The app layer installs the app alone (it never resolves dependencies again), then
+        # `pip check` fails the build if the pins lack anything the app or a pin requires.
         for stage in stages:
             if stage.name in app_stages:
-                installs = [i for i in stage.named("RUN") if "install" in i.words()]
-                assert installs, f"stage {stage.name} copies the app but installs nothing"
-                assert all("--no-deps" in i.args for i in installs), installs
+                runs = " && ".join(i.args for i in stage.named("RUN"))
+                assert "install" in runs, f"stage {stage.name} copies the app, installs nothing"
+                assert "--no-deps" in runs, runs
+                assert re.search(r"pip .*\bcheck\b", runs), runs
 
     def test_no_wheel_or_pip_cache_in_any_layer(self) -> None:
         """pip never keeps a cache or wheels, and no wheel is copied anywhere."""
@@ -476,7 +478,15 @@ def _pip(python: pathlib.Path, *args: str) -> None:
 def _install_like_the_image(tmp_path: pathlib.Path) -> pathlib.Path:
     """Build the image's venv under ``tmp_path`` with the Dockerfile's pip commands."""
     python = make_venv(tmp_path / "venv")
-    _pip(python, "install", "--no-cache-dir", "--only-binary=:all:", "-r", str(CONSTRAINTS))
+    _pip(
+        python,
+        "install",
+        "--no-cache-dir",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-r",
+        str(CONSTRAINTS),
+    )
     source = copy_sources(tmp_path / "src")
     prefix = tmp_path / "install"
     _pip(python, "install", "--no-cache-dir", "--no-deps", f"--prefix={prefix}", str(source))

@@ -332,7 +332,10 @@ async def get_job_at(client: Client, path: str) -> dict[str, Any]:
 
 
 async def test_phone_width_has_no_horizontal_scroll(client: Client, open_page: OpenPage) -> None:
-    """At 375x800 a finished job with its text and log fits the width: no horizontal scroll."""
+    """At 375x800 the empty page and a finished job with its text and log fit the width."""
+    page, _ = await open_page(base_url(client), viewport=PHONE)
+    assert await page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+    assert await page.is_visible("#job-form")
     job = await create_job(client, QUICK_JOB)
     await wait_finished(client, job["id"])
     page, _ = await open_page(base_url(client, f"/?job={job['id']}"), viewport=PHONE)

@@ -309,14 +309,16 @@ function renderLastByte(state) {
 function render(state) {
   if (!view) return;
   view.state = state;
-  const status = state.status || view.snapshotStatus || "queued";
+  // A watcher that stopped on a fatal error (404, 410, 400) shows that, not its last status.
+  const status = view.failure ? "error" : state.status || view.snapshotStatus || "queued";
   ui.body.dataset.state = status;
   setText(ui.jobStatus, status);
   setAttr(ui.jobStatus, "data-status", status);
-  ui.cancel.hidden = Boolean(state.done) || ["succeeded", "failed", "cancelled"].includes(status);
+  ui.cancel.hidden = Boolean(state.done) || ["succeeded", "failed", "cancelled", "error"].includes(status);
   renderProgress(state.overallPct);
   renderPhases(state.steps || [], state.currentStep);
-  renderStatusLine(state);
+  if (view.failure) setText(ui.statusLine, view.failure);
+  else renderStatusLine(state);
   setText(ui.eta, state.done ? "none, finished" : formatDuration(state.etaS));
   renderText(state);
   renderHealth(state);
@@ -364,7 +366,7 @@ function closeWatcher() {
 }
 
 function resetView(jobId) {
-  view = { jobId, selectedStep: null, state: null, snapshotStatus: null };
+  view = { jobId, selectedStep: null, state: null, snapshotStatus: null, failure: null };
   window.flushlineEvents = [];
   ui.log.replaceChildren();
   ui.phases.replaceChildren();
@@ -406,8 +408,8 @@ function watch(snapshot) {
     },
     (err) => {
       if (mine !== generation) return;
-      ui.body.dataset.state = "error";
-      setText(ui.statusLine, `The stream failed: ${err && err.message ? err.message : err}`);
+      view.failure = `The stream stopped: ${err && err.message ? err.message : err}`;
+      render(watcher.state);
     },
   );
 }

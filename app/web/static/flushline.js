@@ -23,7 +23,7 @@
  *                  (4000) of the request -> long-poll. The server's first write (retry
  *                  line + history, padded to a block) goes out at once, so a healthy
  *                  path shows a byte within a round trip.
- *  R3 held         Reads closer than coalesceMs (20) form one "release" (what the proxy
+ *  R3 held         Reads closer than coalesceMs (50) form one "release" (what the proxy
  *                  let go at once). The first release of a connection carries history
  *                  and is ignored, unless it took longer than firstByteSlowMs (1500):
  *                  then it was held too. A release is held when its events' ts spread
@@ -59,7 +59,7 @@ export const DEFAULTS = Object.freeze({
   firstByteSlowMs: 1500,
   heldLagMs: 500,
   burstSpanMs: 400,
-  coalesceMs: 20,
+  coalesceMs: 50,
   blockUnit: 1024,
   maxProxyBuffer: 65536,
   maxHintAttempts: 2,
@@ -373,8 +373,7 @@ export function judgeDelivery(arrivals, options = {}) {
     const relLag = tss.length ? Math.max(...tss.map((ts) => r.lastAt - ts - minLag)) : 0;
     maxSpread = Math.max(maxSpread, spread);
     maxRelLag = Math.max(maxRelLag, relLag);
-    const heldFirst = r.first && firstHeld && (spread >= o.burstSpanMs || tss.length === 0);
-    if (heldFirst || spread >= o.burstSpanMs || relLag > o.heldLagMs) held.push(r);
+    if (spread >= o.burstSpanMs || relLag > o.heldLagMs) held.push(r);
   }
   let reason;
   if (held.length) {

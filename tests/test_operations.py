@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -154,7 +155,7 @@ class TestStalledWriter:
             await loop.sock_sendall(stalled, request.encode())
             await wait_until(lambda: bus.subscriber_count(job["id"]) == 1, 5)
 
-            def stream_ends() -> list[dict[str, Any]]:
+            def stream_ends() -> list[MutableMapping[str, Any]]:
                 return [e for e in logs if e.get("event") == "stream closed"]
 
             await wait_until(lambda: bool(stream_ends()), 10, "the stalled stream to be closed")

@@ -23,6 +23,9 @@ setup(
             "hypothesis>=6.100",
             # Drives the system Chromium for the browser tests (no browser download).
             "playwright>=1.40",
+            # Parses the Cloud Run manifest the deploy tests check (a real YAML parser).
+            "pyyaml>=6",
+            "packaging>=23",
         ],
         "dev": [
             "mypy>=1.10",

@@ -1,14 +1,18 @@
 """The delivery matrix: path x strategy -> lag, bursts, bytes.
 
 Paths: a direct connection; the ``flushline proxy`` emulator at 4096 and 16384 bytes in
-both release models; a real nginx speaking HTTP/1.0 to the upstream (buffering, the
-``X-Accel-Buffering`` opt-out ignored), with gzip on ``text/event-stream``, and with
-HTTP/1.1. Every strategy runs the same demo job on every path.
+both release models, holding every write 200 ms (``--threshold 1000000 --max-hold-s
+0.2``), holding the whole response (a threshold beyond it) and gzip-ing; a real nginx
+speaking HTTP/1.0 to the upstream (buffering, the ``X-Accel-Buffering`` opt-out
+ignored), with gzip on ``text/event-stream``, and with HTTP/1.1. Every strategy runs
+the same demo job on every path.
 
 Run: ``python -m bench.paths`` (about 2 minutes; needs nginx for the nginx rows,
-``--skip-nginx`` leaves them out). ``aligned`` is given the path's buffer size
-(``FLUSHLINE_PROXY_BUFFER_BYTES``) as ``flushline probe`` reports it; ``--block`` sets
-one size for every path instead.
+``--skip-nginx`` leaves them out; ``--only gzip`` keeps the paths whose name contains
+it). ``aligned`` is given the path's buffer size (``FLUSHLINE_PROXY_BUFFER_BYTES``) as
+``flushline probe`` reports it (0 where it reports no block size); ``--block`` sets one
+size for every path instead. ``--probe`` prints what ``flushline probe`` reports for
+each path instead of running the jobs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import attrs
 
+from app.pathtools.probe import ProbeReport, probe_pattern, run_probe
 from app.pathtools.proxy import BufferingProxy, ProxyConfig
 from bench.common import BENCH_OPTIONS, JobRun, print_table, run_job, serve
 from strategies import STRATEGIES
@@ -48,6 +53,16 @@ def paths(include_nginx: bool) -> list[Path]:
                 upstream="http://placeholder", threshold_bytes=size, release=release
             )
             out.append(Path(f"emulator {size} {release}", size, proxy=config))
+    upstream = "http://placeholder"
+    out += [
+        Path(
+            "emulator hold 200 ms",
+            0,
+            proxy=ProxyConfig(upstream=upstream, threshold_bytes=1_000_000, max_hold_s=0.2),
+        ),
+        Path("emulator whole", 0, proxy=ProxyConfig(upstream=upstream, threshold_bytes=1 << 30)),
+        Path("emulator gzip", 4096, proxy=ProxyConfig(upstream=upstream, gzip=True)),
+    ]
     if include_nginx:
         out += [
             Path("nginx HTTP/1.0", 4096, nginx=NginxMode.HTTP10),
@@ -84,11 +99,43 @@ async def measure(path: Path, block: int | None, tmp: pathlib.Path) -> list[JobR
         return list(await asyncio.gather(*jobs))
 
 
-async def main(include_nginx: bool, block: int | None) -> None:
+async def probe(path: Path, tmp: pathlib.Path) -> ProbeReport:
+    """What ``flushline probe`` (default pattern) reports through ``path``."""
+    async with serve() as service, open_path(path, service, tmp) as front:
+        return await run_probe(front, probe_pattern())
+
+
+async def main_probe(selected: list[Path]) -> None:
+    """Print the probe's findings per path as a Markdown table."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in selected:
+            report = await probe(path, pathlib.Path(tmp))
+            found = {
+                "size_buffer": f"{report.buffer_bytes} '{report.release_model}'",
+                "time_hold": f"hold {report.hold_ms:.0f} ms" if report.hold_ms else "",
+                "whole_response": f"Content-Length {report.content_length}",
+            }.get(str(report.kind), "")
+            settings = report.settings().get("FLUSHLINE_PROXY_BUFFER_BYTES", "-")
+            rows.append(
+                (
+                    path.name,
+                    str(report.kind),
+                    found,
+                    f"{report.headers_after_ms:.0f}",
+                    settings,
+                    ", ".join(report.fixes) or "-",
+                )
+            )
+    print(f"flushline probe, default pattern {probe_pattern().as_query()}\n")
+    print_table(["path", "kind", "found", "headers ms", "block to use", "fix (best first)"], rows)
+
+
+async def main(selected: list[Path], block: int | None) -> None:
     """Print the matrix as a Markdown table."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for path in paths(include_nginx):
+        for path in selected:
             for run in await measure(path, block, pathlib.Path(tmp)):
                 d = run.delivery
                 rows.append(
@@ -127,7 +174,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-nginx", action="store_true", help="leave out the nginx paths")
     parser.add_argument("--block", type=int, help="FLUSHLINE_PROXY_BUFFER_BYTES for every path")
+    parser.add_argument("--only", help="only the paths whose name contains this")
+    parser.add_argument("--probe", action="store_true", help="print the probe's findings instead")
     args = parser.parse_args()
     if not args.skip_nginx and find_nginx() is None:
         parser.error("nginx is not installed (apt-get install nginx-light), or pass --skip-nginx")
-    asyncio.run(main(not args.skip_nginx, args.block))
+    chosen = [p for p in paths(not args.skip_nginx) if not args.only or args.only in p.name]
+    asyncio.run(main_probe(chosen) if args.probe else main(chosen, args.block))

@@ -434,7 +434,7 @@ class ClientRun:
     @property
     def job_span_ms(self) -> float:
         """From the first to the last event's ``ts``."""
-        return (self.events[-1]["ts"] - self.events[0]["ts"]) * 1000
+        return (float(self.events[-1]["ts"]) - float(self.events[0]["ts"])) * 1000
 
     @property
     def bytes_per_event(self) -> float:

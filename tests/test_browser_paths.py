@@ -1,0 +1,261 @@
+"""The browser client in real Chromium, through every path of issue 6, with default settings.
+
+The service runs with its default settings (``aligned`` at 4096) behind each path: the
+buffering emulator at 4096 (all), 8192 (blocks), 12000 (all) and 32768 (blocks), with
+``--gzip``, holding the whole response, holding each write 200 ms, and a real nginx with
+HTTP/1.0 to the upstream and 8 KB buffers. A page loads ``flushline.js`` over HTTP
+through the path and watches one 12 s job (``CLIENT_JOB``), sampling what it would show
+(progress, step statuses) every 50 ms. Through each path the page must show at least 5
+distinct intermediate progress values spread over the job, phases in order, every event
+exactly once, and, once the client has adapted, 95% of events within 500 ms.
+
+The control reproduces the original bug: sensing off, strategy ``none``, behind 4096,
+the page stays at its first value until the end. The reconnect test restarts the proxy
+mid-job. Everything runs once, side by side, in the module fixture ``runs`` (about 25 s);
+the tests judge the records. Figures: ``python -m bench.client_paths``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from app.pathtools.proxy import BufferingProxy, ProxyConfig
+from tests.support.browser import launch_browser
+from tests.support.nginx import find_nginx, require_nginx
+from tests.support.paths import (
+    CLIENT_JOB,
+    CLIENT_PATHS,
+    EMULATOR_4096_ALL,
+    ClientRun,
+    DeliveryPath,
+    run_in_thread,
+    serve,
+    start_job,
+    watch_in_browser,
+    watch_through,
+)
+
+pytestmark = pytest.mark.integration
+
+#: What "live" means to a user watching the page.
+LIVE_MS = 500
+LIVE_SHARE = 0.95
+#: Distinct intermediate progress values the page must show, and the share of the job's
+#: duration that the first to the last of them must cover.
+MIN_PROGRESS_VALUES = 5
+MIN_PROGRESS_SPREAD = 0.5
+#: Once adapted, at least this share of the job's events must still be ahead.
+MIN_ADAPTED_SHARE = 0.5
+#: The control job with strategy ``none``: 2 steps x 40 tokens at 8 tokens/s, about 10 s.
+#: Its stream holds about 3.4 KB until its final instant: under the emulator's 4096, so
+#: nothing gets through before the end.
+CONTROL_JOB: dict[str, Any] = {
+    "steps": 2,
+    "tokens_per_step": 40,
+    "tokens_per_second": 8,
+    "seed": 7,
+}
+CONTROL = "control-4096-none-unsensed"
+RECONNECT = "reconnect-4096-proxy-restart"
+#: The proxy is restarted this long after the job starts (mid-job).
+CUT_AFTER_S = 4.0
+
+
+def _is_long_poll(run: ClientRun) -> bool:
+    return bool(run.decisions[-1]["transport"] == "long-poll")
+
+
+def _hint(run: ClientRun) -> int | None:
+    last = run.decisions[-1]
+    return last["proxyBuffer"] if last["transport"] == "fetch-stream" else None
+
+
+def _streams_unhinted(run: ClientRun) -> bool:
+    return _is_long_poll(run) is False and _hint(run) is None
+
+
+def _hint_in_blocks(block: int) -> Callable[[ClientRun], bool]:
+    return lambda run: (_hint(run) or 1) % block == 0
+
+
+#: What the client must end up with on each path (the rules of docs/client.md).
+EXPECTED_CHOICE: dict[str, tuple[str, Callable[[ClientRun], bool]]] = {
+    "emulator-4096-all": ("the stream as it is", _streams_unhinted),
+    "emulator-8192-blocks": ("a proxy_buffer of whole 8192 blocks", _hint_in_blocks(8192)),
+    "emulator-12000-all": ("a proxy_buffer >= 12000", lambda r: (_hint(r) or 0) >= 12000),
+    "emulator-32768-blocks": (
+        "long-poll (no byte within the bound) or whole 32768 blocks",
+        lambda r: _is_long_poll(r) or _hint_in_blocks(32768)(r),
+    ),
+    "emulator-4096-gzip": ("long-poll", _is_long_poll),
+    "emulator-hold-all": ("long-poll", _is_long_poll),
+    "emulator-hold-200ms": ("the stream as it is (200 ms is live enough)", _streams_unhinted),
+    "nginx-http10-8k": ("a proxy_buffer of whole 8192 blocks", _hint_in_blocks(8192)),
+}
+
+Runs = dict[str, ClientRun | BaseException]
+
+
+async def _reconnect(browser: Any) -> ClientRun:
+    """Watch through the 4096 emulator, which is restarted (every connection cut) mid-job."""
+    async with serve() as service, aiohttp.ClientSession() as session:
+        proxy = BufferingProxy(ProxyConfig(upstream=service, threshold_bytes=4096))
+        await proxy.start()
+        port = proxy.port
+        front = proxy.url
+
+        async def restart_proxy() -> None:
+            await asyncio.sleep(CUT_AFTER_S)
+            await proxy.close()
+            await proxy.start(port=port)
+
+        try:
+            return await watch_in_browser(
+                browser,
+                service,
+                front,
+                lambda: start_job(session, service, "aligned", CLIENT_JOB),
+                path_name=RECONNECT,
+                during=restart_proxy,
+            )
+        finally:
+            await proxy.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Every path, the control and the reconnect, watched side by side in one Chromium."""
+    paths = [p for p in CLIENT_PATHS if p.nginx is None or find_nginx() is not None]
+    tmp = tmp_path_factory.mktemp("client-paths")
+
+    async def measure_all() -> Runs:
+        results: list[ClientRun | BaseException] = []
+        async for browser in launch_browser():
+            jobs = [watch_through(browser, p, tmp) for p in paths]
+            control = watch_through(
+                browser,
+                EMULATOR_4096_ALL,
+                tmp / "control",
+                strategy="none",
+                job_options=CONTROL_JOB,
+                sensing=False,
+            )
+            results = await asyncio.gather(
+                *jobs, control, _reconnect(browser), return_exceptions=True
+            )
+        names = [p.name for p in paths] + [CONTROL, RECONNECT]
+        return dict(zip(names, results, strict=True))
+
+    return run_in_thread(measure_all)
+
+
+def _run(runs: Runs, name: str) -> ClientRun:
+    if name not in runs:
+        require_nginx()  # only the nginx path is ever left out
+    run = runs[name]
+    if isinstance(run, BaseException):
+        raise run
+    assert run.record["outcome"] == "done", run.describe()
+    return run
+
+
+def _assert_every_event_once(run: ClientRun) -> None:
+    seqs = [e["seq"] for e in run.events]
+    assert seqs == list(range(1, run.last_seq + 1)), run.describe()
+    assert run.state["status"] == "succeeded", run.describe()
+    texts = tuple(step["text"] for step in run.state["steps"])
+    assert texts == run.step_texts, "a step's text differs from the job's"
+
+
+def _assert_phases_in_order(run: ClientRun) -> None:
+    order = {"pending": 0, "running": 1, "succeeded": 2}
+    previous: list[int] | None = None
+    for _, _, statuses in run.record["samples"]:
+        ranks = [order[s] for s in statuses]
+        # At every moment: done steps, at most one running, then pending ones.
+        assert ranks == sorted(ranks, reverse=True), statuses
+        assert ranks.count(1) <= 1, statuses
+        if previous is not None and len(previous) == len(ranks):
+            assert all(a <= b for a, b in zip(previous, ranks, strict=True)), statuses
+        previous = ranks
+    assert previous == [2] * CLIENT_JOB["steps"], previous
+
+
+@pytest.mark.parametrize("path", CLIENT_PATHS, ids=str)
+class TestEveryPathDeliversToThePage:
+    """Default settings, any path: the page shows the job as it happens."""
+
+    def test_every_event_exactly_once_in_order(self, runs: Runs, path: DeliveryPath) -> None:
+        """seq 1..N each handed to the page once, the job succeeded, each step's text whole."""
+        _assert_every_event_once(_run(runs, path.name))
+
+    def test_progress_moves_through_the_job(self, runs: Runs, path: DeliveryPath) -> None:
+        """The page shows >= 5 distinct intermediate progress values spread over the job."""
+        run = _run(runs, path.name)
+        changes = run.progress_changes()
+        assert len(changes) >= MIN_PROGRESS_VALUES, run.describe()
+        shown_over_ms = changes[-1][0] - changes[0][0]
+        assert shown_over_ms >= MIN_PROGRESS_SPREAD * run.job_span_ms, run.describe()
+
+    def test_phases_change_in_order(self, runs: Runs, path: DeliveryPath) -> None:
+        """Steps go pending -> running -> succeeded one after another, never back."""
+        _assert_phases_in_order(_run(runs, path.name))
+
+    def test_live_once_adapted(self, runs: Runs, path: DeliveryPath) -> None:
+        """After the client's last decision, 95% of events arrive within 500 ms."""
+        run = _run(runs, path.name)
+        lags = run.adapted_lags_ms
+        assert len(lags) >= MIN_ADAPTED_SHARE * run.last_seq, run.describe()
+        live = sum(1 for lag in lags if lag < LIVE_MS)
+        assert live >= LIVE_SHARE * len(lags), f"{sorted(lags)}; {run.describe()}"
+
+    def test_client_chooses_what_fits_the_path(self, runs: Runs, path: DeliveryPath) -> None:
+        """The transport and proxy_buffer chosen follow the documented rules for this path."""
+        run = _run(runs, path.name)
+        expected, fits = EXPECTED_CHOICE[path.name]
+        assert fits(run), f"expected {expected}; {run.describe()}"
+        assert run.state["transport"] == run.decisions[-1]["transport"]
+        assert run.state["reason"] == run.decisions[-1]["reason"]
+        logged = [line for line in run.record["log"] if line.startswith("flushline: ")]
+        for decision in run.decisions:
+            assert any(decision["reason"] in line for line in logged), decision
+
+
+class TestControl:
+    """Without sensing, behind 4096 with ``none``: the original bug."""
+
+    def test_page_stays_at_its_first_value_until_the_end(self, runs: Runs) -> None:
+        """Sensing off, strategy none: nothing moves until the job's end, then all at once."""
+        run = _run(runs, CONTROL)
+        _assert_every_event_once(run)
+        emitted = {e["overall_pct"] for e in run.events if e["overall_pct"] not in (None, 100)}
+        assert len(emitted) >= 2, "the job did report progress along the way"
+        first_arrival = min(e["arrivedAt"] for e in run.events)
+        assert first_arrival >= run.events[-1]["ts"] * 1000 - 250, run.describe()
+        samples = run.record["samples"]
+        before_end = [pct for at, pct, _ in samples if at < first_arrival]
+        assert before_end, "the page was sampled while the job ran"
+        assert set(before_end) == {samples[0][1]}, run.describe()
+        assert len(run.progress_changes()) < MIN_PROGRESS_VALUES
+        assert [d["transport"] for d in run.decisions] == ["fetch-stream"]
+
+
+class TestReconnect:
+    """The proxy restarts mid-job: the client resumes where it was."""
+
+    def test_cut_mid_job_ends_complete_without_duplicates(self, runs: Runs) -> None:
+        """Connections cut mid-job: every step done, every event once, no text repeated."""
+        run = _run(runs, RECONNECT)
+        _assert_every_event_once(run)
+        assert all(step["status"] == "succeeded" for step in run.state["steps"])
+        streams = [c for c in run.record["connections"] if c["requestedAt"] is not None]
+        assert len(streams) >= 2, "the stream was cut and resumed"
+        assert any("resuming after seq" in line for line in run.record["log"]), run.record["log"]
+        resumed_at = streams[1]["requestedAt"]
+        assert any(e["arrivedAt"] < resumed_at for e in run.events), "cut before the end"
+        assert any(e["arrivedAt"] > resumed_at for e in run.events), "events after the cut"

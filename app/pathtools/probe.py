@@ -231,6 +231,8 @@ class ProbeReport:
                     "the whole response: nothing arrived until the stream ended, then all "
                     f"of it with a Content-Length of {self.content_length}"
                 )
+            case PathKind.COMPRESSED:
+                return "the compressed stream was held (see below)"
         if not self.buffer_bytes:
             return f"yes, more than the {self.total_bytes} bytes sent (unknown size)"
         size = f"{self.buffer_bytes} bytes"
@@ -241,8 +243,7 @@ class ProbeReport:
     def _advice(self) -> list[str]:
         settings = [f"  {name}={value}" for name, value in self.settings().items()]
         long_poll = (
-            f"long-polling ({LONG_POLL_PATH}&wait_s=25: each answer is a complete response, "
-            "which the path forwards as soon as it is complete)"
+            f"long-polling\n  ({LONG_POLL_PATH}&wait_s=25: complete responses, forwarded at once)"
         )
         match self.kind:
             case PathKind.UNBUFFERED:

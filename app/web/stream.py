@@ -35,6 +35,8 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",
 }
+#: A write larger than this goes out in slices, each bounded by the send timeout.
+SEND_SLICE_BYTES = 256 * 1024
 #: The largest ``?proxy_buffer=`` a client may ask for (1 MiB).
 MAX_PROXY_BUFFER_BYTES = 1 << 20
 
@@ -64,12 +66,15 @@ class _StreamWriter:
     last_write_at: float = 0.0
 
     async def send(self, data: bytes, now: float) -> None:
-        if not data:
-            return
-        async with asyncio.timeout(self.send_timeout_s):
-            await self.response.write(data)
-        self.bytes_written += len(data)
-        self.last_write_at = now
+        # The timeout bounds a stall, not a long transfer: a resume with megabytes of
+        # history goes out in slices, each of which must get through within the timeout.
+        view = memoryview(data)
+        for start in range(0, len(view), SEND_SLICE_BYTES):
+            async with asyncio.timeout(self.send_timeout_s):
+                await self.response.write(view[start : start + SEND_SLICE_BYTES])
+        if data:
+            self.bytes_written += len(data)
+            self.last_write_at = now
 
 
 async def stream_job(request: web.Request) -> web.StreamResponse:

@@ -578,8 +578,18 @@ class ProbeError(Exception):
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flushline probe``."""
     parser.add_argument("url", help="base URL of the Flushline service, as your users reach it")
-    parser.add_argument("--write-bytes", type=int, default=DiagnosticsPattern().write_bytes)
-    parser.add_argument("--interval-ms", type=int, default=DiagnosticsPattern().interval_ms)
+    parser.add_argument(
+        "--write-bytes",
+        type=int,
+        default=DiagnosticsPattern().write_bytes,
+        help="size of the pattern's small writes (default 257, a prime; the large ones are 4x)",
+    )
+    parser.add_argument(
+        "--interval-ms",
+        type=int,
+        default=DiagnosticsPattern().interval_ms,
+        help="time between the pattern's writes (default 25)",
+    )
     parser.add_argument(
         "--max-buffer",
         type=int,

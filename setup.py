@@ -13,6 +13,8 @@ setup(
         "aiohttp>=3.9",
         "attrs>=23.1",
         "orjson>=3.9",
+        # FLUSHLINE_BUS=redis: the official client, asyncio API, pooling, RESP3.
+        "redis>=5",
         "structlog>=24.1",
     ],
     extras_require={

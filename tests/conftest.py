@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import pytest
@@ -14,6 +14,7 @@ from app.core.settings import Settings
 from app.jobs.pipelines import Pipeline
 from app.web.factory import init_app
 from tests.support.browser import launch_browser
+from tests.support.redis import RedisServer, require_redis_server, run_redis
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser
@@ -55,3 +56,15 @@ async def browser() -> AsyncIterator[Browser]:
     """A headless system Chromium driven by Playwright (skips, or fails under CI, without it)."""
     async for launched in launch_browser():
         yield launched
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One throw-away redis-server on a free port for the session (skips without the binary).
+
+    Tests sharing it keep apart by unique job ids or key prefixes; a test that stops or
+    restarts Redis takes its own server from ``run_redis`` instead.
+    """
+    binary = require_redis_server()
+    with run_redis(tmp_path_factory.mktemp("redis"), binary=binary) as server:
+        yield server

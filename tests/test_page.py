@@ -228,6 +228,10 @@ async def test_form_runs_a_job_to_the_end(client: Client, open_page: OpenPage) -
     assert urlsplit(page.url).query == f"job={job_id}"
     assert await page.get_attribute("#health", "data-connection") == "closed"
     record.assert_clean()
+    assert {urlsplit(url).netloc for _, url in record.requests} == {
+        client.make_url("/").raw_authority
+    }
+    assert record.paths("POST") == ["/api/jobs"]
     await page.screenshot(path=str(ARTIFACTS / "page-end.png"), full_page=True)
 
 

@@ -4,7 +4,7 @@ The service runs with its default settings (``aligned`` at 4096) behind each pat
 buffering emulator at 4096 (all), 8192 (blocks), 12000 (all) and 32768 (blocks), with
 ``--gzip``, holding the whole response, holding each write 200 ms, and a real nginx with
 HTTP/1.0 to the upstream and 8 KB buffers. A page loads ``flushline.js`` over HTTP
-through the path and watches one 12 s job (``CLIENT_JOB``), sampling what it would show
+through the path and watches one 15 s job (``CLIENT_JOB``), sampling what it would show
 (progress, step statuses) every 50 ms. Through each path the page must show at least 5
 distinct intermediate progress values spread over the job, phases in order, every event
 exactly once, and, once the client has adapted, 95% of events within 500 ms.
@@ -18,19 +18,21 @@ the tests judge the records. Figures: ``python -m bench.client_paths``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
 import pytest
 
 from app.pathtools.proxy import BufferingProxy, ProxyConfig
+from tests.conftest import QUICK_JOB
 from tests.support.browser import launch_browser
 from tests.support.nginx import find_nginx, require_nginx
 from tests.support.paths import (
     CLIENT_JOB,
     CLIENT_PATHS,
     EMULATOR_4096_ALL,
+    EMULATOR_8192_BLOCKS,
     ClientRun,
     DeliveryPath,
     run_in_thread,
@@ -62,6 +64,9 @@ CONTROL_JOB: dict[str, Any] = {
 }
 CONTROL = "control-4096-none-unsensed"
 RECONNECT = "reconnect-4096-proxy-restart"
+ES_LIVE = "eventsource-4096-all"
+ES_HELD = "eventsource-8192-blocks"
+FINISHED = "finished-job-resumed-at-its-end"
 #: The proxy is restarted this long after the job starts (mid-job).
 CUT_AFTER_S = 4.0
 
@@ -99,6 +104,14 @@ EXPECTED_CHOICE: dict[str, tuple[str, Callable[[ClientRun], bool]]] = {
 }
 
 Runs = dict[str, ClientRun | BaseException]
+#: The runs start this far apart: identical jobs started together would emit at the same
+#: instants, and the burst of work on this 2-core machine would show up as lag.
+STAGGER_S = 0.15
+
+
+async def _after(delay_s: float, watch: Coroutine[Any, Any, ClientRun]) -> ClientRun:
+    await asyncio.sleep(delay_s)
+    return await watch
 
 
 async def _reconnect(browser: Any) -> ClientRun:
@@ -127,6 +140,29 @@ async def _reconnect(browser: Any) -> ClientRun:
             await proxy.close()
 
 
+async def _finished(browser: Any) -> ClientRun:
+    """Watch, directly, a job that has ended, resuming at its last event (a 204)."""
+    resume: dict[str, Any] = {}
+    async with serve() as service, aiohttp.ClientSession() as session:
+
+        async def finished_job() -> dict[str, Any]:
+            job = await start_job(session, service, "aligned", QUICK_JOB)
+            url = f"{service}/api/jobs/{job['id']}/events"
+            while True:
+                async with session.get(url, params={"after": "0", "wait_s": "1"}) as r:
+                    body = await r.json()
+                if body["done"]:
+                    break
+                await asyncio.sleep(0.2)
+            # Read by watch_in_browser once this returns: start at the job's last event.
+            resume["lastEventId"] = body["last_event_id"]
+            return job
+
+        return await watch_in_browser(
+            browser, service, service, finished_job, path_name=FINISHED, options=resume
+        )
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     """Every path, the control and the reconnect, watched side by side in one Chromium."""
@@ -145,10 +181,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
                 job_options=CONTROL_JOB,
                 sensing=False,
             )
+            eventsource = [
+                watch_through(browser, p, tmp, options={"transport": "eventsource"}, name=n)
+                for p, n in ((EMULATOR_4096_ALL, ES_LIVE), (EMULATOR_8192_BLOCKS, ES_HELD))
+            ]
+            watches = [*jobs, control, _reconnect(browser), *eventsource, _finished(browser)]
             results = await asyncio.gather(
-                *jobs, control, _reconnect(browser), return_exceptions=True
+                *(_after(i * STAGGER_S, w) for i, w in enumerate(watches)),
+                return_exceptions=True,
             )
-        names = [p.name for p in paths] + [CONTROL, RECONNECT]
+        names = [p.name for p in paths] + [CONTROL, RECONNECT, ES_LIVE, ES_HELD, FINISHED]
         return dict(zip(names, results, strict=True))
 
     return run_in_thread(measure_all)
@@ -259,3 +301,36 @@ class TestReconnect:
         resumed_at = streams[1]["requestedAt"]
         assert any(e["arrivedAt"] < resumed_at for e in run.events), "cut before the end"
         assert any(e["arrivedAt"] > resumed_at for e in run.events), "events after the cut"
+
+
+class TestEventSourceFallback:
+    """Where fetch streaming is missing: EventSource, and long-poll when it is held."""
+
+    def test_eventsource_delivers_through_4096(self, runs: Runs) -> None:
+        """transport eventsource behind 4096: every event once, live, no switch."""
+        run = _run(runs, ES_LIVE)
+        _assert_every_event_once(run)
+        assert [d["transport"] for d in run.decisions] == ["eventsource"], run.describe()
+        lags = run.adapted_lags_ms
+        assert sum(1 for lag in lags if lag < LIVE_MS) >= LIVE_SHARE * len(lags), run.describe()
+
+    def test_held_eventsource_switches_to_long_poll(self, runs: Runs) -> None:
+        """EventSource behind 8192 blocks: held, no bytes to fit, so long-poll; nothing lost."""
+        run = _run(runs, ES_HELD)
+        _assert_every_event_once(run)
+        assert [d["transport"] for d in run.decisions] == ["eventsource", "long-poll"]
+        assert {e["transport"] for e in run.events} == {"eventsource", "long-poll"}
+        lags = run.adapted_lags_ms
+        assert sum(1 for lag in lags if lag < LIVE_MS) >= LIVE_SHARE * len(lags), run.describe()
+
+
+class TestEndOfStream:
+    """A resume at a finished job's last event."""
+
+    def test_204_ends_the_watch(self, runs: Runs) -> None:
+        """Resuming at a finished job's last event: a 204, the watcher is done, no event."""
+        run = _run(runs, FINISHED)
+        assert run.events == []
+        assert run.state["done"] is True
+        assert run.state["lastEventId"] == run.last_seq
+        assert any("204" in line for line in run.record["log"]), run.record["log"]

@@ -51,6 +51,7 @@ from tests.support.paths import (
     EMULATOR_WHOLE_RESPONSE,
     NGINX_GZIP,
     NGINX_HTTP10,
+    NGINX_HTTP10_8K,
     NGINX_HTTP11,
     DeliveryPath,
     open_path,
@@ -489,6 +490,7 @@ CASES = (
     ProbeCase("emulator-whole-response", EMULATOR_WHOLE_RESPONSE, PATTERN_4K),
     ProbeCase("emulator-gzip", EMULATOR_GZIP, PATTERN_4K),
     ProbeCase("nginx-http10", NGINX_HTTP10, PATTERN_4K),
+    ProbeCase("nginx-http10-8k", NGINX_HTTP10_8K, PATTERN_16K),
     ProbeCase("nginx-gzip", NGINX_GZIP, PATTERN_4K),
     ProbeCase("nginx-http11", NGINX_HTTP11, PATTERN_4K),
 )
@@ -615,6 +617,15 @@ class TestProbeEndToEnd:
         assert report.headers_held, report
         assert report.kind is PathKind.SIZE_BUFFER, report
         assert report.settings() == buffered_settings(4096)
+
+    def test_nginx_http10_with_8k_buffers(self, probes: Probes) -> None:
+        """nginx HTTP/1.0 with 8k buffers: blocks of 8192, a size buffer (aligned at 8192)."""
+        report = _report(probes, "nginx-http10-8k")
+        assert report.kind is PathKind.SIZE_BUFFER, report
+        assert report.release_model == "blocks", report
+        assert report.buffer_bytes == 8192, report
+        assert report.headers_held, report
+        assert report.settings() == buffered_settings(8192)
 
     def test_nginx_gzip(self, probes: Probes) -> None:
         """nginx gzip-ing the stream: compressed, and no padding setting recommended."""

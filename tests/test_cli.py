@@ -96,14 +96,7 @@ def command_parsers() -> dict[str, argparse.ArgumentParser]:
         "serve",
         "proxy",
         "watch",
-        pytest.param(
-            "probe",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="app/pathtools/probe.py: --write-bytes and --interval-ms lack help "
-                "(requested from its owner; drop this mark when they have it)",
-            ),
-        ),
+        "probe",
     ],
 )
 def test_every_option_has_help(command: str) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import pathlib
 import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from tests.conftest import MakeClient
 from tests.support.jobs import FAST_JOB, Client, create_job, expect_json_error, wait_finished
+from tests.support.nginx import NginxMode, require_nginx, run_nginx
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser
@@ -227,3 +230,48 @@ async def test_browser_other_origin_is_refused(
     assert outcome["stream"] == "blocked"
     assert outcome["post"] == "opaque"
     assert await job_count(client) == before
+
+
+class TestBehindAProxy:
+    """The service's own page stays same-origin when a reverse proxy rewrites Host."""
+
+    async def test_forwarded_host_is_the_page_origin(self, client: Client) -> None:
+        """Origin equal to X-Forwarded-Host (the proxy's front) is the service's own page."""
+        response = await client.post(
+            "/api/jobs",
+            json={"options": FAST_JOB},
+            headers={
+                "Origin": "https://flushline.example.com",
+                "X-Forwarded-Host": "flushline.example.com",
+            },
+        )
+        assert response.status == 201
+
+    async def test_browser_same_origin_header(self, client: Client) -> None:
+        """Sec-Fetch-Site: same-origin (set by browsers, not by pages) is the service's own page."""
+        response = await client.post(
+            "/api/jobs",
+            json={"options": FAST_JOB},
+            headers={"Origin": "https://flushline.example.com", "Sec-Fetch-Site": "same-origin"},
+        )
+        assert response.status == 201
+
+    async def test_recommended_nginx_keeps_same_origin_posts(
+        self, client: Client, tmp_path: pathlib.Path
+    ) -> None:
+        """Through config/nginx/flushline.conf on a non-standard port, a same-origin POST works."""
+        require_nginx()
+        async with (
+            run_nginx(client.port, NginxMode.RECOMMENDED, tmp_dir=tmp_path) as nginx,
+            aiohttp.ClientSession() as session,
+        ):
+            ok = await session.post(
+                f"{nginx.url}/api/jobs",
+                json={"options": FAST_JOB},
+                headers={"Origin": nginx.url},
+            )
+            assert ok.status == 201, await ok.text()
+            refused = await session.post(
+                f"{nginx.url}/api/jobs", json={}, headers={"Origin": OTHER}
+            )
+            assert refused.status == 403

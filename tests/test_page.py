@@ -392,11 +392,6 @@ async def test_page_through_a_buffering_proxy(open_page: OpenPage, tmp_path: pat
         await page.screenshot(path=str(ARTIFACTS / "page-behind-proxy.png"), full_page=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/web/cors.py takes a same-origin POST through a Host-rewriting proxy for a "
-    "cross-site one (403): it compares Origin with Host only",
-)
 async def test_form_through_a_proxy_starts_a_job(
     open_page: OpenPage, tmp_path: pathlib.Path
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 import attrs
 
 from app.core.errors import InvalidField
-from app.jobs.tokens import SimulatedTokenSource, TokenRequest, TokenSource
+from app.jobs.tokens import Piece, SimulatedTokenSource, TokenRequest, TokenSource
 
 __all__ = ["DemoPipeline", "JobPlan", "Pipeline", "StepFailed", "StepPlan"]
 
@@ -81,7 +81,7 @@ class _FailingSource:
     inner: TokenSource
     after_tokens: int
 
-    async def stream(self, request: TokenRequest) -> AsyncIterator[str]:
+    async def stream(self, request: TokenRequest) -> AsyncIterator[Piece]:
         count = 0
         async for token in self.inner.stream(request):
             if count >= self.after_tokens:

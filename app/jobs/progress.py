@@ -62,6 +62,13 @@ class ProgressEstimator:
         """Count ``count`` more tokens in the current step."""
         self._tokens += count
 
+    def set_tokens(self, count: int) -> None:
+        """Replace the current step's count with the source's own (a provider's ``usage``).
+
+        The percentages still never decrease, even if ``count`` is below the pieces seen.
+        """
+        self._tokens = max(count, 0)
+
     @property
     def tokens(self) -> int:
         """Tokens counted in the current step."""

@@ -4,7 +4,9 @@ The runner owns the producer side of the cadence: ``chunk`` events every
 ``chunk_chars`` characters or ``chunk_interval_s`` seconds, ``step_progress`` every
 ``progress_interval_s`` (and with every chunk when the strategy asks for it), and the
 step's insight lines. Tokens are read by a pump task into a queue, so the emission
-deadlines are kept even while the token source is silent.
+deadlines are kept even while the token source is silent. Each text piece counts as one
+token until the source yields a :class:`~app.jobs.tokens.TokenCount` (a provider's
+``usage``), which replaces the count; progress and ``chunk.tokens`` follow it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from app.core.events import (
 from app.core.tasks import cancel_and_wait
 from app.jobs.pipelines import JobPlan, Pipeline, StepPlan
 from app.jobs.progress import ProgressEstimator
+from app.jobs.tokens import TokenCount
 from strategies import Cadence
 
 __all__ = ["JobOutcome", "run_job"]
@@ -59,13 +62,17 @@ class _StepRun:
     text: list[str] = attrs.Factory(list)
     _pending: list[str] = attrs.Factory(list)
     _pending_chars: int = 0
+    #: The step's token count when the pending text began (``chunk.tokens`` is the difference).
+    _chunk_base: int = 0
     _insights_sent: int = 0
     _progress_sent: bool = False
 
     async def _chunk(self, now: float) -> None:
         text = "".join(self._pending)
-        await self.publish(ChunkEvent(self.plan.name, text, len(self._pending)))
+        tokens = max(self.estimator.tokens - self._chunk_base, 0)
+        await self.publish(ChunkEvent(self.plan.name, text, tokens))
         self._pending, self._pending_chars = [], 0
+        self._chunk_base = self.estimator.tokens
         if self.cadence.progress_with_chunks:
             await self._progress(now)
 
@@ -145,6 +152,8 @@ class _StepRun:
                     ended = True
                 elif isinstance(item, BaseException):
                     raise item
+                elif isinstance(item, TokenCount):
+                    self.estimator.set_tokens(item.tokens)
                 else:
                     token = str(item)
                     self._pending.append(token)

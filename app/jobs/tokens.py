@@ -5,6 +5,11 @@ A :class:`TokenSource` yields text pieces asynchronously (an LLM streaming API).
 :func:`threaded` drives one in a worker thread and hands its tokens to the event loop
 thread-safely and in order. :class:`SimulatedTokenSource` is the built-in source: its
 text is deterministic per seed and it paces itself to ``tokens_per_second``.
+
+A source yields text pieces, each counted as one token, and may also yield a
+:class:`TokenCount`: the authoritative number of tokens generated so far in this step
+(an LLM provider's ``usage``, or a step reporting its own progress). The runner then uses
+that count instead of its own.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from typing import Protocol
 import attrs
 
 __all__ = [
+    "Piece",
     "SimulatedTokenSource",
     "SyncTokenSource",
     "ThreadedTokenSource",
+    "TokenCount",
     "TokenRequest",
     "TokenSource",
     "threaded",
@@ -29,17 +36,38 @@ __all__ = [
 
 @attrs.frozen
 class TokenRequest:
-    """What a step asks its source for."""
+    """What a step asks its source for.
+
+    ``system`` is the system message and ``temperature`` the sampling temperature, for
+    sources that take them (an LLM); others ignore both.
+    """
 
     prompt: str
     max_tokens: int
     step: str = ""
+    system: str = ""
+    temperature: float | None = None
+
+
+@attrs.frozen
+class TokenCount:
+    """The number of tokens generated so far in this step, as the source counts them.
+
+    It replaces the runner's own count (one per text piece) from then on, until the next
+    ``TokenCount``; progress is estimated from it.
+    """
+
+    tokens: int
+
+
+#: What a source yields: a text piece (one token), or the step's authoritative count.
+Piece = str | TokenCount
 
 
 class TokenSource(Protocol):
-    """An async stream of text pieces ("tokens")."""
+    """An async stream of text pieces ("tokens"), optionally with :class:`TokenCount` s."""
 
-    def stream(self, request: TokenRequest) -> AsyncIterator[str]:
+    def stream(self, request: TokenRequest) -> AsyncIterator[Piece]:
         """Yield the generated text piece by piece."""
         ...
 
@@ -47,7 +75,7 @@ class TokenSource(Protocol):
 class SyncTokenSource(Protocol):
     """A blocking stream of tokens, e.g. a synchronous SDK's streaming call."""
 
-    def stream_sync(self, request: TokenRequest) -> Iterator[str]:
+    def stream_sync(self, request: TokenRequest) -> Iterator[Piece]:
         """Yield the generated text piece by piece, blocking between pieces."""
         ...
 
@@ -199,7 +227,7 @@ class ThreadedTokenSource:
 
     source: SyncTokenSource
 
-    async def stream(self, request: TokenRequest) -> AsyncIterator[str]:
+    async def stream(self, request: TokenRequest) -> AsyncIterator[Piece]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         stop = threading.Event()
@@ -224,7 +252,7 @@ class ThreadedTokenSource:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, str)
+                assert isinstance(item, str | TokenCount)
                 yield item
         finally:
             stop.set()

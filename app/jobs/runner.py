@@ -151,6 +151,9 @@ class _StepRun:
                 if item is _END:
                     ended = True
                 elif isinstance(item, BaseException):
+                    if self._pending:
+                        # The text that did arrive goes out before the step fails.
+                        await self._chunk(loop.time())
                     raise item
                 elif isinstance(item, TokenCount):
                     self.estimator.set_tokens(item.tokens)

@@ -5,6 +5,9 @@ which case a ``demo`` job is started first (``--strategy``, ``--options``). Each
 shows the arrival time, the lag (arrival minus the event's ``ts``: comparable only when
 the two clocks agree, e.g. on one machine), seq, type and a summary; the end shows
 events, lag p50/p99 and bursts (events held back and released together).
+
+It reads the stream with the Python client (:mod:`app.client`), so a dropped connection
+is resumed with ``Last-Event-ID`` (a line says so) and every event is printed once.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, TextIO
 import aiohttp
 import orjson
 
-from app.core.sse import SSEParser
+from app.client import ClientError, StreamLost, create_job, stream_url, watch_job
 from app.pathtools.delivery import DeliveryStats, Received, delivery_stats
 
 __all__ = ["configure_parser", "run_from_args", "watch"]
@@ -44,14 +47,6 @@ def _summary(data: dict[str, Any]) -> str:
     return ""
 
 
-async def _start_job(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> str:
-    async with session.post(base.rstrip("/") + "/api/jobs", json=body) as response:
-        payload = await response.json()
-        if response.status != 201:
-            raise WatchError(f"starting a job failed: HTTP {response.status}: {payload}")
-        return str(base.rstrip("/") + payload["links"]["stream"])
-
-
 class WatchError(Exception):
     """The stream could not be watched."""
 
@@ -66,37 +61,47 @@ async def watch(
 ) -> DeliveryStats:
     """Watch ``url`` (a stream, or a base URL to start ``job`` on) until it ends."""
     received: list[Received] = []
-    parser = SSEParser()
-    headers = {"Accept": "text/event-stream"}
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    resume_after = None if last_event_id is None else int(last_event_id)
+    started = time.time()
+
+    def connected(attempt: int, after_seq: int | None) -> None:
+        if attempt == 1:
+            print(f"headers after {(time.time() - started) * 1000:.0f} ms", file=out)
+        else:
+            print(f"reconnected (attempt {attempt}); resuming after seq {after_seq}", file=out)
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
         if "/stream" not in url:
-            url = await _start_job(session, url, job or {})
+            try:
+                snapshot = await create_job(url, session=session, **(job or {}))
+            except ClientError as exc:
+                raise WatchError(f"starting a job failed: {exc}") from None
+            url = stream_url(url, snapshot)
             print(f"started a job; watching {url}", file=out)
         started = time.time()
-        async with session.get(url, headers=headers) as response:
-            if response.status != 200:
-                raise WatchError(
-                    f"{url} answered HTTP {response.status}: {(await response.text())[:200]}"
-                )
-            print(f"headers after {(time.time() - started) * 1000:.0f} ms", file=out)
-            async for chunk in response.content.iter_any():
+        try:
+            async for event in watch_job(
+                url,
+                last_event_id=resume_after,
+                session=session,
+                heartbeats=True,
+                on_connect=connected,
+            ):
                 now = time.time()
-                for message in parser.feed(chunk):
-                    if message.data is None:
-                        continue
-                    data = orjson.loads(message.data)
-                    ts = float(data.get("ts", now))
-                    if message.event != "heartbeat":
-                        received.append(Received(ts, now))
-                    clock = datetime.fromtimestamp(now).strftime("%H:%M:%S.%f")[:-3]
-                    print(
-                        f"{clock}  lag {(now - ts) * 1000:7.1f} ms  "
-                        f"{data.get('seq', '-')!s:>5}  {message.event:<14} {_summary(data)}",
-                        file=out,
-                        flush=True,
-                    )
+                data = dict(event.data)
+                ts = float(data.get("ts", now))
+                if event.type != "heartbeat":
+                    received.append(Received(ts, now))
+                clock = datetime.fromtimestamp(now).strftime("%H:%M:%S.%f")[:-3]
+                print(
+                    f"{clock}  lag {(now - ts) * 1000:7.1f} ms  "
+                    f"{data.get('seq', '-')!s:>5}  {event.type:<14} {_summary(data)}",
+                    file=out,
+                    flush=True,
+                )
+        except (ClientError, StreamLost) as exc:
+            raise WatchError(f"{url}: {exc}") from None
     stats = delivery_stats(received)
     print(
         f"\n{stats.events} events; lag p50 {stats.lag_p50_ms:.0f} ms, "
@@ -128,7 +133,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         job["strategy"] = args.strategy
     try:
         asyncio.run(watch(args.url, job=job, last_event_id=args.last_event_id))
-    except (WatchError, aiohttp.ClientError, TimeoutError) as exc:
+    except (WatchError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
         print(f"flushline watch: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,1 @@
+"""Example pipelines (register one with FLUSHLINE_PIPELINES=examples.MODULE:pipeline)."""

@@ -18,10 +18,12 @@ the tests judge the records. Figures: ``python -m bench.client_paths``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import attrs
 import pytest
 
 from app.pathtools.proxy import BufferingProxy, ProxyConfig
@@ -104,17 +106,37 @@ EXPECTED_CHOICE: dict[str, tuple[str, Callable[[ClientRun], bool]]] = {
 }
 
 Runs = dict[str, ClientRun | BaseException]
-#: The runs start this far apart: identical jobs started together would emit at the same
-#: instants, and the burst of work on this 2-core machine would show up as lag.
+#: Jobs start this far apart, once every page is loaded: identical jobs started together
+#: would emit at the same instants, and pages still starting (a renderer process each)
+#: would stall the others; on this 2-core machine either would show up as lag.
 STAGGER_S = 0.15
+#: How long a run waits at the start line for the others (only a failed one is missing).
+START_LINE_TIMEOUT_S = 60.0
 
 
-async def _after(delay_s: float, watch: Coroutine[Any, Any, ClientRun]) -> ClientRun:
-    await asyncio.sleep(delay_s)
-    return await watch
+@attrs.define
+class StartLine:
+    """Releases the runs' jobs together once every page is ready, then one by one."""
+
+    runners: int
+    _arrived: int = 0
+    _all_ready: asyncio.Event = attrs.field(factory=asyncio.Event)
+
+    def place(self, index: int) -> Callable[[], Awaitable[None]]:
+        """The ``ready`` callback of run ``index``."""
+
+        async def ready() -> None:
+            self._arrived += 1
+            if self._arrived == self.runners:
+                self._all_ready.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_ready.wait(), START_LINE_TIMEOUT_S)
+            await asyncio.sleep(index * STAGGER_S)
+
+        return ready
 
 
-async def _reconnect(browser: Any) -> ClientRun:
+async def _reconnect(browser: Any, ready: Callable[[], Awaitable[None]]) -> ClientRun:
     """Watch through the 4096 emulator, which is restarted (every connection cut) mid-job."""
     async with serve() as service, aiohttp.ClientSession() as session:
         proxy = BufferingProxy(ProxyConfig(upstream=service, threshold_bytes=4096))
@@ -135,12 +157,13 @@ async def _reconnect(browser: Any) -> ClientRun:
                 lambda: start_job(session, service, "aligned", CLIENT_JOB),
                 path_name=RECONNECT,
                 during=restart_proxy,
+                ready=ready,
             )
         finally:
             await proxy.close()
 
 
-async def _finished(browser: Any) -> ClientRun:
+async def _finished(browser: Any, ready: Callable[[], Awaitable[None]]) -> ClientRun:
     """Watch, directly, a job that has ended, resuming at its last event (a 204)."""
     resume: dict[str, Any] = {}
     async with serve() as service, aiohttp.ClientSession() as session:
@@ -159,7 +182,13 @@ async def _finished(browser: Any) -> ClientRun:
             return job
 
         return await watch_in_browser(
-            browser, service, service, finished_job, path_name=FINISHED, options=resume
+            browser,
+            service,
+            service,
+            finished_job,
+            path_name=FINISHED,
+            options=resume,
+            ready=ready,
         )
 
 
@@ -172,24 +201,33 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     async def measure_all() -> Runs:
         results: list[ClientRun | BaseException] = []
         async for browser in launch_browser():
-            jobs = [watch_through(browser, p, tmp) for p in paths]
+            line = StartLine(len(paths) + 5)
+            ready = iter(line.place(i) for i in range(line.runners))
+            jobs = [watch_through(browser, p, tmp, ready=next(ready)) for p in paths]
             control = watch_through(
                 browser,
                 EMULATOR_4096_ALL,
-                tmp / "control",
+                tmp,
                 strategy="none",
                 job_options=CONTROL_JOB,
                 sensing=False,
+                name=CONTROL,
+                ready=next(ready),
             )
-            eventsource = [
-                watch_through(browser, p, tmp, options={"transport": "eventsource"}, name=n)
+            extra = [_reconnect(browser, next(ready))]
+            extra += [
+                watch_through(
+                    browser,
+                    p,
+                    tmp,
+                    options={"transport": "eventsource"},
+                    name=n,
+                    ready=next(ready),
+                )
                 for p, n in ((EMULATOR_4096_ALL, ES_LIVE), (EMULATOR_8192_BLOCKS, ES_HELD))
             ]
-            watches = [*jobs, control, _reconnect(browser), *eventsource, _finished(browser)]
-            results = await asyncio.gather(
-                *(_after(i * STAGGER_S, w) for i, w in enumerate(watches)),
-                return_exceptions=True,
-            )
+            extra.append(_finished(browser, next(ready)))
+            results = await asyncio.gather(*jobs, control, *extra, return_exceptions=True)
         names = [p.name for p in paths] + [CONTROL, RECONNECT, ES_LIVE, ES_HELD, FINISHED]
         return dict(zip(names, results, strict=True))
 

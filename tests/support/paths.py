@@ -492,14 +492,16 @@ async def watch_in_browser(
     sensing: bool = True,
     options: Mapping[str, Any] | None = None,
     during: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
     timeout_s: float = 60.0,
 ) -> ClientRun:
     """Watch a job with ``flushline.js`` in a new Chromium page whose origin is ``front``.
 
     ``browser`` is a Playwright ``Browser``. The page and the script both come through
     the path; once the script is loaded, ``create_job`` starts the job and the page
-    watches it at once (as a page that starts a job does). ``during`` runs while the
-    job is watched (e.g. to cut the connection).
+    watches it at once (as a page that starts a job does). ``ready`` is awaited once the
+    page is loaded, before the job starts (to start several runs together); ``during``
+    runs while the job is watched (e.g. to cut the connection).
     """
     context = await browser.new_context()
     try:
@@ -508,6 +510,8 @@ async def watch_in_browser(
         assert response is not None
         assert response.ok, response.status
         await page.evaluate(_IMPORT_JS)
+        if ready is not None:
+            await ready()
         job = await create_job()
         watch_options = {"sensing": sensing, **(options or {})}
         await page.evaluate(
@@ -539,11 +543,13 @@ async def watch_through(
     sensing: bool = True,
     options: Mapping[str, Any] | None = None,
     name: str | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> ClientRun:
     """The service with default settings behind ``path``; one job watched in Chromium.
 
     ``options`` go to ``watchJob`` (e.g. ``{"transport": "eventsource"}``); ``name``
-    names the run (the path's name by default) and its nginx directory.
+    names the run (the path's name by default) and its nginx directory; ``ready`` as
+    for :func:`watch_in_browser`.
     """
     async with (
         serve() as service,
@@ -558,4 +564,5 @@ async def watch_through(
             path_name=name or path.name,
             sensing=sensing,
             options=options,
+            ready=ready,
         )

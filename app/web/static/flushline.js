@@ -26,12 +26,14 @@
  *  R3 held         Reads closer than coalesceMs (50) form one "release" (what the proxy
  *                  let go at once). The first release of a connection carries history
  *                  and is ignored, unless it took longer than firstByteSlowMs (1500):
- *                  then it was held too. A release is held when its events' ts spread
- *                  over burstSpanMs (400) or more, or when one of its events shows a
- *                  relative lag over heldLagMs (500). Relative lag = (arrival - ts) minus
- *                  the smallest (arrival - ts) seen, so clock skew between server and
- *                  browser cancels out. A proxy holding each write ~200 ms stays under
- *                  both bounds: its lag is acceptable and the stream is kept.
+ *                  then it was held too. The stream is held when a release's events' ts
+ *                  spread over burstSpanMs (400) or more, or when minLagReleases (2)
+ *                  releases each show an event with a relative lag over heldLagMs (500)
+ *                  (one late release alone may be a pause of the browser's machine).
+ *                  Relative lag = (arrival - ts) minus the smallest (arrival - ts) seen,
+ *                  so clock skew between server and browser cancels out. A proxy holding
+ *                  each write ~200 ms stays under both bounds: its lag is acceptable and
+ *                  the stream is kept.
  *  R4 fit a block  Held -> resume the stream (Last-Event-ID) with ?proxy_buffer=B, the
  *                  smallest release rounded up to a multiple of blockUnit (1024). A
  *                  "blocks" proxy releases multiples of its block and an "all" proxy
@@ -58,6 +60,7 @@ export const DEFAULTS = Object.freeze({
   firstByteTimeoutMs: 4000,
   firstByteSlowMs: 1500,
   heldLagMs: 500,
+  minLagReleases: 2,
   burstSpanMs: 400,
   coalesceMs: 50,
   blockUnit: 1024,
@@ -364,6 +367,7 @@ export function judgeDelivery(arrivals, options = {}) {
     typeof o.requestedAt === "number" && releases.length ? releases[0].at - o.requestedAt : null;
   const firstHeld = ttfbMs !== null && ttfbMs > o.firstByteSlowMs;
   const held = [];
+  const lagOnly = [];
   let maxRelLag = 0;
   let maxSpread = 0;
   const evidence = releases.filter((r) => !r.first || firstHeld);
@@ -373,8 +377,12 @@ export function judgeDelivery(arrivals, options = {}) {
     const relLag = tss.length ? Math.max(...tss.map((ts) => r.lastAt - ts - minLag)) : 0;
     maxSpread = Math.max(maxSpread, spread);
     maxRelLag = Math.max(maxRelLag, relLag);
-    if (spread >= o.burstSpanMs || relLag > o.heldLagMs) held.push(r);
+    if (spread >= o.burstSpanMs) held.push(r);
+    else if (relLag > o.heldLagMs) lagOnly.push(r);
   }
+  // A burst is proof; a late release alone may be a pause of this machine (a stalled tab,
+  // a busy CPU), so lag alone counts once it happened minLagReleases times.
+  if (lagOnly.length >= o.minLagReleases) held.push(...lagOnly);
   let reason;
   if (held.length) {
     reason =

@@ -75,7 +75,7 @@ export const DEFAULTS = Object.freeze({
   transport: "auto",
   /** Resume point to start from (0: the whole history). */
   lastEventId: 0,
-  /** Arrival records kept per connection (state.arrivals). */
+  /** Arrival records kept per connection (state.arrivals: the first, then the newest). */
   maxArrivals: 500,
 });
 
@@ -788,10 +788,10 @@ class Watcher {
           }
         }
         if (parser.retryMs !== null) this._retryMs = parser.retryMs;
-        if (conn.arrivals.length < o.maxArrivals) {
-          const brief = events.filter((e) => typeof e.seq === "number").map((e) => ({ seq: e.seq, ts: e.ts }));
-          conn.arrivals.push({ at, bytes, offset: conn.offset, events: brief });
-        }
+        // A sliding window that keeps the first read (the rules treat it apart).
+        if (conn.arrivals.length >= o.maxArrivals) conn.arrivals.splice(1, 1);
+        const brief = events.filter((e) => typeof e.seq === "number").map((e) => ({ seq: e.seq, ts: e.ts }));
+        conn.arrivals.push({ at, bytes, offset: conn.offset, events: brief });
         this._deliver(events, at, "fetch-stream");
         if (!this._live(generation)) return "stop";
         if (!events.length) this._emit(); // lastByteAt moved
@@ -860,7 +860,8 @@ class Watcher {
       } catch {
         return;
       }
-      if (typeof data.seq === "number" && conn.arrivals.length < o.maxArrivals) {
+      if (typeof data.seq === "number") {
+        if (conn.arrivals.length >= o.maxArrivals) conn.arrivals.splice(1, 1);
         conn.arrivals.push({ at, bytes: 0, offset: 0, events: [{ seq: data.seq, ts: data.ts }] });
       }
       this._deliver([data], at, "eventsource");

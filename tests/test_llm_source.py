@@ -296,7 +296,7 @@ class TestThroughTheApi:
             job = await create_job(client, pipeline="chat", input={"prompt": "go on"})
 
             async def streaming() -> bool:
-                return (await get_job(client, job["id"]))["steps"][0]["tokens"] > 0
+                return bool((await get_job(client, job["id"]))["steps"][0]["tokens"] > 0)
 
             await wait_until(streaming, 10.0, "the first tokens")
             assert not fake.disconnects

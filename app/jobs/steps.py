@@ -31,7 +31,7 @@ import asyncio
 import inspect
 import string
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import attrs
@@ -51,6 +51,10 @@ __all__ = [
     "StepPipeline",
     "bind_source",
 ]
+
+
+def _texts(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 class StepCancelled(Exception):
@@ -82,7 +86,7 @@ class PromptStep:
     expected_tokens: int = 300
     max_tokens: int | None = None
     temperature: float | None = None
-    insights: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    insights: tuple[str, ...] = attrs.field(default=(), converter=_texts)
 
 
 @attrs.define(eq=False)
@@ -165,7 +169,7 @@ class FunctionStep:
     func: StepFunction
     blocking: bool = False
     expected_tokens: int = 100
-    insights: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    insights: tuple[str, ...] = attrs.field(default=(), converter=_texts)
 
 
 Step: TypeAlias = PromptStep | FunctionStep
@@ -303,6 +307,14 @@ class _FunctionSource:
         self.state.outputs[self.step.name] = "".join(text)
 
 
+def _step_tuple(value: Iterable[Step]) -> tuple[Step, ...]:
+    return tuple(value)
+
+
+def _input_tuple(value: Iterable[Input]) -> tuple[Input, ...]:
+    return tuple(value)
+
+
 def _check_steps(steps: Sequence[Step], inputs: Sequence[Input]) -> None:
     if not steps:
         raise ValueError("a pipeline needs at least one step")
@@ -334,8 +346,8 @@ class StepPipeline:
     """
 
     name: str
-    steps: tuple[Step, ...] = attrs.field(converter=tuple)
-    inputs: tuple[Input, ...] = attrs.field(default=(), converter=tuple)
+    steps: tuple[Step, ...] = attrs.field(converter=_step_tuple)
+    inputs: tuple[Input, ...] = attrs.field(default=(), converter=_input_tuple)
     source: TokenSource | None = None
     simulated: SimulatedTokenSource = attrs.Factory(SimulatedTokenSource)
     description: str = ""

@@ -112,13 +112,15 @@ class FakeLLM:
         tokens: tuple[str, ...],
         model: str,
     ) -> None:
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        def chunk(
+            delta: dict[str, Any], finish: str | None = None, extra: dict[str, Any] | None = None
+        ) -> bytes:
             data = {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion.chunk",
                 "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **extra,
+                **(extra or {}),
             }
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
@@ -143,8 +145,8 @@ class FakeLLM:
                 await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
             if reply.delay_s:
                 await asyncio.sleep(reply.delay_s)
-            extra = {"usage": usage(i + 1)} if reply.usage == "each" else {}
-            await response.write(chunk({"content": token}, **extra))
+            extra = {"usage": usage(i + 1)} if reply.usage == "each" else None
+            await response.write(chunk({"content": token}, extra=extra))
         await response.write(chunk({}, "stop"))
         if reply.usage == "final":
             final = {"id": "chatcmpl-fake", "choices": [], "usage": usage(len(tokens))}

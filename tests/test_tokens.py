@@ -11,7 +11,15 @@ from collections.abc import AsyncGenerator, Iterator
 import attrs
 import pytest
 
-from app.jobs.tokens import SimulatedTokenSource, ThreadedTokenSource, TokenRequest, threaded
+from app.jobs.progress import ProgressEstimator
+from app.jobs.tokens import (
+    Piece,
+    SimulatedTokenSource,
+    ThreadedTokenSource,
+    TokenCount,
+    TokenRequest,
+    threaded,
+)
 
 FAST = 20_000.0  # tokens per second: pacing negligible
 
@@ -199,3 +207,33 @@ class TestThreadedTokenSource:
         """threaded() over the simulated source yields the simulated text."""
         source = SimulatedTokenSource(seed=5, tokens_per_second=FAST)
         assert await collect(threaded(source), request(25)) == source.tokens(request(25))
+
+
+class TestTokenCount:
+    async def test_threaded_source_passes_counts_through_in_order(self) -> None:
+        """A blocking source's TokenCount items reach the consumer between its tokens."""
+
+        @attrs.frozen
+        class Counting:
+            def stream_sync(self, request: TokenRequest) -> Iterator[Piece]:
+                yield "a"
+                yield TokenCount(3)
+                yield "b"
+                yield TokenCount(7)
+
+        pieces = [piece async for piece in threaded(Counting()).stream(request())]
+        assert pieces == ["a", TokenCount(3), "b", TokenCount(7)]
+
+    def test_estimator_takes_the_sources_count_but_never_goes_back(self) -> None:
+        """set_tokens replaces the count; a lower count lowers tokens, never the percentages."""
+        estimator = ProgressEstimator([100])
+        estimator.start_step(0, 0.0)
+        estimator.add_tokens(10)
+        estimator.set_tokens(40)
+        assert estimator.tokens == 40
+        assert estimator.estimate(1.0).pct == 40.0
+        estimator.set_tokens(30)
+        reading = estimator.estimate(2.0)
+        assert reading.tokens == 30
+        assert reading.pct == 40.0
+        assert reading.overall_pct == 40.0

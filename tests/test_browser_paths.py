@@ -1,17 +1,19 @@
-"""The browser client in real Chromium, through every path of issue 6, with default settings.
+"""The page and its client in real Chromium, through every path of issue 6, default settings.
 
 The service runs with its default settings (``aligned`` at 4096) behind each path: the
 buffering emulator at 4096 (all), 8192 (blocks), 12000 (all) and 32768 (blocks), with
 ``--gzip``, holding the whole response, holding each write 200 ms, and a real nginx with
-HTTP/1.0 to the upstream and 8 KB buffers. A page loads ``flushline.js`` over HTTP
-through the path and watches one 15 s job (``CLIENT_JOB``), sampling what it would show
-(progress, step statuses) every 50 ms. Through each path the page must show at least 5
-distinct intermediate progress values spread over the job, phases in order, every event
-exactly once, and, once the client has adapted, 95% of events within 500 ms.
+HTTP/1.0 to the upstream and 8 KB buffers. The real page loads through the path, opens
+one 15 s job (``/?job=ID``, ``CLIENT_JOB``), and what it shows (its progress bar's
+``aria-valuenow``, each phase's status) is sampled every 50 ms. Through each path the
+page must show at least 5 distinct intermediate progress values spread over the job,
+phases in order, every event exactly once, and, once the client has adapted, 95% of
+events within 500 ms. Screenshots of the page at the end go to ``artifacts/paths/``.
 
-The control reproduces the original bug: sensing off, strategy ``none``, behind 4096,
-the page stays at its first value until the end. The reconnect test restarts the proxy
-mid-job. Everything runs once, side by side, in the module fixture ``runs`` (about 25 s);
+The control reproduces the original bug: the same page with sensing off (``?sense=0``),
+strategy ``none``, behind 4096, stays at its first value until the end. The reconnect
+test restarts the proxy mid-job. The EventSource fallback and the 204 are driven from a
+bare page that imports ``flushline.js`` with options the page does not offer. Everything runs once, side by side, in the module fixture ``runs`` (about 25 s);
 the tests judge the records. Figures: ``python -m bench.client_paths``.
 """
 
@@ -28,7 +30,7 @@ import pytest
 
 from app.pathtools.proxy import BufferingProxy, ProxyConfig
 from tests.conftest import QUICK_JOB
-from tests.support.browser import launch_browser
+from tests.support.browser import ARTIFACTS, launch_browser
 from tests.support.nginx import find_nginx, require_nginx
 from tests.support.paths import (
     CLIENT_JOB,
@@ -41,11 +43,14 @@ from tests.support.paths import (
     serve,
     start_job,
     watch_in_browser,
+    watch_page_in_browser,
     watch_through,
 )
 
 pytestmark = pytest.mark.integration
 
+#: The page at the end of each path's job (not committed).
+SCREENSHOTS = ARTIFACTS / "paths"
 #: What "live" means to a user watching the page.
 LIVE_MS = 500
 LIVE_SHARE = 0.95
@@ -150,7 +155,7 @@ async def _reconnect(browser: Any, ready: Callable[[], Awaitable[None]]) -> Clie
             await proxy.start(port=port)
 
         try:
-            return await watch_in_browser(
+            return await watch_page_in_browser(
                 browser,
                 service,
                 front,
@@ -158,6 +163,7 @@ async def _reconnect(browser: Any, ready: Callable[[], Awaitable[None]]) -> Clie
                 path_name=RECONNECT,
                 during=restart_proxy,
                 ready=ready,
+                screenshot=SCREENSHOTS / f"{RECONNECT}.png",
             )
         finally:
             await proxy.close()
@@ -203,7 +209,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         async for browser in launch_browser():
             line = StartLine(len(paths) + 5)
             ready = iter(line.place(i) for i in range(line.runners))
-            jobs = [watch_through(browser, p, tmp, ready=next(ready)) for p in paths]
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            jobs = [
+                watch_through(
+                    browser, p, tmp, ready=next(ready), screenshot=SCREENSHOTS / f"{p.name}.png"
+                )
+                for p in paths
+            ]
             control = watch_through(
                 browser,
                 EMULATOR_4096_ALL,

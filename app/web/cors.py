@@ -26,7 +26,8 @@ __all__ = ["CorsPolicy"]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _ALLOW_METHODS = "GET, POST, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Request-ID"
-_EXPOSE_HEADERS = "Location, Retry-After, X-Request-ID"
+#: Content-Encoding lets a cross-origin flushline.js see that its path compresses the stream.
+_EXPOSE_HEADERS = "Content-Encoding, Location, Retry-After, X-Request-ID"
 _PREFLIGHT_MAX_AGE_S = 600
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "serve",
     "start_job",
     "watch_in_browser",
+    "watch_page_in_browser",
     "watch_through",
 ]
 
@@ -533,6 +534,100 @@ async def watch_in_browser(
     return ClientRun(path_name, job["id"], history[-1]["seq"], texts, record)
 
 
+#: Samples what the real page (``/?job=ID``) shows every 50 ms: the progress bar's
+#: ``aria-valuenow`` and each phase's ``data-status`` (its "done" read as "succeeded", the
+#: client's word), with the client's connections; resolves with the record at the end.
+_PAGE_JS = """
+async () => {
+  while (!window.flushlineWatcher) await new Promise((r) => setTimeout(r, 5));
+  const watcher = window.flushlineWatcher;
+  const rec = { samples: [], events: [], log: [], connections: [], outcome: null };
+  const bar = document.querySelector('[role="progressbar"]');
+  const phaseNames = { done: "succeeded" };
+  let arrivals = null;
+  const sample = () => {
+    const phases = [...document.querySelectorAll(".phase")].map(
+      (el) => phaseNames[el.dataset.status] ?? el.dataset.status);
+    rec.samples.push([Date.now(), Number(bar.getAttribute("aria-valuenow")), phases]);
+    if (watcher.state.arrivals !== arrivals) {
+      arrivals = watcher.state.arrivals;
+      rec.connections.push({ requestedAt: watcher.state.connectionStartedAt,
+        proxyBuffer: watcher.state.proxyBuffer, arrivals });
+    }
+  };
+  sample();
+  const timer = setInterval(sample, 50);
+  let outcome;
+  try { await watcher.done; outcome = "done"; } catch (e) { outcome = `failed: ${e.message}`; }
+  await new Promise((r) => requestAnimationFrame(() => r()));
+  sample();
+  clearInterval(timer);
+  rec.events = window.flushlineEvents.map(({ data, info }) => ({
+    seq: data.seq, type: data.type, ts: data.ts, step: data.step ?? null,
+    index: data.index ?? null, text: data.text ?? null, overall_pct: data.overall_pct ?? null,
+    arrivedAt: info.arrivedAt, lagMs: info.lagMs, transport: info.transport,
+  }));
+  const { arrivals: _, ...state } = watcher.state;
+  rec.state = JSON.parse(JSON.stringify(state));
+  rec.outcome = outcome;
+  return JSON.parse(JSON.stringify(rec));
+}
+"""
+
+
+async def watch_page_in_browser(
+    browser: Any,
+    service: str,
+    front: str,
+    create_job: Callable[[], Awaitable[Mapping[str, Any]]],
+    *,
+    path_name: str,
+    sensing: bool = True,
+    during: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+    timeout_s: float = 60.0,
+    screenshot: pathlib.Path | None = None,
+) -> ClientRun:
+    """Watch a job on the real page, opened as a user opens a job link: ``{front}/?job=ID``.
+
+    The page (HTML, CSS, ``page.js``, ``flushline.js``) loads through the path; once it
+    is idle (``ready`` awaited, to start several runs together) the job starts and the
+    page opens it. The record holds what the page showed (its progress bar and phases,
+    sampled every 50 ms), every event it received with its lag, and the client's
+    console lines. ``screenshot`` saves the page at the end.
+    """
+    context = await browser.new_context(viewport={"width": 1100, "height": 900})
+    console: list[str] = []
+    try:
+        page = await context.new_page()
+        page.on("console", lambda message: console.append(message.text))
+        response = await page.goto(f"{front}/", timeout=30_000)
+        assert response is not None
+        assert response.ok, response.status
+        if ready is not None:
+            await ready()
+        job = await create_job()
+        query = f"?job={job['id']}" + ("" if sensing else "&sense=0")
+        await page.goto(f"{front}/{query}", timeout=30_000)
+        finished = asyncio.ensure_future(page.evaluate(_PAGE_JS))
+        if during is not None:
+            await during()
+        record = await asyncio.wait_for(finished, timeout_s)
+        if screenshot is not None:
+            await page.screenshot(path=str(screenshot), full_page=True)
+    finally:
+        await context.close()
+    record["log"] = console
+    async with aiohttp.ClientSession() as session:
+        history = await job_history(session, service, job["id"])
+    steps = next(e for e in history if e["type"] == "job_started")["steps"]
+    texts = tuple(
+        "".join(e["text"] for e in history if e["type"] == "chunk" and e["step"] == name)
+        for name in steps
+    )
+    return ClientRun(path_name, job["id"], history[-1]["seq"], texts, record)
+
+
 async def watch_through(
     browser: Any,
     path: DeliveryPath,
@@ -544,18 +639,31 @@ async def watch_through(
     options: Mapping[str, Any] | None = None,
     name: str | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
+    screenshot: pathlib.Path | None = None,
 ) -> ClientRun:
     """The service with default settings behind ``path``; one job watched in Chromium.
 
-    ``options`` go to ``watchJob`` (e.g. ``{"transport": "eventsource"}``); ``name``
-    names the run (the path's name by default) and its nginx directory; ``ready`` as
-    for :func:`watch_in_browser`.
+    Without ``options``, on the real page (:func:`watch_page_in_browser`); with them
+    (given to ``watchJob``, e.g. ``{"transport": "eventsource"}``), from a bare page
+    (:func:`watch_in_browser`). ``name`` names the run (the path's name by default) and
+    its nginx directory; ``ready`` as for those functions.
     """
     async with (
         serve() as service,
         open_path(path, service, tmp_dir / (name or path.name)) as front,
         aiohttp.ClientSession() as session,
     ):
+        if options is None:
+            return await watch_page_in_browser(
+                browser,
+                service,
+                front,
+                lambda: start_job(session, service, strategy, job_options),
+                path_name=name or path.name,
+                sensing=sensing,
+                ready=ready,
+                screenshot=screenshot,
+            )
         return await watch_in_browser(
             browser,
             service,

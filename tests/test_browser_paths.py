@@ -13,8 +13,9 @@ events within 500 ms. Screenshots of the page at the end go to ``artifacts/paths
 The control reproduces the original bug: the same page with sensing off (``?sense=0``),
 strategy ``none``, behind 4096, stays at its first value until the end. The reconnect
 test restarts the proxy mid-job. The EventSource fallback and the 204 are driven from a
-bare page that imports ``flushline.js`` with options the page does not offer. Everything runs once, side by side, in the module fixture ``runs`` (about 25 s);
-the tests judge the records. Figures: ``python -m bench.client_paths``.
+bare page that imports ``flushline.js`` with options the page does not offer. Everything
+runs once, side by side, in the module fixture ``runs`` (about 25 s); the tests judge
+the records. Figures: ``python -m bench.client_paths``.
 """
 
 from __future__ import annotations

@@ -496,10 +496,17 @@ def analyse(
     else:
         kind = PathKind.LARGE_BUFFER
 
-    # A release during the final pause, before the stream's end, means a timer flush.
+    # A release during the final pause, before the stream's end, means a timer flush,
+    # unless it released a whole buffer: that is the size rule, late only because the
+    # last writes were (a loaded machine delays them past their schedule).
     timer_flush_s = None
     end_s = reads[-1].at_s if reads else 0.0
+    released_before = 0
     for point in points:
+        released = point.total - released_before
+        released_before = point.total
+        if buffer_bytes and released >= buffer_bytes:
+            continue
         if (
             last_write_s + held_threshold_s < point.at_s < end_s - 0.05
             and point.total <= writes_end

@@ -142,7 +142,9 @@ class StartLine:
         return ready
 
 
-async def _reconnect(browser: Any, ready: Callable[[], Awaitable[None]]) -> ClientRun:
+async def _reconnect(
+    browser: Any, ready: Callable[[], Awaitable[None]], finished: Callable[[], Awaitable[None]]
+) -> ClientRun:
     """Watch through the 4096 emulator, which is restarted (every connection cut) mid-job."""
     async with serve() as service, aiohttp.ClientSession() as session:
         proxy = BufferingProxy(ProxyConfig(upstream=service, threshold_bytes=4096))
@@ -165,6 +167,7 @@ async def _reconnect(browser: Any, ready: Callable[[], Awaitable[None]]) -> Clie
                 during=restart_proxy,
                 ready=ready,
                 screenshot=SCREENSHOTS / f"{RECONNECT}.png",
+                finished=finished,
             )
         finally:
             await proxy.close()
@@ -211,9 +214,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
             line = StartLine(len(paths) + 5)
             ready = iter(line.place(i) for i in range(line.runners))
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            # Screenshots wait until every page that takes one has seen its job end.
+            finish_line = StartLine(len(paths) + 1)
             jobs = [
                 watch_through(
-                    browser, p, tmp, ready=next(ready), screenshot=SCREENSHOTS / f"{p.name}.png"
+                    browser,
+                    p,
+                    tmp,
+                    ready=next(ready),
+                    screenshot=SCREENSHOTS / f"{p.name}.png",
+                    finished=finish_line.place(0),
                 )
                 for p in paths
             ]
@@ -227,7 +237,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
                 name=CONTROL,
                 ready=next(ready),
             )
-            extra = [_reconnect(browser, next(ready))]
+            extra = [_reconnect(browser, next(ready), finish_line.place(0))]
             extra += [
                 watch_through(
                     browser,

@@ -483,6 +483,20 @@ async def job_history(session: aiohttp.ClientSession, service: str, job_id: str)
     return events
 
 
+async def _client_run(
+    service: str, path_name: str, job_id: str, record: dict[str, Any]
+) -> ClientRun:
+    """The run's record beside what the service itself says the job was."""
+    async with aiohttp.ClientSession() as session:
+        history = await job_history(session, service, job_id)
+    steps = next(e for e in history if e["type"] == "job_started")["steps"]
+    texts = tuple(
+        "".join(e["text"] for e in history if e["type"] == "chunk" and e["step"] == name)
+        for name in steps
+    )
+    return ClientRun(path_name, job_id, history[-1]["seq"], texts, record)
+
+
 async def watch_in_browser(
     browser: Any,
     service: str,
@@ -524,14 +538,7 @@ async def watch_in_browser(
         record = await asyncio.wait_for(page.evaluate("window.__flushlineFinished"), timeout_s)
     finally:
         await context.close()
-    async with aiohttp.ClientSession() as session:
-        history = await job_history(session, service, job["id"])
-    steps = next(e for e in history if e["type"] == "job_started")["steps"]
-    texts = tuple(
-        "".join(e["text"] for e in history if e["type"] == "chunk" and e["step"] == name)
-        for name in steps
-    )
-    return ClientRun(path_name, job["id"], history[-1]["seq"], texts, record)
+    return await _client_run(service, path_name, job["id"], record)
 
 
 #: Samples what the real page (``/?job=ID``) shows every 50 ms: the progress bar's
@@ -587,6 +594,7 @@ async def watch_page_in_browser(
     ready: Callable[[], Awaitable[None]] | None = None,
     timeout_s: float = 60.0,
     screenshot: pathlib.Path | None = None,
+    finished: Callable[[], Awaitable[None]] | None = None,
 ) -> ClientRun:
     """Watch a job on the real page, opened as a user opens a job link: ``{front}/?job=ID``.
 
@@ -594,7 +602,9 @@ async def watch_page_in_browser(
     is idle (``ready`` awaited, to start several runs together) the job starts and the
     page opens it. The record holds what the page showed (its progress bar and phases,
     sampled every 50 ms), every event it received with its lag, and the client's
-    console lines. ``screenshot`` saves the page at the end.
+    console lines. ``screenshot`` saves the page at the end, once ``finished`` (awaited
+    first) says no other run is still measuring: a screenshot costs the machine enough
+    CPU to delay another page's events.
     """
     context = await browser.new_context(viewport={"width": 1100, "height": 900})
     console: list[str] = []
@@ -609,23 +619,18 @@ async def watch_page_in_browser(
         job = await create_job()
         query = f"?job={job['id']}" + ("" if sensing else "&sense=0")
         await page.goto(f"{front}/{query}", timeout=30_000)
-        finished = asyncio.ensure_future(page.evaluate(_PAGE_JS))
+        watched = asyncio.ensure_future(page.evaluate(_PAGE_JS))
         if during is not None:
             await during()
-        record = await asyncio.wait_for(finished, timeout_s)
+        record = await asyncio.wait_for(watched, timeout_s)
+        if finished is not None:
+            await finished()
         if screenshot is not None:
             await page.screenshot(path=str(screenshot), full_page=True)
     finally:
         await context.close()
     record["log"] = console
-    async with aiohttp.ClientSession() as session:
-        history = await job_history(session, service, job["id"])
-    steps = next(e for e in history if e["type"] == "job_started")["steps"]
-    texts = tuple(
-        "".join(e["text"] for e in history if e["type"] == "chunk" and e["step"] == name)
-        for name in steps
-    )
-    return ClientRun(path_name, job["id"], history[-1]["seq"], texts, record)
+    return await _client_run(service, path_name, job["id"], record)
 
 
 async def watch_through(
@@ -640,6 +645,7 @@ async def watch_through(
     name: str | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
     screenshot: pathlib.Path | None = None,
+    finished: Callable[[], Awaitable[None]] | None = None,
 ) -> ClientRun:
     """The service with default settings behind ``path``; one job watched in Chromium.
 
@@ -663,6 +669,7 @@ async def watch_through(
                 sensing=sensing,
                 ready=ready,
                 screenshot=screenshot,
+                finished=finished,
             )
         return await watch_in_browser(
             browser,

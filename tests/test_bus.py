@@ -1,7 +1,8 @@
 """Tests for the EventBus protocol (app/bus/), written against the protocol only.
 
 Every test gets its bus from the parametrized ``make_bus``/``bus`` fixtures, so another
-implementation (e.g. Redis) is added by registering one more factory in BUS_FACTORIES;
+implementation is added by registering one more factory in BUS_FACTORIES (or, when it
+needs a server such as redis-server, in SERVER_BUS_FACTORIES);
 the tests themselves must not change. Job ids are unique per test so a shared backend
 cannot leak state between tests. Waits use generous timeouts so a networked bus passes.
 """
@@ -14,12 +15,16 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+import attrs
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from app.bus import EventBus, MemoryEventBus, Subscription
+from app.bus.redis import RedisEventBus
 from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
-from app.core.events import EncodedEvent, InsightEvent
+from app.core.events import AnyEvent, EncodedEvent, InsightEvent
+from tests.support.redis import RedisServer
 
 # --- fixtures ----------------------------------------------------------------------
 
@@ -32,8 +37,84 @@ async def _memory_bus(*, history_limit: int, queue_limit: int) -> EventBus:
     return MemoryEventBus(history_limit=history_limit, queue_limit=queue_limit)
 
 
+def _redis_bus(server: RedisServer) -> BusFactory:
+    """Buses on the session's throw-away redis-server, each under its own key prefix."""
+
+    async def make(*, history_limit: int, queue_limit: int) -> EventBus:
+        return RedisEventBus(
+            Redis.from_url(server.url),
+            history_limit=history_limit,
+            queue_limit=queue_limit,
+            prefix=f"test-{uuid.uuid4().hex}:",
+            owns_client=True,
+        )
+
+    return make
+
+
+@attrs.define
+class _TwoInstances:
+    """Two Redis buses on one server and prefix: one publishes, the other subscribes.
+
+    Every event a subscriber gets has then gone through Redis and the reading instance's
+    reader (none is appended locally), as when a browser watches from another instance.
+    """
+
+    publisher: RedisEventBus
+    reader: RedisEventBus
+
+    async def open(self, job_id: str) -> None:
+        await self.publisher.open(job_id)
+
+    async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
+        return await self.publisher.publish(job_id, event)
+
+    async def close(self, job_id: str) -> None:
+        await self.publisher.close(job_id)
+
+    def subscribe(self, job_id: str, after_seq: int = 0) -> Subscription:
+        return self.reader.subscribe(job_id, after_seq)
+
+    async def last_seq(self, job_id: str) -> int:
+        return await self.reader.last_seq(job_id)
+
+    async def discard(self, job_id: str) -> None:
+        await self.publisher.discard(job_id)
+
+    def subscriber_count(self, job_id: str) -> int:
+        return self.reader.subscriber_count(job_id)
+
+    async def aclose(self) -> None:
+        await self.publisher.aclose()
+        await self.reader.aclose()
+
+
+def _redis_two_instances(server: RedisServer) -> BusFactory:
+    """A publishing and a subscribing instance sharing the session's redis-server."""
+    one_instance = _redis_bus(server)
+
+    async def make(*, history_limit: int, queue_limit: int) -> EventBus:
+        publisher = await one_instance(history_limit=history_limit, queue_limit=queue_limit)
+        assert isinstance(publisher, RedisEventBus)
+        reader = RedisEventBus(
+            Redis.from_url(server.url),
+            history_limit=history_limit,
+            queue_limit=queue_limit,
+            prefix=publisher.prefix,
+            owns_client=True,
+        )
+        return _TwoInstances(publisher, reader)
+
+    return make
+
+
 #: One factory per EventBus implementation; each builds a bus with the given limits.
 BUS_FACTORIES: dict[str, BusFactory] = {"memory": _memory_bus}
+#: Implementations that need a server: the server's fixture, and the factory given it.
+SERVER_BUS_FACTORIES: dict[str, tuple[str, Callable[[RedisServer], BusFactory]]] = {
+    "redis": ("redis_server", _redis_bus),
+    "redis-two-instances": ("redis_server", _redis_two_instances),
+}
 
 DEFAULT_HISTORY = 10_000
 DEFAULT_QUEUE = 1_000
@@ -42,10 +123,15 @@ WAIT_S = 5.0  # upper bound on any single wait; never reached when the bus works
 MakeBus = Callable[..., Awaitable[EventBus]]
 
 
-@pytest.fixture(params=sorted(BUS_FACTORIES))
+@pytest.fixture(params=sorted([*BUS_FACTORIES, *SERVER_BUS_FACTORIES]))
 async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[MakeBus]:
     """Build buses of the parametrized kind with chosen limits; closed after the test."""
-    factory = BUS_FACTORIES[request.param]
+    if request.param in SERVER_BUS_FACTORIES:
+        fixture, build = SERVER_BUS_FACTORIES[request.param]
+        # Skips (or fails under FLUSHLINE_REQUIRE_INTEGRATION=1) without the server.
+        factory = build(request.getfixturevalue(fixture))
+    else:
+        factory = BUS_FACTORIES[request.param]
     made: list[EventBus] = []
 
     async def make(

@@ -1,0 +1,611 @@
+"""RedisEventBus: each job's events in a Redis Stream, shared by every instance.
+
+Layout: one stream per job, ``{prefix}job:{job_id}:events``. An event is one entry whose
+stream id is ``<seq>-0`` with three fields: ``t`` (type), ``ts`` (the stamp, exact as
+``repr``) and ``f`` (the SSE frame, encoded once by the publisher). Two markers share the
+stream so that a reader sees them in order with the events, in the same read:
+
+* ``0-1`` ``open``: written by :meth:`RedisEventBus.open`, so a job without events exists;
+* ``<last seq>-<n>`` ``end``: ``closed`` written by :meth:`RedisEventBus.close` (readers
+  end there), ``gone`` by :meth:`RedisEventBus.discard` just before it deletes the key
+  (readers on every instance forget the job, even one whose log had already ended).
+
+Publishing is one ``XADD`` with the explicit id ``<seq>-0``, ``NOMKSTREAM`` and an exact
+``MAXLEN`` (``FLUSHLINE_HISTORY_LIMIT``). Redis refuses an id that is not above the
+stream's top, so the seq is claimed atomically: of two publishers racing for one seq,
+one wins and the other re-reads the top and retries with the next. Because a publisher's
+next seq is always the top it last saw plus one, an accepted id is exactly the top plus
+one: no seq is skipped. The key's TTL (``FLUSHLINE_JOB_TTL``) is set when the job opens,
+renewed with the publish that comes after a quarter of it has passed (the same round
+trip), and set again on close, so finished jobs expire by themselves: nothing sweeps.
+
+Reading: each instance runs one reader task per job it has subscribers for. The task
+loads the kept history (``XRANGE`` in pages) into a local list, then waits for new entries
+with one ``XREAD BLOCK 0`` on its own connection; subscribers are cursors into that list,
+exactly as in :mod:`app.bus.memory` (history then live with no seam, cut-off past the
+queue limit, cut-off instead of a gap when trimming overtakes a cursor). So 6,000 watchers
+of a job on one instance cost Redis one blocking read, and an idle job costs it nothing
+but that read. Events this instance publishes are also appended to its local list at
+once (the reader then skips them by seq), so local watchers see them without a round
+trip. When the last local subscriber leaves, the list and its reader linger for
+:data:`FEED_LINGER_S` (reconnects and long-polls find them warm), then go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self, cast
+
+import attrs
+import structlog
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from app.bus.base import MAX_BATCH, Batch
+from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
+from app.core.events import AnyEvent, EncodedEvent, encode_event
+
+__all__ = ["FEED_LINGER_S", "RedisEventBus"]
+
+log = structlog.get_logger(__name__)
+
+#: How long a job's local list and reader stay after its last local subscriber leaves.
+FEED_LINGER_S = 10.0
+#: Entries per ``XRANGE`` page while loading history, and per ``XREAD``.
+READ_COUNT = 1_000
+#: Pause before a failed live read is retried (it resumes from the last entry read).
+READ_RETRY_S = (0.05, 0.2, 0.5, 1.0)
+#: How often a publisher may lose the race for a seq before giving up.
+MAX_SEQ_RACES = 16
+#: Stopping a reader: ``CLIENT UNBLOCK`` attempts, and the wait after each.
+HALT_UNBLOCK_TRIES = 10
+HALT_WAIT_S = 0.1
+
+_OPEN_ID = b"0-1"
+_F_TYPE, _F_TS, _F_FRAME, _F_OPEN, _F_END = b"t", b"ts", b"f", b"open", b"end"
+_GONE = b"gone"
+
+# Creates the stream with its open marker unless it exists (then leaves it untouched).
+_OPEN_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], '0-1', 'open', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Appends an end marker after the newest entry and sets the finished job's TTL: ARGV[2]
+# 'closed' once (the log is complete), 'gone' always (the job is being discarded).
+# Returns the newest seq, or -1 when the stream does not exist.
+_CLOSE_SCRIPT = """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #top == 0 then return -1 end
+local ms = string.match(top[1][1], '^(%d+)-')
+if top[1][2][1] ~= 'end' or ARGV[2] == 'gone' then
+  redis.call('XADD', KEYS[1], ms .. '-*', 'end', ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return tonumber(ms)
+"""
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def _entry_seq(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> EncodedEvent:
+    return EncodedEvent(
+        seq=_entry_seq(entry_id),
+        type=fields[_F_TYPE].decode(),
+        ts=float(fields[_F_TS]),
+        frame=fields[_F_FRAME],
+    )
+
+
+def _id_taken(exc: redis_errors.ResponseError) -> bool:
+    """Whether XADD refused the id because another publisher got there first."""
+    return "equal or smaller than the target stream top item" in str(exc)
+
+
+@attrs.define(eq=False)
+class _Writer:
+    """What this instance knows as the publisher of one job."""
+
+    next_seq: int
+    renewed_at: float
+    closed: bool = False
+    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+
+
+@attrs.define(eq=False)
+class _Feed:
+    """One job's events as this instance has read them, and its local subscribers."""
+
+    job_id: str
+    key: str
+    events: list[EncodedEvent] = attrs.Factory(list)
+    first_seq: int = 1  # seq of events[0]
+    next_seq: int = 1
+    closed: bool = False
+    #: The job was discarded: the feed ends and no new subscriber may use it.
+    gone: bool = False
+    #: The stream id of the last entry read from Redis (where the next read starts).
+    last_id: bytes = b"0-0"
+    subscribers: set[_RedisSubscription] = attrs.Factory(set)
+    #: Subscriptions entered or being entered; the feed lingers once this drops to 0.
+    holders: int = 0
+    loaded: asyncio.Event = attrs.Factory(asyncio.Event)
+    #: Why the history could not be loaded (the job does not exist, Redis failed).
+    error: BaseException | None = None
+    reader: asyncio.Task[None] | None = None
+    #: Redis's id of the reader's connection (for ``CLIENT UNBLOCK``).
+    client_id: int | None = None
+    #: The reader must end (the feed was dropped or the bus closed).
+    stopped: bool = False
+    linger: asyncio.TimerHandle | None = None
+    changed: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self.changed is not None and not self.changed.done():
+            self.changed.set_result(None)
+        self.changed = None
+
+    def wait_future(self) -> asyncio.Future[None]:
+        if self.changed is None:
+            self.changed = asyncio.get_running_loop().create_future()
+        return self.changed
+
+    def append(self, events: Sequence[EncodedEvent], history_limit: int, queue_limit: int) -> None:
+        """Add events continuing at ``next_seq``; trim, cut laggards and wake readers."""
+        if not events:
+            return
+        self.events.extend(events)
+        self.next_seq = events[-1].seq + 1
+        if len(self.events) > history_limit:
+            # Trim in slices of a tenth so trimming stays amortised O(1) per event.
+            drop = len(self.events) - history_limit + history_limit // 10
+            del self.events[:drop]
+            self.first_seq += drop
+        newest = self.next_seq - 1
+        for sub in self.subscribers:
+            if sub.pending(newest) > queue_limit or sub.cursor < self.first_seq - 1:
+                sub.cut_off()
+        self.wake()
+
+    def skip_to(self, seq: int) -> None:
+        """Continue at ``seq``: Redis trimmed the events before it before we read them.
+
+        Subscribers that had not read all of them are cut off (they resume, or get 410),
+        never silently moved past a gap.
+        """
+        self.events.clear()
+        self.first_seq = self.next_seq = seq
+        for sub in self.subscribers:
+            if sub.cursor < seq - 1:
+                sub.cut_off()
+        self.wake()
+
+    def end(self) -> None:
+        self.closed = True
+        self.wake()
+
+
+@attrs.define(eq=False)
+class _RedisSubscription:
+    """A cursor into a job's :class:`_Feed` on this instance."""
+
+    bus: RedisEventBus
+    job_id: str
+    cursor: int  # last delivered seq
+    feed: _Feed | None = None
+    live_from: int = 0
+    cut: bool = False
+    _callbacks: list[Callable[[], None]] = attrs.Factory(list)
+
+    @property
+    def last_seq(self) -> int:
+        return self.cursor
+
+    def on_cut(self, callback: Callable[[], None]) -> None:
+        if self.cut:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def pending(self, newest_seq: int) -> int:
+        return newest_seq - max(self.cursor, self.live_from)
+
+    def cut_off(self) -> None:
+        if self.cut:
+            return
+        self.cut = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    async def __aenter__(self) -> Self:
+        feed = await self.bus._attach(self.job_id)
+        try:
+            if self.cursor == 0:
+                self.cursor = feed.first_seq - 1  # no resume point: all the history kept
+            elif self.cursor < feed.first_seq - 1:
+                raise HistoryTruncated(self.job_id, self.cursor, feed.first_seq)
+        except BaseException:
+            self.bus._detach(feed)
+            raise
+        self.feed = feed
+        self.live_from = feed.next_seq - 1
+        feed.subscribers.add(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.feed is not None:
+            self.feed.subscribers.discard(self)
+            self.bus._detach(self.feed)
+            self.feed = None
+
+    async def next_batch(self, timeout_s: float | None) -> Batch:
+        feed = self.feed
+        if feed is None:
+            raise RuntimeError("use the subscription as an async context manager")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            if self.cut:
+                raise SubscriberLagged(
+                    f"subscriber of job {self.job_id} fell behind and was cut off"
+                )
+            if self.cursor < feed.next_seq - 1:
+                start = self.cursor + 1 - feed.first_seq
+                if start < 0:  # trimmed past us while we were away
+                    self.cut_off()
+                    continue
+                batch = feed.events[start : start + MAX_BATCH]
+                self.cursor = batch[-1].seq
+                return Batch(batch)
+            if feed.closed:
+                return Batch((), ended=True)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return Batch(())
+            await asyncio.wait([feed.wait_future()], timeout=remaining)
+
+
+@attrs.define(eq=False)
+class RedisEventBus:
+    """:class:`EventBus` on Redis Streams: any instance publishes, resumes and fans out.
+
+    ``redis`` must return bytes (``decode_responses=False``, the default). The bus closes
+    it in :meth:`aclose` only when ``owns_client`` is true (the app shares its client
+    with the job store and closes it itself).
+    """
+
+    redis: Redis
+    history_limit: int = 10_000
+    queue_limit: int = 1_000
+    job_ttl_s: float = 3600.0
+    prefix: str = "flushline:"
+    owns_client: bool = False
+    _writers: dict[str, _Writer] = attrs.Factory(dict)
+    _feeds: dict[str, _Feed] = attrs.Factory(dict)
+    _stopping: set[asyncio.Task[None]] = attrs.Factory(set)
+    _open_script: Any = None
+    _close_script: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        self._open_script = self.redis.register_script(_OPEN_SCRIPT)
+        self._close_script = self.redis.register_script(_CLOSE_SCRIPT)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.job_ttl_s * 1000))
+
+    def key(self, job_id: str) -> str:
+        """The Redis key of the job's stream."""
+        return f"{self.prefix}job:{job_id}:events"
+
+    # --- publishing ------------------------------------------------------------------
+
+    async def open(self, job_id: str) -> None:
+        created = await self._open_script(keys=[self.key(job_id)], args=[self._ttl_ms])
+        if created:
+            self._writers[job_id] = _Writer(next_seq=1, renewed_at=time.monotonic())
+
+    async def _top(self, job_id: str) -> tuple[int, bool]:
+        """The newest seq in Redis and whether the log is closed; ``JobNotFound`` if none."""
+        top = cast(list[Entry], await self.redis.xrevrange(self.key(job_id), count=1))
+        if not top:
+            raise JobNotFound(job_id)
+        entry_id, fields = top[0]
+        return _entry_seq(entry_id), _F_END in fields
+
+    async def _writer(self, job_id: str) -> _Writer:
+        writer = self._writers.get(job_id)
+        if writer is None:
+            newest, closed = await self._top(job_id)
+            # The key's TTL is unknown here: renew it with the first publish.
+            writer = self._writers.setdefault(job_id, _Writer(newest + 1, -self.job_ttl_s))
+            writer.closed = writer.closed or closed
+        return writer
+
+    async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
+        writer = await self._writer(job_id)
+        key = self.key(job_id)
+        async with writer.lock:
+            for _ in range(MAX_SEQ_RACES):
+                if writer.closed:
+                    raise RuntimeError(f"the event log of job {job_id} is closed")
+                encoded = encode_event(job_id, writer.next_seq, event)
+                fields = {_F_TYPE: encoded.type, _F_TS: repr(encoded.ts), _F_FRAME: encoded.frame}
+                xadd: dict[str, Any] = {
+                    "id": f"{encoded.seq}-0",
+                    "maxlen": self.history_limit,
+                    "approximate": False,  # exact: 410 must mean what the limit says
+                    "nomkstream": True,  # never resurrect an expired or discarded job
+                }
+                now = time.monotonic()
+                renew = now - writer.renewed_at >= self.job_ttl_s / 4
+                try:
+                    if renew:
+                        async with self.redis.pipeline(transaction=False) as pipe:
+                            pipe.xadd(key, fields, **xadd)  # type: ignore[arg-type]
+                            pipe.pexpire(key, self._ttl_ms)
+                            added, _ = await pipe.execute()
+                        writer.renewed_at = now
+                    else:
+                        added = await self.redis.xadd(key, fields, **xadd)  # type: ignore[arg-type]
+                except redis_errors.ResponseError as exc:
+                    if not _id_taken(exc):
+                        raise
+                    # Another publisher took this seq: continue after the real top.
+                    newest, closed = await self._top(job_id)
+                    writer.next_seq, writer.closed = newest + 1, closed
+                    continue
+                if added is None:
+                    self._writers.pop(job_id, None)
+                    raise JobNotFound(job_id)
+                writer.next_seq += 1
+                break
+            else:
+                raise RuntimeError(f"lost the race for a seq of job {job_id} too often")
+        feed = self._feeds.get(job_id)
+        if (
+            feed is not None
+            and feed.loaded.is_set()
+            and not feed.closed
+            and encoded.seq == feed.next_seq
+        ):
+            # History keeps the frame only; the event object goes back to the publisher.
+            feed.append([attrs.evolve(encoded, event=None)], self.history_limit, self.queue_limit)
+        return encoded
+
+    async def close(self, job_id: str) -> None:
+        newest = await self._close_script(keys=[self.key(job_id)], args=[self._ttl_ms, "closed"])
+        self._writers.pop(job_id, None)
+        if newest < 0:
+            raise JobNotFound(job_id)
+        feed = self._feeds.get(job_id)
+        if feed is not None and feed.loaded.is_set() and feed.next_seq - 1 == newest:
+            feed.end()  # every event is here already; the reader will see the marker too
+
+    async def last_seq(self, job_id: str) -> int:
+        writer = self._writers.get(job_id)
+        if writer is not None:
+            return writer.next_seq - 1
+        newest, _ = await self._top(job_id)
+        return newest
+
+    async def discard(self, job_id: str) -> None:
+        key = self.key(job_id)
+        # The end marker first, as a command of its own: readers blocked on the stream on
+        # every instance are answered (and end) before the key disappears under them.
+        await self._close_script(keys=[key], args=[self._ttl_ms, "gone"])
+        await self.redis.delete(key)
+        self._writers.pop(job_id, None)
+        feed = self._feeds.get(job_id)
+        if feed is not None:
+            self._forget(feed)
+
+    # --- subscribing -----------------------------------------------------------------
+
+    def subscribe(self, job_id: str, after_seq: int = 0) -> _RedisSubscription:
+        return _RedisSubscription(self, job_id, after_seq)
+
+    def subscriber_count(self, job_id: str) -> int:
+        feed = self._feeds.get(job_id)
+        return 0 if feed is None else len(feed.subscribers)
+
+    async def _attach(self, job_id: str) -> _Feed:
+        """The job's feed with its history loaded, held until :meth:`_detach`."""
+        feed = self._feeds.get(job_id)
+        if feed is None:
+            feed = _Feed(job_id, self.key(job_id))
+            self._feeds[job_id] = feed
+            feed.reader = asyncio.create_task(self._read(feed), name=f"redis-feed:{job_id}")
+        feed.holders += 1
+        if feed.linger is not None:
+            feed.linger.cancel()
+            feed.linger = None
+        try:
+            await feed.loaded.wait()
+        except BaseException:
+            self._detach(feed)
+            raise
+        if feed.error is not None:
+            self._detach(feed)
+            raise feed.error
+        return feed
+
+    def _detach(self, feed: _Feed) -> None:
+        feed.holders -= 1
+        if feed.holders > 0 or self._feeds.get(feed.job_id) is not feed:
+            return
+        if feed.error is not None:
+            self._drop(feed)
+        else:
+            loop = asyncio.get_running_loop()
+            feed.linger = loop.call_later(FEED_LINGER_S, self._drop, feed)
+
+    def _forget(self, feed: _Feed) -> None:
+        """The job is gone: end its feed, and let no new subscriber find it."""
+        feed.gone = True
+        feed.end()
+        if self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+        if asyncio.current_task() is not feed.reader:
+            self._stop_reader(feed)
+
+    def _drop(self, feed: _Feed) -> None:
+        feed.linger = None
+        if feed.holders > 0:
+            return
+        if self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+        self._stop_reader(feed)
+
+    def _stop_reader(self, feed: _Feed) -> None:
+        if feed.linger is not None:
+            feed.linger.cancel()
+            feed.linger = None
+        reader, feed.reader = feed.reader, None
+        feed.stopped = True
+        if reader is not None and not reader.done():
+            stopping = asyncio.create_task(self._halt(feed, reader))
+            self._stopping.add(stopping)
+            stopping.add_done_callback(self._stopping.discard)
+
+    async def _halt(self, feed: _Feed, reader: asyncio.Task[None]) -> None:
+        """End a reader that may be blocked in ``XREAD BLOCK 0``.
+
+        ``CLIENT UNBLOCK`` makes the read return at once with nothing, and the reader sees
+        it must stop, leaving its connection clean for the pool. Cancelling the read
+        instead is the fallback only: redis-py may retry a cancelled blocking command
+        (we measured about 6% of cancels swallowed), and it must drop the connection.
+        """
+        for _ in range(HALT_UNBLOCK_TRIES):
+            if reader.done():
+                return
+            if feed.client_id is not None:
+                with contextlib.suppress(redis_errors.RedisError):
+                    await self.redis.client_unblock(feed.client_id)
+            await asyncio.wait([reader], timeout=HALT_WAIT_S)
+        while not reader.done():
+            reader.cancel()
+            await asyncio.wait([reader], timeout=HALT_WAIT_S)
+        if not reader.cancelled() and reader.exception() is not None:
+            log.warning("redis reader failed", job_id=feed.job_id, error=str(reader.exception()))
+
+    async def _read(self, feed: _Feed) -> None:
+        """The feed's reader: the kept history, then every new entry as it comes."""
+        try:
+            await self._load(feed)
+        except Exception as exc:
+            feed.error = exc
+            if self._feeds.get(feed.job_id) is feed:
+                del self._feeds[feed.job_id]
+            feed.loaded.set()
+            return
+        feed.loaded.set()
+        # Its own connection, so that CLIENT UNBLOCK can end the blocking read (_halt).
+        client = Redis(connection_pool=self.redis.connection_pool, single_connection_client=True)
+        try:
+            await self._follow(feed, client)
+        finally:
+            await client.aclose()
+
+    async def _follow(self, feed: _Feed, client: Redis) -> None:
+        """Block on the stream for new entries until the feed stops or the job is gone."""
+        failures = 0
+        # A closed feed keeps reading (while it lingers) to learn if the job is discarded.
+        while not (feed.gone or feed.stopped):
+            try:
+                if feed.client_id is None:
+                    feed.client_id = await client.client_id()
+                    if feed.stopped:
+                        break
+                reply = await client.xread({feed.key: feed.last_id}, count=READ_COUNT, block=0)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                feed.client_id = None  # a new connection has a new id
+                delay = READ_RETRY_S[min(failures, len(READ_RETRY_S) - 1)]
+                failures += 1
+                log.warning(
+                    "redis read failed; retrying",
+                    job_id=feed.job_id,
+                    error=str(exc),
+                    retry_in_s=delay,
+                    failures=failures,
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for _key, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
+                self._apply(feed, entries)
+
+    async def _load(self, feed: _Feed) -> None:
+        """Read the kept history into the feed, page by page (``JobNotFound`` if none)."""
+        start: bytes | str = "-"
+        first = True
+        while True:
+            page = cast(list[Entry], await self.redis.xrange(feed.key, min=start, count=READ_COUNT))
+            if first:
+                if not page:
+                    raise JobNotFound(feed.job_id)
+                entry_id = page[0][0]
+                # The open marker still there: nothing was trimmed; else the first event.
+                seq = 1 if entry_id == _OPEN_ID else _entry_seq(entry_id)
+                feed.first_seq = feed.next_seq = seq
+                first = False
+            self._apply(feed, page)
+            if feed.gone:
+                raise JobNotFound(feed.job_id)
+            if len(page) < READ_COUNT or feed.closed:
+                return
+            start = b"(" + feed.last_id
+
+    def _apply(self, feed: _Feed, entries: Sequence[Entry]) -> None:
+        """Add entries read from Redis to the feed, skipping those it already has."""
+        fresh: list[EncodedEvent] = []
+        closed = gone = False
+        for entry_id, fields in entries:
+            feed.last_id = entry_id
+            if _F_END in fields:
+                closed = True
+                gone = gone or fields[_F_END] == _GONE
+                continue
+            if _F_OPEN in fields:
+                continue
+            seq = _entry_seq(entry_id)
+            expected = feed.next_seq + len(fresh)
+            if seq < expected:  # published here and already appended
+                continue
+            if seq > expected:
+                feed.append(fresh, self.history_limit, self.queue_limit)
+                fresh = []
+                feed.skip_to(seq)
+            fresh.append(_decode(entry_id, fields))
+        feed.append(fresh, self.history_limit, self.queue_limit)
+        if gone:
+            self._forget(feed)
+        elif closed:
+            feed.end()
+
+    async def aclose(self) -> None:
+        for feed in list(self._feeds.values()):
+            feed.end()
+            self._stop_reader(feed)
+        self._feeds.clear()
+        self._writers.clear()
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+        if self.owns_client:
+            await self.redis.aclose()

@@ -1,7 +1,8 @@
 """Jobs as the API shows them: statuses, snapshots, and the store that keeps them.
 
 A snapshot is derived from the job's events by :func:`apply_event`, so any process that
-reads a job's event log can rebuild its state (the Redis job store will rely on this).
+reads a job's event log can rebuild its state. ``app/jobs/redis_store.py`` keeps the
+snapshots in Redis for several instances; ``tests/test_store.py`` runs against both.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def apply_event(job: JobSnapshot, event: EncodedEvent) -> JobSnapshot:
 
 
 class JobStore(Protocol):
-    """Where snapshots live; a Redis store will implement the same protocol."""
+    """Where snapshots live: in this process, or in Redis (``RedisJobStore``)."""
 
     async def add(self, job: JobSnapshot) -> None:
         """Store a new job."""
@@ -207,7 +208,10 @@ class JobStore(Protocol):
         ...
 
     async def finished_before(self, ts: float) -> list[str]:
-        """Ids of jobs that finished before ``ts`` (for expiry)."""
+        """Ids of jobs that finished before ``ts``, for the manager to expire.
+
+        A store whose entries expire by themselves (Redis key TTLs) returns none.
+        """
         ...
 
     async def count(self) -> int:

@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.core.logs import configure_logging
     from app.core.settings import Settings, SettingsError, unknown_variables
-    from app.web.factory import init_app
+    from app.web.factory import StartupError, init_app
 
     try:
         settings = Settings.from_environ()
@@ -147,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
             print=lambda *_: log.info("serving", **_startup_fields(app, settings)),
             shutdown_timeout=10.0,
         )
+    except StartupError as exc:  # e.g. Redis unreachable (FLUSHLINE_BUS=redis)
+        return fail(str(exc))
     except OSError as exc:
         if isinstance(exc, socket.gaierror):
             reason = str(exc.strerror).lower()

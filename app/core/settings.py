@@ -25,7 +25,9 @@ __all__ = ["Settings", "SettingsError", "UnknownVariable", "known_variables", "u
 
 T = TypeVar("T")
 
-_BUSES = ("memory",)
+_BUSES = ("memory", "redis")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PREFIX = "FLUSHLINE_"
@@ -52,6 +54,8 @@ class Settings:
     port: int = 8080
     strategy: str = "aligned"
     bus: str = "memory"
+    #: Where the Redis bus and job store live (used when ``bus`` is ``redis``).
+    redis_url: str = DEFAULT_REDIS_URL
     pipeline: str = "demo"
     padding_bytes: int | None = None
     chunk_chars: int | None = None
@@ -99,6 +103,8 @@ class Settings:
             port=r.integer(port_var, 8080, low=1, high=65535),
             strategy=r.choice("FLUSHLINE_STRATEGY", "aligned", tuple(STRATEGIES)),
             bus=r.choice("FLUSHLINE_BUS", "memory", _BUSES),
+            # Read (and checked) whatever the bus: known_variables() runs the loader.
+            redis_url=r.redis_url("FLUSHLINE_REDIS_URL", DEFAULT_REDIS_URL),
             pipeline=r.text("FLUSHLINE_PIPELINE", "demo"),
             padding_bytes=r.optional_integer("FLUSHLINE_PADDING_BYTES", low=0, high=1 << 20),
             chunk_chars=r.optional_integer("FLUSHLINE_CHUNK_CHARS", low=1, high=1 << 20),
@@ -256,6 +262,33 @@ class _Reader:
             ):
                 raise SettingsError(name, raw, allowed)
         return tuple(item.lower() for item in items)
+
+    def redis_url(self, name: str, default: str) -> str:
+        """A Redis URL: ``redis://[user:password@]host[:port][/db]``, ``rediss://``, ``unix://``."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        allowed = (
+            "a Redis URL like redis://host:6379/0 (also rediss:// for TLS, "
+            "unix:///path/to/redis.sock)"
+        )
+        # The message must not echo a password: show the URL without its credentials.
+        url = urlsplit(raw)
+        shown = raw if url.password is None else raw.replace(url.password, "***", 1)
+        if url.scheme.lower() not in _REDIS_SCHEMES or any(c.isspace() for c in raw):
+            raise SettingsError(name, shown, allowed)
+        try:
+            url.port  # noqa: B018 (urlsplit checks the port only when it is read)
+        except ValueError:
+            raise SettingsError(name, shown, allowed) from None
+        if url.scheme.lower() == "unix":
+            valid = bool(url.path)
+        else:
+            db = url.path.removeprefix("/")
+            valid = bool(url.hostname) and (db == "" or db.isdigit())
+        if not valid:
+            raise SettingsError(name, shown, allowed)
+        return raw
 
     def seconds(self, name: str, default: float) -> float:
         value = self.optional_seconds(name)

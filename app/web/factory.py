@@ -1,23 +1,28 @@
 """The application factory: ``init_app(settings) -> web.Application``.
 
-``flushline serve``, ``python -m app`` and the tests all build the app here.
+``flushline serve``, ``python -m app`` and the tests all build the app here. The bus and
+the job store come from ``FLUSHLINE_BUS``: in this process (``memory``), or in Redis
+(``redis``, at ``FLUSHLINE_REDIS_URL``), whose connection is checked at start-up
+(:class:`StartupError` when it cannot be reached) and closed at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from aiohttp import web
 
-from app.bus import MemoryEventBus
+from app.bus import EventBus, MemoryEventBus
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
 from app.jobs.manager import JobManager
 from app.jobs.pipelines import DemoPipeline, Pipeline
-from app.jobs.store import MemoryJobStore
+from app.jobs.store import JobStore, MemoryJobStore
 from app.web import api
 from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
@@ -27,11 +32,16 @@ from app.web.poll import poll_events
 from app.web.stream import stream_job
 from strategies import STRATEGIES, build_strategy
 
-__all__ = ["init_app"]
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["StartupError", "init_app"]
 
 log = structlog.get_logger(__name__)
 
 EXPIRY_INTERVAL_S = 60.0
+#: How long start-up waits for Redis to answer before giving up.
+REDIS_CONNECT_TIMEOUT_S = 5.0
 #: The page and the browser client (``flushline.js``), served as they are: no build step.
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
 
@@ -44,9 +54,34 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     """
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    bus = MemoryEventBus(
-        history_limit=settings.history_limit, queue_limit=settings.subscriber_queue
-    )
+    bus: EventBus
+    store: JobStore
+    if settings.bus == "redis":
+        # Imported here: a memory-bus service never loads the Redis client.
+        from redis.asyncio import Redis
+
+        from app.bus.redis import RedisEventBus
+        from app.jobs.redis_store import RedisJobStore
+
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_keepalive=True,
+        )
+        bus = RedisEventBus(
+            redis,
+            history_limit=settings.history_limit,
+            queue_limit=settings.subscriber_queue,
+            job_ttl_s=settings.job_ttl_s,
+        )
+        store = RedisJobStore(redis, job_ttl_s=settings.job_ttl_s)
+        # First in cleanup_ctx, so the connection closes after everything that uses it.
+        app.cleanup_ctx.append(_redis_connection(redis, settings.redis_url))
+    else:
+        bus = MemoryEventBus(
+            history_limit=settings.history_limit, queue_limit=settings.subscriber_queue
+        )
+        store = MemoryJobStore()
     app[BUS] = bus
     registry: dict[str, Pipeline] = {DemoPipeline.name: DemoPipeline()}
     registry.update((p.name, p) for p in pipelines)
@@ -57,7 +92,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     tuning = settings.tuning()
     app[MANAGER] = JobManager(
         bus=bus,
-        store=MemoryJobStore(),
+        store=store,
         pipelines=registry,
         strategies={name: build_strategy(name, tuning) for name in STRATEGIES},
         max_active_jobs=settings.max_active_jobs,
@@ -75,6 +110,45 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.on_response_prepare.append(add_request_id)
     CorsPolicy(settings.cors_origins).install(app)
     return app
+
+
+class StartupError(RuntimeError):
+    """Something the service needs cannot be reached at start-up; the message is one line.
+
+    Raised out of ``web.run_app`` (from the app's start-up); ``flushline serve`` prints it
+    and exits with status 2.
+    """
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (``redis://user:***@host``), for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def _redis_connection(redis: Redis, url: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context: Redis must answer ``PING`` at start-up; closed at shutdown."""
+
+    async def connection(app: web.Application) -> AsyncIterator[None]:
+        from redis.exceptions import RedisError
+
+        try:
+            async with asyncio.timeout(REDIS_CONNECT_TIMEOUT_S):
+                await redis.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await redis.aclose()
+            reason = " ".join(str(exc).split()) or f"no answer within {REDIS_CONNECT_TIMEOUT_S:g} s"
+            raise StartupError(
+                f"cannot reach Redis at {redact_url(url)} (FLUSHLINE_REDIS_URL): {reason}"
+            ) from None
+        yield
+        await redis.aclose()
+
+    return connection
 
 
 async def index_page(request: web.Request) -> web.FileResponse:

@@ -1,0 +1,222 @@
+"""Several ``flushline serve`` processes sharing one Redis (FLUSHLINE_BUS=redis).
+
+Two real service processes, A and B, on one throw-away redis-server: whatever instance a
+request lands on, it sees the same jobs, the same events in the same order, and resumes
+exactly where a stream on the other instance was cut. Also the start-up failures of the
+Redis settings, through the real command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import attrs
+import pytest
+
+from tests.support.process import (
+    clean_env,
+    free_port,
+    require_flushline_script,
+    run_cli,
+    server_process,
+    wait_accepting,
+)
+from tests.support.redis import RedisServer
+from tests.support.sse_client import StreamRecord, read_stream
+
+#: About 3 s of events: 3 steps x 60 tokens at 60 tokens/s, small chunks every 0.3 s.
+RUNNING_JOB: dict[str, Any] = {
+    "strategy": "frequency",
+    "options": {"steps": 3, "tokens_per_step": 60, "tokens_per_second": 60, "seed": 3},
+}
+STREAM_TIMEOUT_S = 30.0
+
+
+@attrs.frozen
+class Instance:
+    """One running ``flushline serve``."""
+
+    name: str
+    url: str
+    log: pathlib.Path
+
+
+@pytest.fixture
+async def instances(
+    redis_server: RedisServer, tmp_path: pathlib.Path
+) -> AsyncIterator[tuple[Instance, Instance]]:
+    """Instances A and B: two ``flushline serve`` processes on the session's Redis."""
+    script = require_flushline_script()
+    env = clean_env(
+        FLUSHLINE_BUS="redis", FLUSHLINE_REDIS_URL=redis_server.url, FLUSHLINE_LOG_FORMAT="json"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        started: list[Instance] = []
+        for name in "AB":
+            port = free_port()
+            log = tmp_path / f"instance-{name}.log"
+            argv = [script, "serve", "--host", "127.0.0.1", "--port", str(port)]
+            process = await stack.enter_async_context(server_process(argv, env, log))
+            await wait_accepting(process, port)
+            started.append(Instance(name, f"http://127.0.0.1:{port}", log))
+        yield started[0], started[1]
+
+
+async def create(session: aiohttp.ClientSession, on: Instance, body: dict[str, Any]) -> Any:
+    async with session.post(f"{on.url}/api/jobs", json=body) as response:
+        assert response.status == 201, await response.text()
+        return await response.json()
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def stream(
+    session: aiohttp.ClientSession,
+    on: Instance,
+    job_id: str,
+    *,
+    last_event_id: int | None = None,
+    stop_after: int | None = None,
+) -> StreamRecord:
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    return await read_stream(
+        session,
+        f"{on.url}/api/jobs/{job_id}/stream?proxy_buffer=0",
+        headers=headers,
+        stop_after=stop_after,
+        timeout_s=STREAM_TIMEOUT_S,
+    )
+
+
+def assert_whole_log(payloads: list[dict[str, Any]], job_id: str) -> None:
+    """seq 1..n once each and in order, from job_started to a succeeded done."""
+    assert [p["seq"] for p in payloads] == list(range(1, len(payloads) + 1))
+    assert all(p["job_id"] == job_id for p in payloads)
+    assert payloads[0]["type"] == "job_started"
+    assert payloads[-1]["type"] == "done"
+    assert payloads[-1]["status"] == "succeeded"
+
+
+class TestTwoInstances:
+    """A job belongs to the service, not to the instance that created it."""
+
+    async def test_job_created_on_a_streams_whole_and_in_order_from_b(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """B streams A's running job live: every event once, in order, the same bytes as A."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, RUNNING_JOB)
+            from_b = await stream(session, b, job["id"])
+            assert from_b.status == 200
+            assert_whole_log(from_b.payloads(), job["id"])
+            # Live, not a replay after the end: the ~3 s job's events arrived over seconds.
+            assert from_b.events[-1].at - from_b.events[0].at > 1.0
+            assert len(from_b.events) > 10
+            replay_on_a = await stream(session, a, job["id"])
+        assert [e.message.data for e in from_b.events] == [
+            e.message.data for e in replay_on_a.events
+        ]
+
+    async def test_stream_cut_on_a_resumes_on_b_without_gap_or_duplicate(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """Cut after 5 events on A, resumed with Last-Event-ID on B: exactly the rest."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, RUNNING_JOB)
+            first = await stream(session, a, job["id"], stop_after=5)
+            seen = first.seqs()
+            assert seen == [1, 2, 3, 4, 5]
+            status = await get_json(session, f"{b.url}/api/jobs/{job['id']}")
+            assert status["status"] == "running"  # the resume lands while the job runs
+            rest = await stream(session, b, job["id"], last_event_id=seen[-1])
+            assert rest.status == 200
+            whole = first.payloads()[:5] + rest.payloads()
+            assert_whole_log(whole, job["id"])
+            replay = await stream(session, a, job["id"])
+        assert whole == replay.payloads()
+
+    async def test_b_lists_and_reads_a_job_created_on_a_at_once(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """A job created on A is in B's GET /api/jobs and GET /api/jobs/{id} at once, alike."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, RUNNING_JOB)
+            listed = await get_json(session, f"{b.url}/api/jobs?limit=1000")
+            assert job["id"] in [j["id"] for j in listed["jobs"]]
+            on_b = await get_json(session, f"{b.url}/api/jobs/{job['id']}")
+            assert on_b["id"] == job["id"]
+            assert on_b["created_at"] == job["created_at"]
+            await stream(session, b, job["id"])  # until done
+            finished_a = await get_json(session, f"{a.url}/api/jobs/{job['id']}")
+            finished_b = await get_json(session, f"{b.url}/api/jobs/{job['id']}")
+            assert finished_a == finished_b
+            assert finished_b["status"] == "succeeded"
+            running_b = await get_json(session, f"{b.url}/api/jobs?status=succeeded&limit=1000")
+            assert job["id"] in [j["id"] for j in running_b["jobs"]]
+
+    async def test_events_long_polled_from_b(self, instances: tuple[Instance, Instance]) -> None:
+        """Long-polling A's job on B returns its events in order until done."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, RUNNING_JOB)
+            after, seqs, done = 0, [], False
+            async with asyncio.timeout(STREAM_TIMEOUT_S):
+                while not done:
+                    answer = await get_json(
+                        session, f"{b.url}/api/jobs/{job['id']}/events?after={after}&wait_s=5"
+                    )
+                    seqs += [e["seq"] for e in answer["events"]]
+                    after, done = answer["last_event_id"], answer["done"]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert len(seqs) > 10
+
+
+class TestStartup:
+    """The Redis settings' failures stop ``flushline serve`` with one line and status 2."""
+
+    async def test_unreachable_redis_exits_2_naming_the_variable(self) -> None:
+        """Nothing listening at FLUSHLINE_REDIS_URL: one line naming it, exit status 2."""
+        url = f"redis://127.0.0.1:{free_port()}/0"
+        env = clean_env(
+            FLUSHLINE_BUS="redis", FLUSHLINE_REDIS_URL=url, FLUSHLINE_LOG_FORMAT="console"
+        )
+        code, out, err = await run_cli("serve", "--port", str(free_port()), env=env)
+        assert code == 2, out + err
+        lines = [line for line in (out + err).splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"flushline: cannot reach Redis at {url} (FLUSHLINE_REDIS_URL)")
+
+    async def test_password_is_not_printed(self) -> None:
+        """The start-up line shows the URL with its password hidden."""
+        url = f"redis://app:s3cret@127.0.0.1:{free_port()}/0"
+        env = clean_env(
+            FLUSHLINE_BUS="redis", FLUSHLINE_REDIS_URL=url, FLUSHLINE_LOG_FORMAT="console"
+        )
+        code, out, err = await run_cli("serve", "--port", str(free_port()), env=env)
+        assert code == 2
+        assert "s3cret" not in out + err
+        assert "redis://app:***@127.0.0.1" in err
+
+    @pytest.mark.parametrize("bad", ["http://127.0.0.1:6379", "redis://host:99999/0", "127.0.0.1"])
+    async def test_bad_url_exits_2_naming_the_variable(self, bad: str) -> None:
+        """A FLUSHLINE_REDIS_URL that is not a Redis URL stops start-up in one line."""
+        env = clean_env(FLUSHLINE_BUS="redis", FLUSHLINE_REDIS_URL=bad)
+        code, out, err = await run_cli("serve", "--port", str(free_port()), env=env)
+        assert code == 2
+        assert err.strip().splitlines() == [
+            f"flushline: invalid FLUSHLINE_REDIS_URL={bad!r}: a Redis URL like "
+            "redis://host:6379/0 (also rediss:// for TLS, unix:///path/to/redis.sock)"
+        ]
+        assert out == ""

@@ -26,9 +26,11 @@ exactly as in :mod:`app.bus.memory` (history then live with no seam, cut-off pas
 queue limit, cut-off instead of a gap when trimming overtakes a cursor). So 6,000 watchers
 of a job on one instance cost Redis one blocking read, and an idle job costs it nothing
 but that read. Events this instance publishes are also appended to its local list at
-once (the reader then skips them by seq), so local watchers see them without a round
-trip. When the last local subscriber leaves, the list and its reader linger for
-:data:`FEED_LINGER_S` (reconnects and long-polls find them warm), then go.
+once, so local watchers see them without a round trip; while this instance publishes a
+job and its list has every event, its reader does not read Redis at all (it would only
+get those same events back). When the last local subscriber leaves, the list and its
+reader linger for :data:`FEED_LINGER_S` (reconnects and long-polls find them warm),
+then go.
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ class _Feed:
     client_id: int | None = None
     #: The reader must end (the feed was dropped or the bus closed).
     stopped: bool = False
+    #: Wakes a reader that waits, instead of reading, while this instance publishes.
+    nudge: asyncio.Event = attrs.Factory(asyncio.Event)
     linger: asyncio.TimerHandle | None = None
     changed: asyncio.Future[None] | None = None
 
@@ -372,26 +376,33 @@ class RedisEventBus:
                     writer.next_seq, writer.closed = newest + 1, closed
                     continue
                 if added is None:
-                    self._writers.pop(job_id, None)
+                    self._drop_writer(job_id)
                     raise JobNotFound(job_id)
                 writer.next_seq += 1
                 break
             else:
                 raise RuntimeError(f"lost the race for a seq of job {job_id} too often")
         feed = self._feeds.get(job_id)
-        if (
-            feed is not None
-            and feed.loaded.is_set()
-            and not feed.closed
-            and encoded.seq == feed.next_seq
-        ):
-            # History keeps the frame only; the event object goes back to the publisher.
-            feed.append([attrs.evolve(encoded, event=None)], self.history_limit, self.queue_limit)
+        if feed is not None and feed.loaded.is_set() and not feed.closed:
+            if encoded.seq == feed.next_seq:
+                # History keeps the frame only; the event object goes back to the publisher.
+                event_only = attrs.evolve(encoded, event=None)
+                feed.append([event_only], self.history_limit, self.queue_limit)
+                feed.last_id = f"{encoded.seq}-0".encode()
+            else:  # the feed is behind (another publisher, or a load under way): read
+                feed.nudge.set()
         return encoded
+
+    def _drop_writer(self, job_id: str) -> None:
+        """This instance no longer publishes the job: its reader reads Redis again."""
+        self._writers.pop(job_id, None)
+        feed = self._feeds.get(job_id)
+        if feed is not None:
+            feed.nudge.set()
 
     async def close(self, job_id: str) -> None:
         newest = await self._close_script(keys=[self.key(job_id)], args=[self._ttl_ms, "closed"])
-        self._writers.pop(job_id, None)
+        self._drop_writer(job_id)
         if newest < 0:
             raise JobNotFound(job_id)
         feed = self._feeds.get(job_id)
@@ -411,7 +422,7 @@ class RedisEventBus:
         # every instance are answered (and end) before the key disappears under them.
         await self._close_script(keys=[key], args=[self._ttl_ms, "gone"])
         await self.redis.delete(key)
-        self._writers.pop(job_id, None)
+        self._drop_writer(job_id)
         feed = self._feeds.get(job_id)
         if feed is not None:
             self._forget(feed)
@@ -479,6 +490,7 @@ class RedisEventBus:
             feed.linger = None
         reader, feed.reader = feed.reader, None
         feed.stopped = True
+        feed.nudge.set()
         if reader is not None and not reader.done():
             stopping = asyncio.create_task(self._halt(feed, reader))
             self._stopping.add(stopping)
@@ -528,6 +540,13 @@ class RedisEventBus:
         failures = 0
         # A closed feed keeps reading (while it lingers) to learn if the job is discarded.
         while not (feed.gone or feed.stopped):
+            writer = self._writers.get(feed.job_id)
+            if writer is not None and writer.next_seq == feed.next_seq and not feed.closed:
+                # This instance publishes the job and the feed has every event: they reach
+                # it without Redis (publish appends them), so reading would only cost.
+                feed.nudge.clear()
+                await feed.nudge.wait()
+                continue
             try:
                 if feed.client_id is None:
                     feed.client_id = await client.client_id()

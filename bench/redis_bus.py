@@ -1,0 +1,249 @@
+"""What the Redis bus costs Redis: commands per published event, idle cost, memory per job.
+
+Run: ``python -m bench.redis_bus`` (about 15 s; needs ``redis-server``, started here on a
+free port, never the machine's own). Counts come from Redis itself (``INFO
+commandstats`` after ``CONFIG RESETSTAT``), so they include every command any instance
+sent, and the commands Lua scripts ran. Two bus instances share the server, as two
+service processes would: A publishes, subscribers are split between A and B.
+
+* publish: events published on A through the bus alone, with 0 to 1,000 subscribers;
+* job: one demo job run by the real ``JobManager`` on A with the Redis bus and job store
+  (each event is also folded into the job's snapshot), watched from A and B;
+* idle: a job with watchers on both instances and nothing published for 3 s;
+* memory: ``MEMORY USAGE`` of a finished demo job's keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.bus.redis import RedisEventBus
+from app.core.events import InsightEvent
+from app.jobs.manager import JobManager, JobRequest
+from app.jobs.pipelines import DemoPipeline
+from app.jobs.redis_store import RedisJobStore
+from bench.common import print_table
+from strategies import STRATEGIES, build_strategy
+from tests.support.redis import find_redis_server, run_redis
+
+#: Commands of this bench's own measuring, left out of the counts.
+ADMIN = {"config|resetstat", "info", "memory|usage", "ping", "dbsize"}
+#: The demo job of the job and memory rows: 4 steps x 400 tokens, as fast as it goes.
+JOB_OPTIONS = {"steps": 4, "tokens_per_step": 400, "tokens_per_second": 100_000, "seed": 7}
+
+
+async def command_counts(admin: Redis) -> dict[str, int]:
+    """Calls per command since the last reset, the bench's own left out."""
+    stats: dict[str, Any] = await admin.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name.removeprefix("cmdstat_") not in ADMIN
+    }
+
+
+async def measure(admin: Redis, work: Callable[[], Awaitable[int]]) -> tuple[int, dict[str, int]]:
+    """Run ``work`` (which returns how many events it published) between two counts."""
+    await admin.config_resetstat()
+    events = await work()
+    await asyncio.sleep(0.2)  # let every reader's last read land
+    return events, await command_counts(admin)
+
+
+def per_event(counts: dict[str, int], events: int) -> str:
+    parts = [f"{name} {calls / events:.2f}" for name, calls in sorted(counts.items()) if calls]
+    return ", ".join(parts) or "none"
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds (subscribers have entered)."""
+    while True:
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def watch(bus: RedisEventBus, job_id: str) -> int:
+    async with bus.subscribe(job_id) as sub:
+        got = 0
+        while True:
+            batch = await sub.next_batch(None)
+            got += len(batch.events)
+            if batch.ended:
+                return got
+
+
+async def publish_row(
+    url: str, admin: Redis, on_a: int, on_b: int, events: int
+) -> tuple[int, dict[str, int], int]:
+    a = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    b = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    job_id = uuid.uuid4().hex
+    await a.open(job_id)
+    watchers = [asyncio.create_task(watch(a, job_id)) for _ in range(on_a)]
+    watchers += [asyncio.create_task(watch(b, job_id)) for _ in range(on_b)]
+    await until(lambda: a.subscriber_count(job_id) == on_a and b.subscriber_count(job_id) == on_b)
+
+    async def work() -> int:
+        for i in range(events):
+            await a.publish(job_id, InsightEvent(text=f"event {i} " + "x" * 200))
+            if i % 10 == 9:
+                await asyncio.sleep(0.001)  # a producer's pace: bursts of 10
+        return events
+
+    published, counts = await measure(admin, work)
+    await a.close(job_id)
+    received = sum(await asyncio.gather(*watchers))
+    await a.aclose()
+    await b.aclose()
+    return published, counts, received
+
+
+def manager(bus: RedisEventBus, store: RedisJobStore) -> JobManager:
+    return JobManager(
+        bus=bus,
+        store=store,
+        pipelines={"demo": DemoPipeline()},
+        strategies={name: build_strategy(name) for name in STRATEGIES},
+    )
+
+
+async def job_row(url: str, admin: Redis, watchers_each: int) -> tuple[int, dict[str, int], str]:
+    client_a, client_b = Redis.from_url(url), Redis.from_url(url)
+    a = RedisEventBus(client_a, prefix="bench:")
+    b = RedisEventBus(client_b, prefix="bench:")
+    store = RedisJobStore(client_a, prefix="bench:")
+    jobs = manager(a, store)
+    job_id = ""
+
+    async def work() -> int:
+        nonlocal job_id
+        job = await jobs.create(JobRequest("demo", "aligned", options=JOB_OPTIONS))
+        job_id = job.id
+        watchers = [
+            asyncio.create_task(watch(bus, job_id)) for bus in (a, b) for _ in range(watchers_each)
+        ]
+        got = await asyncio.gather(*watchers)
+        assert len(set(got)) == 1, got
+        return got[0]
+
+    events, counts = await measure(admin, work)
+    await a.aclose()
+    await b.aclose()
+    await client_a.aclose()
+    await client_b.aclose()
+    return events, counts, job_id
+
+
+async def idle_row(url: str, admin: Redis, idle_s: float) -> dict[str, int]:
+    a = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    b = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    job_id = uuid.uuid4().hex
+    await a.open(job_id)
+    await a.publish(job_id, InsightEvent(text="started"))
+    watchers = [asyncio.create_task(watch(bus, job_id)) for bus in (a, b) for _ in range(100)]
+    await until(lambda: a.subscriber_count(job_id) == b.subscriber_count(job_id) == 100)
+    await asyncio.sleep(0.2)
+    await admin.config_resetstat()
+    await asyncio.sleep(idle_s)
+    counts = await command_counts(admin)
+    await a.close(job_id)
+    await asyncio.gather(*watchers)
+    await a.aclose()
+    await b.aclose()
+    return counts
+
+
+async def memory_row(url: str, admin: Redis, job_id: str) -> list[tuple[str, object]]:
+    store = RedisJobStore(admin, prefix="bench:")
+    bus = RedisEventBus(admin, prefix="bench:")
+    stream = await admin.memory_usage(bus.key(job_id), samples=0)
+    snapshot = await admin.memory_usage(store.key(job_id), samples=0)
+    length = await admin.xlen(bus.key(job_id))
+    entries = await admin.xrange(bus.key(job_id))
+    frames = sum(len(fields.get(b"f", b"")) for _, fields in entries)
+    return [
+        ("stream entries (events + markers)", length),
+        ("frame bytes in the stream", frames),
+        ("stream key (MEMORY USAGE)", stream),
+        ("snapshot key (MEMORY USAGE)", snapshot),
+        ("total, B", stream + snapshot),
+    ]
+
+
+async def main(url: str, events: int) -> None:
+    admin = Redis.from_url(url)
+    rows = []
+    for on_a, on_b in ((0, 0), (1, 1), (10, 10), (500, 500)):
+        published, counts, received = await publish_row(url, admin, on_a, on_b, events)
+        assert received == published * (on_a + on_b), (received, published)
+        xadd = counts.get("xadd", 0) / published
+        reads = counts.get("xread", 0) / published
+        rows.append(
+            (
+                f"{on_a} + {on_b}",
+                published,
+                f"{xadd:.2f}",
+                f"{reads:.2f}",
+                f"{sum(counts.values()) / published:.2f}",
+                per_event(counts, published),
+            )
+        )
+    print(f"## bus alone: {events} events published on A, subscribers on A + B\n")
+    print_table(
+        ["subscribers", "events", "XADD/event", "XREAD/event", "all/event", "by command"], rows
+    )
+
+    job_events, counts, job_id = await job_row(url, admin, 500)
+    publish_side = counts.get("xadd", 0) + counts.get("set", 0)
+    print(f"\n## one demo job {JOB_OPTIONS} on A, 500 watchers on A and 500 on B\n")
+    print_table(
+        ["events", "XADD+SET/event", "all/event", "by command (per event)"],
+        [
+            (
+                job_events,
+                f"{publish_side / job_events:.2f}",
+                f"{sum(counts.values()) / job_events:.2f}",
+                per_event(counts, job_events),
+            )
+        ],
+    )
+
+    idle_s = 3.0
+    idle = await idle_row(url, admin, idle_s)
+    print(f"\n## idle: a running job, 100 watchers on A and 100 on B, {idle_s:g} s quiet\n")
+    print_table(["commands", "by command"], [(sum(idle.values()), per_event(idle, 1))])
+
+    print(f"\n## Redis memory of the finished demo job ({job_events} events)\n")
+    print_table(["what", "value"], await memory_row(url, admin, job_id))
+    await admin.aclose()
+
+
+def run() -> None:
+    """Parse arguments, start a throw-away redis-server (or use ``--url``) and measure."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=2000, help="events per publish row")
+    parser.add_argument("--url", help="an existing Redis to use (it is reset: CONFIG RESETSTAT)")
+    args = parser.parse_args()
+    if args.url:
+        asyncio.run(main(args.url, args.events))
+        return
+    if find_redis_server() is None:
+        raise SystemExit("redis-server not found: apt-get install redis-server")
+    with tempfile.TemporaryDirectory() as tmp, run_redis(pathlib.Path(tmp)) as server:
+        started = time.monotonic()
+        asyncio.run(main(server.url, args.events))
+        print(f"\n(redis-server {server.url}, {time.monotonic() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    run()

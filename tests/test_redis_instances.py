@@ -163,8 +163,25 @@ class TestTwoInstances:
             finished_b = await get_json(session, f"{b.url}/api/jobs/{job['id']}")
             assert finished_a == finished_b
             assert finished_b["status"] == "succeeded"
-            running_b = await get_json(session, f"{b.url}/api/jobs?status=succeeded&limit=1000")
-            assert job["id"] in [j["id"] for j in running_b["jobs"]]
+            succeeded_b = await get_json(session, f"{b.url}/api/jobs?status=succeeded&limit=1000")
+            assert job["id"] in [j["id"] for j in succeeded_b["jobs"]]
+
+    async def test_finished_job_ends_on_b_as_on_a(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """On B, A's finished job: 204 at its last event, 400 past it, the rest after a seq."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, RUNNING_JOB)
+            whole = (await stream(session, a, job["id"])).payloads()
+            last = whole[-1]["seq"]
+            at_end = await stream(session, b, job["id"], last_event_id=last)
+            assert at_end.status == 204
+            past = await stream(session, b, job["id"], last_event_id=last + 1)
+            assert past.status == 400
+            tail = await stream(session, b, job["id"], last_event_id=last - 3)
+        assert tail.status == 200
+        assert tail.payloads() == whole[-3:]
 
     async def test_events_long_polled_from_b(self, instances: tuple[Instance, Instance]) -> None:
         """Long-polling A's job on B returns its events in order until done."""

@@ -521,17 +521,30 @@ class RedisEventBus:
         """The feed's reader: the kept history, then every new entry as it comes."""
         try:
             await self._load(feed)
-        except Exception as exc:
-            feed.error = exc
+        except BaseException as exc:
+            # Whoever waits to subscribe learns why (never waits forever).
+            stopped = not isinstance(exc, Exception)
+            feed.error = RuntimeError(f"stopped reading job {feed.job_id}") if stopped else exc
             if self._feeds.get(feed.job_id) is feed:
                 del self._feeds[feed.job_id]
             feed.loaded.set()
+            if stopped:
+                raise
             return
         feed.loaded.set()
         # Its own connection, so that CLIENT UNBLOCK can end the blocking read (_halt).
         client = Redis(connection_pool=self.redis.connection_pool, single_connection_client=True)
         try:
             await self._follow(feed, client)
+        except Exception:
+            # Not a lost connection (those are retried): give the feed up. Its subscribers
+            # are cut off, so their streams end and resume on a fresh feed.
+            log.exception("redis reader failed", job_id=feed.job_id)
+            if self._feeds.get(feed.job_id) is feed:
+                del self._feeds[feed.job_id]
+            for sub in list(feed.subscribers):
+                sub.cut_off()
+            feed.wake()
         finally:
             await client.aclose()
 

@@ -1,6 +1,6 @@
 """What the Redis bus costs Redis: commands per published event, idle cost, memory per job.
 
-Run: ``python -m bench.redis_bus`` (about 15 s; needs ``redis-server``, started here on a
+Run: ``python -m bench.redis_bus`` (about a minute; needs ``redis-server``, started here on a
 free port, never the machine's own). Counts come from Redis itself (``INFO
 commandstats`` after ``CONFIG RESETSTAT``), so they include every command any instance
 sent, and the commands Lua scripts ran. Two bus instances share the server, as two
@@ -10,6 +10,7 @@ service processes would: A publishes, subscribers are split between A and B.
 * job: one demo job run by the real ``JobManager`` on A with the Redis bus and job store
   (each event is also folded into the job's snapshot), watched from A and B;
 * idle: a job with watchers on both instances and nothing published for 3 s;
+* lag: the memory bus (one instance) against the Redis bus (two), 1,000 subscribers;
 * memory: ``MEMORY USAGE`` of a finished demo job's keys.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from app.bus import EventBus, MemoryEventBus
 from app.bus.redis import RedisEventBus
 from app.core.events import InsightEvent
 from app.jobs.manager import JobManager, JobRequest
@@ -72,14 +74,63 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.01)
 
 
-async def watch(bus: RedisEventBus, job_id: str) -> int:
+async def watch(bus: EventBus, job_id: str, lags_ms: list[float] | None = None) -> int:
+    """Read the job to its end; ``lags_ms`` gets each event's arrival minus its ``ts``."""
     async with bus.subscribe(job_id) as sub:
         got = 0
         while True:
             batch = await sub.next_batch(None)
+            if lags_ms is not None:
+                now = time.time()
+                lags_ms.extend((now - event.ts) * 1000 for event in batch.events)
             got += len(batch.events)
             if batch.ended:
                 return got
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))] if ordered else 0.0
+
+
+async def lag_row(
+    name: str, buses: tuple[EventBus, EventBus], watchers_each: int, events: int
+) -> tuple[str, ...]:
+    """Lag of ``events`` published on the first bus, watched on both, in bursts of 10."""
+    a, b = buses
+    job_id = uuid.uuid4().hex
+    await a.open(job_id)
+    lags: tuple[list[float], list[float]] = ([], [])
+    watchers = [
+        asyncio.create_task(watch(bus, job_id, side))
+        for bus, side in zip(buses, lags, strict=True)
+        for _ in range(watchers_each)
+    ]
+    await until(
+        lambda: (
+            a.subscriber_count(job_id) + b.subscriber_count(job_id) >= 2 * watchers_each
+            if a is not b
+            else a.subscriber_count(job_id) == 2 * watchers_each
+        )
+    )
+    cpu = time.process_time()
+    for i in range(events):
+        await a.publish(job_id, InsightEvent(text=f"event {i} " + "x" * 200))
+        # Yield after each event as a producer does (the memory bus would otherwise hand
+        # a whole burst over in one wake-up), and pause after each burst of 10.
+        await asyncio.sleep(0.005 if i % 10 == 9 else 0)
+    await a.close(job_id)
+    await asyncio.gather(*watchers)
+    cpu_s = time.process_time() - cpu
+    both = lags[0] + lags[1]
+    return (
+        name,
+        str(len(both)),
+        f"{percentile(lags[0], 50):.1f} / {percentile(lags[0], 99):.1f}",
+        f"{percentile(lags[1], 50):.1f} / {percentile(lags[1], 99):.1f}",
+        f"{percentile(both, 99):.1f}",
+        f"{cpu_s / len(both) * 1e6:.1f}",
+    )
 
 
 async def publish_row(
@@ -205,6 +256,32 @@ async def main(url: str, events: int) -> None:
 
     job_events, counts, job_id = await job_row(url, admin, 500)
     publish_side = counts.get("xadd", 0) + counts.get("set", 0)
+    memory = MemoryEventBus()
+    a = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    b = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    lag_rows = [
+        await lag_row("memory, one instance", (memory, memory), 500, events),
+        await lag_row("redis, two instances", (a, b), 500, events),
+    ]
+    await a.aclose()
+    await b.aclose()
+    print(
+        f"\n## delivery lag: {events} events in bursts of 10 (a yield after each, 5 ms after"
+        " each burst), 1,000 subscribers"
+        " (500 on A, the publisher, 500 on B; one process, so both share one core)\n"
+    )
+    print_table(
+        [
+            "bus",
+            "deliveries",
+            "lag A p50 / p99 ms",
+            "lag B p50 / p99 ms",
+            "p99 all ms",
+            "CPU µs/delivery",
+        ],
+        lag_rows,
+    )
+
     print(f"\n## one demo job {JOB_OPTIONS} on A, 500 watchers on A and 500 on B\n")
     print_table(
         ["events", "XADD+SET/event", "all/event", "by command (per event)"],

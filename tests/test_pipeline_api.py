@@ -326,3 +326,56 @@ class TestLoader:
         for bad in ("a.b:", ":c", "a b:c", "a.b:c-d"):
             with pytest.raises(ValueError, match=r"package\.module:attribute"):
                 parse_pipeline_paths(bad)
+
+
+class TestThroughTheEnvironment:
+    """FLUSHLINE_PIPELINES and FLUSHLINE_LLM_* through Settings.from_environ and init_app."""
+
+    async def test_pipelines_variable_registers_and_runs(
+        self, make_client: MakeClient, user_module: str
+    ) -> None:
+        """FLUSHLINE_PIPELINES=pkg.mod:attr registers the pipeline; a job runs end to end."""
+        client = await make_client({"FLUSHLINE_PIPELINES": f"{user_module}.flows:pipeline"})
+        payloads = await run(client, "greet", {"name": "Ada"})
+        assert payloads[-1]["status"] == "succeeded"
+        assert payloads[-1]["result"]["output"] == "hello Ada"
+
+    def test_a_path_that_does_not_import_stops_the_app(self, user_module: str) -> None:
+        """A bad import path stops init_app with the loader's one line naming it."""
+        from app.core.settings import Settings
+        from app.web.factory import init_app
+
+        settings = Settings.from_environ({"FLUSHLINE_PIPELINES": f"{user_module}.flows:nope"})
+        with pytest.raises(PipelineLoadError, match=f"'{user_module}.flows:nope'"):
+            init_app(settings)
+
+    async def test_provider_variables_feed_chat_and_prompt_steps(
+        self, make_client: MakeClient
+    ) -> None:
+        """With the three variables set, chat and the example's prompts go to the provider."""
+        from tests.support.fake_llm import Reply, fake_llm
+
+        async with fake_llm(Reply(tokens=("hi",))) as fake:
+            env = {
+                "FLUSHLINE_LLM_BASE_URL": fake.base_url,
+                "FLUSHLINE_LLM_MODEL": "fake-model",
+                "FLUSHLINE_LLM_API_KEY": "sk-env",
+                "FLUSHLINE_PIPELINES": "examples.resume_tailoring:pipeline",
+            }
+            client = await make_client(env)
+            chat = await run(client, "chat", {"prompt": "hello"})
+            example = await run(client, "resume-tailoring", {"job_post": "x", "resume": "y"})
+            assert len(fake.requests) == 5
+            assert fake.requests[0].headers["Authorization"] == "Bearer sk-env"
+        assert chat[-1]["result"] == {"text": "hi"}
+        assert example[-1]["result"]["output"] == "hi"
+
+    async def test_chat_without_provider_is_a_400(self, make_client: MakeClient) -> None:
+        """No FLUSHLINE_LLM_*: a chat job is refused naming the variables; demo still runs."""
+        client = await make_client()
+        response = await client.post(
+            "/api/jobs", json={"pipeline": "chat", "input": {"prompt": "x"}}
+        )
+        error = await expect_json_error(response, 400, "FLUSHLINE_LLM_BASE_URL", field="pipeline")
+        assert "FLUSHLINE_LLM_MODEL" in error["message"]
+        assert (await create_job(client))["pipeline"] == "demo"

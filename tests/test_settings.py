@@ -103,6 +103,7 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("FLUSHLINE_STRATEGY", "padding", "strategy", "padding"),
     ("FLUSHLINE_STRATEGY", "Frequency", "strategy", "frequency"),
     ("FLUSHLINE_PIPELINE", "scripted", "pipeline", "scripted"),
+    ("FLUSHLINE_PIPELINES", "a.b:c, d:e.f", "pipelines", ("a.b:c", "d:e.f")),
     ("FLUSHLINE_PADDING_BYTES", "4096", "padding_bytes", 4096),
     ("FLUSHLINE_PADDING_BYTES", "0", "padding_bytes", 0),
     ("FLUSHLINE_CHUNK_CHARS", "250", "chunk_chars", 250),
@@ -168,21 +169,26 @@ class TestEveryVariable:
 
 
 class TestBusAndPipeline:
-    """The two variables whose only built-in value is their default: read, and checked."""
+    """The bus and pipeline variables: read, and checked."""
 
-    @pytest.mark.parametrize("raw", ["memory", " MEMORY ", "Memory"])
-    def test_bus_accepts_memory_in_any_case(self, raw: str) -> None:
-        """FLUSHLINE_BUS is a case-insensitive choice (only `memory` exists so far)."""
-        assert load(FLUSHLINE_BUS=raw).bus == "memory"
+    @pytest.mark.parametrize(("raw", "bus"), [(" MEMORY ", "memory"), ("Redis", "redis")])
+    def test_bus_is_a_case_insensitive_choice(self, raw: str, bus: str) -> None:
+        """FLUSHLINE_BUS picks memory or redis, whatever the case."""
+        assert load(FLUSHLINE_BUS=raw).bus == bus
 
     def test_bus_is_read(self) -> None:
-        """FLUSHLINE_BUS is not ignored: a value other than `memory` is refused by name."""
-        with pytest.raises(SettingsError, match="FLUSHLINE_BUS='redis': allowed: memory"):
-            load(FLUSHLINE_BUS="redis")
+        """FLUSHLINE_BUS is not ignored: an unknown bus is refused naming the allowed ones."""
+        with pytest.raises(SettingsError, match="FLUSHLINE_BUS='kafka': allowed: memory, redis"):
+            load(FLUSHLINE_BUS="kafka")
+
+    def test_redis_url_is_read(self) -> None:
+        """FLUSHLINE_REDIS_URL is read whatever the bus, with its default otherwise."""
+        assert load().redis_url == "redis://127.0.0.1:6379/0"
+        assert load(FLUSHLINE_REDIS_URL="redis://cache:6380/2").redis_url == "redis://cache:6380/2"
 
     def test_unknown_pipeline_is_refused_by_the_factory(self) -> None:
         """A FLUSHLINE_PIPELINE naming no registered pipeline fails init_app in one line."""
-        message = "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo"
+        message = "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo, chat"
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             init_app(load(FLUSHLINE_PIPELINE="summarise"))
 
@@ -202,13 +208,39 @@ class TestBusAndPipeline:
         assert (await create_job(default))["pipeline"] == "demo"
 
 
+class TestProvider:
+    """The three FLUSHLINE_LLM_* variables."""
+
+    def test_provider_is_read_and_the_key_hidden(self) -> None:
+        """URL (trailing slash dropped), model and key are read; the key is not in repr."""
+        settings = Settings.from_environ(
+            {
+                "FLUSHLINE_LLM_BASE_URL": "https://api.groq.com/openai/v1/",
+                "FLUSHLINE_LLM_MODEL": "llama-3.1-8b-instant",
+                "FLUSHLINE_LLM_API_KEY": "gsk_secret",
+            }
+        )
+        assert settings.llm_base_url == "https://api.groq.com/openai/v1"
+        assert settings.llm_model == "llama-3.1-8b-instant"
+        assert settings.llm_api_key == "gsk_secret"
+        assert "gsk_secret" not in repr(settings)
+
+    def test_one_without_the_other_is_refused(self) -> None:
+        """A base URL without a model, or a model without a URL: one line naming the missing one."""
+        with pytest.raises(SettingsError, match=r"FLUSHLINE_LLM_MODEL.*required"):
+            Settings.from_environ({"FLUSHLINE_LLM_BASE_URL": "http://localhost:11434/v1"})
+        with pytest.raises(SettingsError, match=r"FLUSHLINE_LLM_BASE_URL.*required"):
+            Settings.from_environ({"FLUSHLINE_LLM_MODEL": "llama3.2"})
+
+
 class TestUnknownVariables:
     """Misspelt FLUSHLINE_* variables are found against the loader's own names."""
 
     def test_known_variables_are_those_the_loader_reads(self) -> None:
         """Every variable exercised above is known, PORT included; nothing else is."""
         exercised = {row[0] for row in PARSED} | {row[0] for row in INVALID}
-        exercised |= {"FLUSHLINE_BUS", "FLUSHLINE_CORS_ORIGINS"}
+        exercised |= {"FLUSHLINE_BUS", "FLUSHLINE_CORS_ORIGINS", "FLUSHLINE_REDIS_URL"}
+        exercised |= {"FLUSHLINE_LLM_MODEL", "FLUSHLINE_LLM_API_KEY"}
         assert exercised <= known_variables()
         assert known_variables() - exercised == set()
 
@@ -241,6 +273,10 @@ INVALID: list[tuple[str, str, str]] = [
     ("FLUSHLINE_STRATEGY", "bogus", "combined"),
     ("FLUSHLINE_STRATEGY", "padding,frequency", "padding"),
     ("FLUSHLINE_BUS", "kafka", "memory"),
+    ("FLUSHLINE_REDIS_URL", "http://cache:6379/0", "redis://"),
+    ("FLUSHLINE_LLM_BASE_URL", "api.openai.com/v1", "https://"),
+    ("FLUSHLINE_LLM_BASE_URL", "ftp://example.com/v1", "https://"),
+    ("FLUSHLINE_PIPELINES", "examples.resume_tailoring", "package.module:attribute"),
     ("FLUSHLINE_BUS", "memory,redis", "memory"),
     ("FLUSHLINE_LOG_LEVEL", "verbose", "debug"),
     ("FLUSHLINE_LOG_FORMAT", "xml", "json"),
@@ -365,7 +401,9 @@ def test_startup_with_unknown_pipeline_exits_2_with_one_line() -> None:
     """An unregistered FLUSHLINE_PIPELINE stops start-up: one line naming it, exit 2."""
     result = run_app(FLUSHLINE_PIPELINE="summarise", FLUSHLINE_LOG_FORMAT="console")
     assert result.returncode == 2, result.stderr
-    assert result.stderr == "flushline: invalid FLUSHLINE_PIPELINE='summarise': allowed: demo\n"
+    assert (
+        result.stderr == "flushline: invalid FLUSHLINE_PIPELINE='summarise': allowed: demo, chat\n"
+    )
     assert result.stdout == ""
 
 
@@ -375,5 +413,5 @@ def test_startup_with_unknown_pipeline_in_json_mode_is_one_json_line() -> None:
     assert result.returncode == 2, result.stderr
     [line] = json_lines(result.stderr)
     assert line["severity"] == "ERROR"
-    assert line["message"] == "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo"
+    assert line["message"] == "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo, chat"
     assert result.stdout == ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -31,6 +32,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PREFIX = "FLUSHLINE_"
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 class SettingsError(ValueError):
@@ -76,6 +78,13 @@ class Settings:
     log_format: str = "auto"
     #: Origins allowed to call the API from a browser; ``("*",)`` allows any, ``()`` none.
     cors_origins: tuple[str, ...] = ()
+    #: The OpenAI-compatible provider (``None``: none; the ``chat`` pipeline refuses jobs).
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    #: Never shown: not in ``repr``, logs or the start-up line.
+    llm_api_key: str = attrs.field(default="", repr=False)
+    #: ``package.module:attribute`` paths of user pipelines, registered at start-up.
+    pipelines: tuple[str, ...] = ()
 
     def tuning(self) -> Tuning:
         """The operator's strategy overrides (unset ones stay None)."""
@@ -98,6 +107,7 @@ class Settings:
     def _load(cls, r: _Reader) -> Settings:
         # PORT (Cloud Run's) wins over FLUSHLINE_PORT.
         port_var = "PORT" if r.is_set("PORT") else "FLUSHLINE_PORT"
+        llm_base_url, llm_model, llm_api_key = r.llm()
         return cls(
             host=r.text("FLUSHLINE_HOST", "0.0.0.0"),
             port=r.integer(port_var, 8080, low=1, high=65535),
@@ -128,6 +138,10 @@ class Settings:
             log_level=r.choice("FLUSHLINE_LOG_LEVEL", "info", _LOG_LEVELS),
             log_format=r.choice("FLUSHLINE_LOG_FORMAT", "auto", _LOG_FORMATS),
             cors_origins=r.origins("FLUSHLINE_CORS_ORIGINS"),
+            llm_base_url=llm_base_url,
+            llm_model=llm_model,
+            llm_api_key=llm_api_key,
+            pipelines=r.pipeline_paths("FLUSHLINE_PIPELINES"),
         )
 
 
@@ -289,6 +303,43 @@ class _Reader:
         if not valid:
             raise SettingsError(name, shown, allowed)
         return raw
+
+    def url(self, name: str) -> str | None:
+        """An ``http://`` or ``https://`` URL without query or fragment."""
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        url = urlsplit(raw)
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise SettingsError(
+                name, raw, "an http:// or https:// URL such as https://api.openai.com/v1"
+            )
+        return raw.rstrip("/")
+
+    def llm(self) -> tuple[str | None, str | None, str]:
+        """The provider's three variables, each read whatever the others hold."""
+        base_url = self.url("FLUSHLINE_LLM_BASE_URL")
+        model = self._raw("FLUSHLINE_LLM_MODEL")
+        api_key = self._raw("FLUSHLINE_LLM_API_KEY") or ""
+        if base_url is not None and model is None:
+            raise SettingsError(
+                "FLUSHLINE_LLM_MODEL", "", "required when FLUSHLINE_LLM_BASE_URL is set"
+            )
+        if base_url is None and (model is not None or api_key):
+            raise SettingsError(
+                "FLUSHLINE_LLM_BASE_URL", "", "required when FLUSHLINE_LLM_MODEL or _API_KEY is set"
+            )
+        return base_url, model, api_key
+
+    def pipeline_paths(self, name: str) -> tuple[str, ...]:
+        """A comma list of ``package.module:attribute`` (imported by the app factory)."""
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        paths = tuple(item.strip() for item in raw.split(",") if item.strip())
+        if not all(_IMPORT_PATH.fullmatch(path) for path in paths):
+            raise SettingsError(name, raw, "a comma list of package.module:attribute")
+        return paths
 
     def seconds(self, name: str, default: float) -> float:
         value = self.optional_seconds(name)

@@ -20,9 +20,13 @@ from aiohttp import web
 from app.bus import EventBus, MemoryEventBus
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
+from app.jobs.llm import ChatPipeline, LLMConfig, OpenAIChatSource
+from app.jobs.loader import load_pipelines
 from app.jobs.manager import JobManager
 from app.jobs.pipelines import DemoPipeline, Pipeline
+from app.jobs.steps import bind_source
 from app.jobs.store import JobStore, MemoryJobStore
+from app.jobs.tokens import TokenSource
 from app.web import api
 from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
@@ -49,8 +53,10 @@ STATIC_DIR = pathlib.Path(__file__).parent / "static"
 def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.Application:
     """Build the Flushline application.
 
-    ``pipelines`` are registered beside the built-in ``demo`` one (a user pipeline with
-    the same name replaces it).
+    ``pipelines``, then those of ``FLUSHLINE_PIPELINES``, are registered beside the
+    built-in ``demo`` and ``chat`` (a user pipeline with the same name replaces it). Their
+    prompt steps use the configured provider, else the simulated source. A path that does
+    not import raises ``PipelineLoadError`` (a ``ValueError``) naming it.
     """
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
@@ -83,8 +89,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         )
         store = MemoryJobStore()
     app[BUS] = bus
-    registry: dict[str, Pipeline] = {DemoPipeline.name: DemoPipeline()}
-    registry.update((p.name, p) for p in pipelines)
+    registry = _pipeline_registry(settings, pipelines)
     if settings.pipeline not in registry:
         raise ValueError(
             f"invalid FLUSHLINE_PIPELINE={settings.pipeline!r}: allowed: {', '.join(registry)}"
@@ -110,6 +115,26 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.on_response_prepare.append(add_request_id)
     CorsPolicy(settings.cors_origins).install(app)
     return app
+
+
+def _pipeline_registry(settings: Settings, pipelines: Iterable[Pipeline]) -> dict[str, Pipeline]:
+    """The built-in pipelines, then the given ones, then ``FLUSHLINE_PIPELINES``."""
+    provider: TokenSource | None = None
+    if settings.llm_base_url is not None and settings.llm_model is not None:
+        provider = OpenAIChatSource(
+            LLMConfig(
+                base_url=settings.llm_base_url,
+                model=settings.llm_model,
+                api_key=settings.llm_api_key,
+            )
+        )
+    registry: dict[str, Pipeline] = {
+        DemoPipeline.name: DemoPipeline(),
+        ChatPipeline.name: ChatPipeline(provider),
+    }
+    for pipeline in (*pipelines, *load_pipelines(settings.pipelines)):
+        registry[pipeline.name] = pipeline if provider is None else bind_source(pipeline, provider)
+    return registry
 
 
 class StartupError(RuntimeError):

@@ -14,8 +14,8 @@ The control reproduces the original bug: the same page with sensing off (``?sens
 strategy ``none``, behind 4096, stays at its first value until the end. The reconnect
 test restarts the proxy mid-job. The EventSource fallback and the 204 are driven from a
 bare page that imports ``flushline.js`` with options the page does not offer. Everything
-runs once, side by side, in the module fixture ``runs`` (about 25 s); the tests judge
-the records. Figures: ``python -m bench.client_paths``.
+runs once, in two rounds of pages side by side, in the module fixture ``runs`` (about
+40 s); the tests judge the records. Figures: ``python -m bench.client_paths``.
 """
 
 from __future__ import annotations
@@ -204,53 +204,69 @@ async def _finished(browser: Any, ready: Callable[[], Awaitable[None]]) -> Clien
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    """Every path, the control and the reconnect, watched side by side in one Chromium."""
+    """Every path side by side in one Chromium; then the control, reconnect and fallbacks.
+
+    Two rounds, so that no more than nine pages share the two cores at once: with
+    thirteen, a page closing or loading could stall another's delivery for a second.
+    """
     paths = [p for p in CLIENT_PATHS if p.nginx is None or find_nginx() is not None]
     tmp = tmp_path_factory.mktemp("client-paths")
+
+    async def measure_paths(browser: Any) -> list[ClientRun | BaseException]:
+        line = StartLine(len(paths))
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        # Screenshots wait until every page of the round has seen its job end.
+        finish_line = StartLine(len(paths))
+        jobs = [
+            watch_through(
+                browser,
+                p,
+                tmp,
+                ready=line.place(i),
+                screenshot=SCREENSHOTS / f"{p.name}.png",
+                finished=finish_line.place(0),
+            )
+            for i, p in enumerate(paths)
+        ]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    async def measure_others(browser: Any) -> list[ClientRun | BaseException]:
+        line = StartLine(5)
+        ready = iter(line.place(i) for i in range(line.runners))
+        control = watch_through(
+            browser,
+            EMULATOR_4096_ALL,
+            tmp,
+            strategy="none",
+            job_options=CONTROL_JOB,
+            sensing=False,
+            name=CONTROL,
+            ready=next(ready),
+        )
+
+        async def at_once() -> None:
+            return None
+
+        others = [control, _reconnect(browser, next(ready), at_once)]
+        others += [
+            watch_through(
+                browser,
+                p,
+                tmp,
+                options={"transport": "eventsource"},
+                name=n,
+                ready=next(ready),
+            )
+            for p, n in ((EMULATOR_4096_ALL, ES_LIVE), (EMULATOR_8192_BLOCKS, ES_HELD))
+        ]
+        others.append(_finished(browser, next(ready)))
+        return await asyncio.gather(*others, return_exceptions=True)
 
     async def measure_all() -> Runs:
         results: list[ClientRun | BaseException] = []
         async for browser in launch_browser():
-            line = StartLine(len(paths) + 5)
-            ready = iter(line.place(i) for i in range(line.runners))
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            # Screenshots wait until every page that takes one has seen its job end.
-            finish_line = StartLine(len(paths) + 1)
-            jobs = [
-                watch_through(
-                    browser,
-                    p,
-                    tmp,
-                    ready=next(ready),
-                    screenshot=SCREENSHOTS / f"{p.name}.png",
-                    finished=finish_line.place(0),
-                )
-                for p in paths
-            ]
-            control = watch_through(
-                browser,
-                EMULATOR_4096_ALL,
-                tmp,
-                strategy="none",
-                job_options=CONTROL_JOB,
-                sensing=False,
-                name=CONTROL,
-                ready=next(ready),
-            )
-            extra = [_reconnect(browser, next(ready), finish_line.place(0))]
-            extra += [
-                watch_through(
-                    browser,
-                    p,
-                    tmp,
-                    options={"transport": "eventsource"},
-                    name=n,
-                    ready=next(ready),
-                )
-                for p, n in ((EMULATOR_4096_ALL, ES_LIVE), (EMULATOR_8192_BLOCKS, ES_HELD))
-            ]
-            extra.append(_finished(browser, next(ready)))
-            results = await asyncio.gather(*jobs, control, *extra, return_exceptions=True)
+            results = await measure_paths(browser)
+            results += await measure_others(browser)
         names = [p.name for p in paths] + [CONTROL, RECONNECT, ES_LIVE, ES_HELD, FINISHED]
         return dict(zip(names, results, strict=True))
 

@@ -1,0 +1,65 @@
+"""The command line of ``flushline probe URL``: its arguments, and the run that prints
+the report (human or ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import aiohttp
+import orjson
+
+from app.pathtools.probe.pattern import probe_pattern
+from app.pathtools.probe.reader import ProbeError, run_probe
+from app.pathtools.probe.report import DEFAULT_LATENCY_BUDGET_MS, report_json
+from app.web.diagnostics import DiagnosticsPattern
+
+__all__ = ["configure_parser", "run_from_args"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``flushline probe``."""
+    parser.add_argument("url", help="base URL of the Flushline service, as your users reach it")
+    parser.add_argument(
+        "--write-bytes",
+        type=int,
+        default=DiagnosticsPattern().write_bytes,
+        help="size of the pattern's small writes (default 257, a prime; the large ones are 4x)",
+    )
+    parser.add_argument(
+        "--interval-ms",
+        type=int,
+        default=DiagnosticsPattern().interval_ms,
+        help="time between the pattern's writes (default 25)",
+    )
+    parser.add_argument(
+        "--max-buffer",
+        type=int,
+        default=16384,
+        help="largest buffer size to detect (the pattern sends about 5 times this)",
+    )
+    parser.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        default=DEFAULT_LATENCY_BUDGET_MS,
+        help="how late an event may arrive: a time hold within it needs no fix (default 500)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run ``flushline probe``; 0 on success, 1 if the stream could not be read."""
+    pattern = probe_pattern(
+        args.max_buffer, write_bytes=args.write_bytes, interval_ms=args.interval_ms
+    )
+    try:
+        report = asyncio.run(run_probe(args.url, pattern, latency_budget_ms=args.latency_budget_ms))
+    except (ProbeError, aiohttp.ClientError, TimeoutError) as exc:
+        print(f"flushline probe: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps(report_json(report), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(report.render())
+    return 0

@@ -27,6 +27,7 @@ async def test_stream_ends_on_the_hinted_block(client: Client, strategy: str, bl
     assert hinted.status == 200
     assert len(hinted.raw) % block == 0
     assert hinted.payloads() == plain.payloads()
+
     def data_lines(raw: bytes) -> list[bytes]:
         return [line.text for line in raw_lines(raw) if line.text.startswith(b"data:")]
 

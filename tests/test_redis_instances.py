@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -198,6 +199,73 @@ class TestTwoInstances:
                     after, done = answer["last_event_id"], answer["done"]
         assert seqs == list(range(1, len(seqs) + 1))
         assert len(seqs) > 10
+
+
+#: About 8 s of events: long enough that a cancel always lands while it runs.
+LONG_JOB: dict[str, Any] = {
+    "strategy": "frequency",
+    "options": {"steps": 4, "tokens_per_step": 120, "tokens_per_second": 60, "seed": 5},
+}
+
+
+async def wait_running(session: aiohttp.ClientSession, on: Instance, job_id: str) -> None:
+    """Wait until the job has published its first events (it is running, not queued)."""
+    async with asyncio.timeout(STREAM_TIMEOUT_S):
+        while True:
+            job = await get_json(session, f"{on.url}/api/jobs/{job_id}")
+            if job["last_event_id"] >= 3:
+                return
+            await asyncio.sleep(0.05)
+
+
+class TestCancelAnywhere:
+    """A cancel lands on whichever instance; the runner ends the job at once."""
+
+    async def test_cancel_on_b_stops_a_job_running_on_a_within_a_second(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """Cancel on B: 202 with the cancelled job; A's and B's streams end with done cancelled."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, LONG_JOB)
+            on_a = asyncio.create_task(stream(session, a, job["id"]))
+            on_b = asyncio.create_task(stream(session, b, job["id"]))
+            await wait_running(session, a, job["id"])
+            asked = time.time()
+            async with session.post(f"{b.url}/api/jobs/{job['id']}/cancel") as response:
+                assert response.status == 202, await response.text()
+                answer = await response.json()
+            assert answer["status"] == "cancelled"
+            records = await asyncio.gather(on_a, on_b)
+            again = await session.post(f"{a.url}/api/jobs/{job['id']}/cancel")
+            assert again.status == 409
+            assert (await again.json())["error"]["code"] == "job_finished"
+        for record in records:
+            done = record.events[-1]
+            assert done.data["type"] == "done"
+            assert done.data["status"] == "cancelled"
+            assert done.data["ts"] - asked < 1.0  # the runner ended it within a second
+            assert record.seqs() == list(range(1, len(record.events) + 1))
+        assert records[0].payloads() == records[1].payloads()
+
+    async def test_concurrent_cancels_on_both_instances_accept_exactly_one(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """Three cancels on A and three on B at once: one 202, five 409; the job ends cancelled."""
+        a, b = instances
+        async with aiohttp.ClientSession() as session:
+            job = await create(session, a, LONG_JOB)
+            await wait_running(session, a, job["id"])
+
+            async def cancel(on: Instance) -> int:
+                async with session.post(f"{on.url}/api/jobs/{job['id']}/cancel") as response:
+                    await response.read()
+                    return response.status
+
+            statuses = await asyncio.gather(*(cancel(on) for on in (a, b, a, b, a, b)))
+            assert sorted(statuses) == [202, 409, 409, 409, 409, 409]
+            final = (await stream(session, b, job["id"])).payloads()[-1]
+        assert (final["type"], final["status"]) == ("done", "cancelled")
 
 
 class TestStartup:

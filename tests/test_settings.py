@@ -51,6 +51,11 @@ class TestDefaults:
         assert s.strategy in STRATEGIES
         assert (s.log_level, s.log_format) == ("info", "auto")
 
+    def test_scale_out_defaults_are_the_contracts(self) -> None:
+        """FLUSHLINE_RUNNER_LEASE_S defaults to 15 s and FLUSHLINE_SHUTDOWN_GRACE_S to 8 s."""
+        s = load()
+        assert (s.runner_lease_s, s.shutdown_grace_s) == (15.0, 8.0)
+
     def test_unset_tuning_stays_none_so_strategies_pick_their_defaults(self) -> None:
         """No tuning variable set means an all-None Tuning (each strategy's own defaults)."""
         assert load().tuning() == Tuning()
@@ -120,6 +125,8 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("FLUSHLINE_MAX_ACTIVE_JOBS", "7", "max_active_jobs", 7),
     ("FLUSHLINE_MAX_BODY_BYTES", "2048", "max_body_bytes", 2048),
     ("FLUSHLINE_JOB_TTL", "60", "job_ttl_s", 60.0),
+    ("FLUSHLINE_RUNNER_LEASE_S", "3", "runner_lease_s", 3.0),
+    ("FLUSHLINE_SHUTDOWN_GRACE_S", "2.5s", "shutdown_grace_s", 2.5),
     ("FLUSHLINE_MAX_RETAINED_JOBS", "99", "max_retained_jobs", 99),
     ("FLUSHLINE_SEND_TIMEOUT", "4.5", "send_timeout_s", 4.5),
     ("FLUSHLINE_LOG_LEVEL", "DEBUG", "log_level", "debug"),
@@ -311,6 +318,8 @@ INVALID: list[tuple[str, str, str]] = [
     ("FLUSHLINE_MAX_ACTIVE_JOBS", "lots", "integer"),
     ("FLUSHLINE_MAX_BODY_BYTES", "1", "integer"),
     ("FLUSHLINE_JOB_TTL", "-60", "seconds"),
+    ("FLUSHLINE_RUNNER_LEASE_S", "0", "seconds"),
+    ("FLUSHLINE_SHUTDOWN_GRACE_S", "soon", "seconds"),
     ("FLUSHLINE_MAX_RETAINED_JOBS", "0", "integer"),
     ("FLUSHLINE_SEND_TIMEOUT", "0", "seconds"),
     ("FLUSHLINE_SEND_TIMEOUT", "never", "seconds"),

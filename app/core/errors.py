@@ -10,6 +10,8 @@ from typing import ClassVar
 
 __all__ = [
     "AtCapacity",
+    "BackendUnavailable",
+    "Draining",
     "FlushlineError",
     "HistoryTruncated",
     "InvalidField",
@@ -25,6 +27,8 @@ class FlushlineError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    #: Seconds for the ``Retry-After`` header of the answer (``None``: no header).
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -73,6 +77,28 @@ class AtCapacity(FlushlineError):
 
     def __init__(self, limit: int, retry_after_s: int = 5) -> None:
         super().__init__(f"{limit} jobs are already running; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Draining(FlushlineError):
+    """The instance is shutting down: it takes no new job (another instance will)."""
+
+    status = 503
+    code = "draining"
+
+    def __init__(self, retry_after_s: int = 1) -> None:
+        super().__init__(f"this instance is shutting down; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class BackendUnavailable(FlushlineError):
+    """Redis (where jobs and events live) cannot be reached right now."""
+
+    status = 503
+    code = "backend_unavailable"
+
+    def __init__(self, reason: str, retry_after_s: int = 2) -> None:
+        super().__init__(f"the job store is unreachable ({reason}); retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 

@@ -58,6 +58,10 @@ class Settings:
     bus: str = "memory"
     #: Where the Redis bus and job store live (used when ``bus`` is ``redis``).
     redis_url: str = DEFAULT_REDIS_URL
+    #: With ``redis``: how long a job outlives its runner's last lease renewal.
+    runner_lease_s: float = 15.0
+    #: On SIGTERM: how long running jobs may take to finish before they are ended.
+    shutdown_grace_s: float = 8.0
     pipeline: str = "demo"
     padding_bytes: int | None = None
     chunk_chars: int | None = None
@@ -115,6 +119,8 @@ class Settings:
             bus=r.choice("FLUSHLINE_BUS", "memory", _BUSES),
             # Read (and checked) whatever the bus: known_variables() runs the loader.
             redis_url=r.redis_url("FLUSHLINE_REDIS_URL", DEFAULT_REDIS_URL),
+            runner_lease_s=r.seconds("FLUSHLINE_RUNNER_LEASE_S", 15.0),
+            shutdown_grace_s=r.seconds("FLUSHLINE_SHUTDOWN_GRACE_S", 8.0),
             pipeline=r.text("FLUSHLINE_PIPELINE", "demo"),
             padding_bytes=r.optional_integer("FLUSHLINE_PADDING_BYTES", low=0, high=1 << 20),
             chunk_chars=r.optional_integer("FLUSHLINE_CHUNK_CHARS", low=1, high=1 << 20),

@@ -13,21 +13,21 @@ import contextlib
 import functools
 import secrets
 import time
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import structlog
 
 from app.bus import EventBus
-from app.core.errors import AtCapacity, InvalidField, JobAlreadyFinished
-from app.core.events import AnyEvent, DoneEvent, EncodedEvent
+from app.core.errors import AtCapacity, Draining, InvalidField, JobAlreadyFinished
+from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
 from app.jobs.store import JobSnapshot, JobStatus, JobStore, StepState, apply_event
 from strategies import FlushStrategy
 
-__all__ = ["JobManager", "JobRequest"]
+__all__ = ["SHUTDOWN_REASON", "JobControl", "JobManager", "JobRequest"]
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +35,54 @@ T = TypeVar("T")
 
 #: How long a cancel request waits for the job to publish its ``done``.
 CANCEL_WAIT_S = 5.0
+#: How often a cancel on an instance that does not run the job checks the snapshot
+#: after the job's stream has ended (the runner writes it just after ``done``).
+CANCEL_POLL_S = 0.01
+#: Why jobs still running at the end of the shutdown grace end ``failed``.
+SHUTDOWN_REASON = "shutdown"
+#: Pause after a failed renew or sweep before the next attempt.
+MAINTENANCE_RETRY_S = 1.0
+
+
+class JobControl(Protocol):
+    """How the instances sharing jobs coordinate (``RedisJobControl``); none for one instance.
+
+    The instance that runs a job holds its lease and renews it; any instance may ask for
+    a job to be cancelled, and one sweeps the jobs whose runner stopped renewing.
+    """
+
+    @property
+    def lease_s(self) -> float:
+        """How long a lease lasts without renewal."""
+        ...
+
+    async def acquire(self, job_id: str) -> None:
+        """This instance runs the job: take its lease."""
+        ...
+
+    async def renew(self, job_ids: Collection[str]) -> set[str]:
+        """Renew the leases (and key TTLs) of these jobs; returns those asked to cancel."""
+        ...
+
+    async def release(self, job_id: str) -> None:
+        """The job has ended here: drop its lease."""
+        ...
+
+    async def claim_cancel(self, job_id: str) -> bool:
+        """Record a cancel request; False if one was already recorded (atomic)."""
+        ...
+
+    async def request_cancel(self, job_id: str) -> None:
+        """Tell every instance (the runner among them) that the job is to be cancelled."""
+        ...
+
+    async def watch_cancels(self, on_cancel: Callable[[str], None]) -> None:
+        """Call ``on_cancel(job_id)`` for every cancel request, until cancelled."""
+        ...
+
+    async def sweep(self) -> list[str]:
+        """End the jobs whose lease expired (``error`` then ``done`` failed); their ids."""
+        ...
 
 
 def _lookup(registry: Mapping[str, T], field: str, name: str) -> T:
@@ -67,6 +115,8 @@ class _Running:
     ended: asyncio.Event = attrs.Factory(asyncio.Event)
     #: Ends a job whose task was cancelled before it first ran (see ``_task_done``).
     ender: asyncio.Task[None] | None = None
+    #: Set when the service stops the job: it ends ``failed`` with this reason.
+    stop_reason: str | None = None
 
 
 @attrs.define(eq=False)
@@ -80,6 +130,11 @@ class JobManager:
     max_active_jobs: int = 100
     job_ttl_s: float = 3600.0
     max_retained_jobs: int = 10_000
+    #: Coordination with other instances (Redis); ``None``: this instance is alone.
+    control: JobControl | None = None
+    #: The instance is shutting down: no new job; streams hand over to other instances.
+    draining: bool = False
+    _drain_callbacks: set[Callable[[], None]] = attrs.Factory(set)
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
@@ -102,6 +157,8 @@ class JobManager:
         pipeline = self.pipeline(request.pipeline)
         strategy = self.strategy(request.strategy)
         plan = pipeline.plan(request.input, request.options)
+        if self.draining:
+            raise Draining()
         if self.active_jobs >= self.max_active_jobs:
             raise AtCapacity(self.max_active_jobs)
         await self._make_room()
@@ -116,6 +173,8 @@ class JobManager:
         )
         await self.store.add(job)
         await self.bus.open(job.id)
+        if self.control is not None:
+            await self.control.acquire(job.id)
         run = _Running(job)
         self._running[job.id] = run
         run.task = asyncio.create_task(
@@ -145,8 +204,14 @@ class JobManager:
             return await self._publish(job.id, event)
 
         try:
-            outcome = await run_job(plan, pipeline, strategy.name, strategy.cadence, publish)
+            outcome = await run_job(
+                plan, pipeline, strategy.name, strategy.cadence, publish, lambda: run.stop_reason
+            )
             return outcome
+        except asyncio.CancelledError:
+            if run.stop_reason is not None:
+                outcome = JobOutcome("failed", run.stop_reason)
+            raise
         except Exception as exc:
             # run_job reports step failures itself; this is the backstop for a failure to
             # report one (e.g. the bus refused the final event): the job must still end.
@@ -169,7 +234,12 @@ class JobManager:
         started = time.monotonic()
         outcome = JobOutcome("cancelled")
         try:
-            await self._publish(run.job.id, DoneEvent("cancelled", 0.0, error="cancelled"))
+            if run.stop_reason is None:
+                await self._publish(run.job.id, DoneEvent("cancelled", 0.0, error="cancelled"))
+            else:
+                outcome = JobOutcome("failed", run.stop_reason)
+                await self._publish(run.job.id, ErrorEvent(run.stop_reason, None))
+                await self._publish(run.job.id, DoneEvent("failed", 0.0, error=run.stop_reason))
         except Exception as exc:
             outcome = await self._crashed(run.job.id, exc)
         finally:
@@ -187,6 +257,11 @@ class JobManager:
         try:
             await self.bus.close(job.id)
         finally:
+            if self.control is not None:
+                try:
+                    await self.control.release(job.id)
+                except Exception as exc:  # the lease expires by itself; sweepers skip ended jobs
+                    log.warning("lease not released", error=str(exc))
             self._running.pop(job.id, None)
             run.ended.set()
             log.info(
@@ -225,21 +300,56 @@ class JobManager:
         """Cancel a queued or running job; ``JobAlreadyFinished`` if it has ended.
 
         A job already being cancelled counts as ended: of two concurrent cancels, only
-        the first is accepted.
+        the first is accepted (with other instances: of all cancels on every instance).
+        A job another instance runs is cancelled there (that instance learns at once);
+        the answer waits for its ``done`` either way.
         """
         job = await self.store.get(job_id)
         run = self._running.get(job_id)
-        if run is None or run.task is None or run.cancelling or job.status.finished:
-            status = job.status
-            if not status.finished and run is not None and run.cancelling:
-                status = JobStatus.CANCELLED
-            raise JobAlreadyFinished(job_id, status.value)
+        if self.control is None:
+            if run is None or run.task is None or run.cancelling or job.status.finished:
+                status = job.status
+                if not status.finished and run is not None and run.cancelling:
+                    status = JobStatus.CANCELLED
+                raise JobAlreadyFinished(job_id, status.value)
+        else:
+            if job.status.finished:
+                raise JobAlreadyFinished(job_id, job.status.value)
+            if not await self.control.claim_cancel(job_id):
+                raise JobAlreadyFinished(job_id, JobStatus.CANCELLED.value)
+        if run is not None and run.task is not None:
+            self._cancel_local(job_id)
+            # Let the job publish its final event, so the answer shows the cancelled job.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_WAIT_S):
+                    await run.ended.wait()
+            return await self.store.get(job_id)
+        assert self.control is not None
+        await self.control.request_cancel(job_id)
+        return await self._wait_ended_elsewhere(job_id)
+
+    def _cancel_local(self, job_id: str) -> None:
+        """Cancel the task of a job this instance runs (once)."""
+        run = self._running.get(job_id)
+        if run is None or run.task is None or run.cancelling:
+            return
         run.cancelling = True
         run.task.cancel()
-        # Let the job publish its final event, so the answer shows the cancelled job.
+
+    async def _wait_ended_elsewhere(self, job_id: str) -> JobSnapshot:
+        """Wait (up to ``CANCEL_WAIT_S``) for another instance's job to end; its snapshot."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CANCEL_WAIT_S):
-                await run.ended.wait()
+                after = await self.bus.last_seq(job_id)
+                async with self.bus.subscribe(job_id, after) as subscription:
+                    while not (await subscription.next_batch(None)).ended:
+                        pass
+                # The runner writes the final snapshot just after publishing `done`.
+                while True:
+                    job = await self.store.get(job_id)
+                    if job.status.finished:
+                        return job
+                    await asyncio.sleep(CANCEL_POLL_S)
         return await self.store.get(job_id)
 
     async def _make_room(self) -> None:
@@ -262,12 +372,84 @@ class JobManager:
             await self._forget(job_id)
         return len(expired)
 
+    def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` when draining starts (at once if it has); returns an unregister."""
+        if self.draining:
+            callback()
+            return lambda: None
+        self._drain_callbacks.add(callback)
+        return lambda: self._drain_callbacks.discard(callback)
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking jobs, give running ones ``grace_s`` to finish, then end the rest.
+
+        With other instances (Redis), those still running then end ``failed`` with reason
+        ``shutdown``; alone, they are cancelled as :meth:`shutdown` does.
+        """
+        if not self.draining:
+            self.draining = True
+            callbacks, self._drain_callbacks = self._drain_callbacks, set()
+            for callback in callbacks:
+                callback()
+        runs = list(self._running.values())
+        log.info("draining", running_jobs=len(runs), grace_s=grace_s)
+        if runs:
+            waits = [asyncio.ensure_future(run.ended.wait()) for run in runs]
+            await asyncio.wait(waits, timeout=grace_s)
+            for wait in waits:
+                wait.cancel()
+        await self.shutdown()
+
     async def shutdown(self) -> None:
-        """Cancel every job that has not ended and wait for each to publish its ``done``."""
+        """End every job that has not ended and wait for each to publish its ``done``.
+
+        Alone, a job ends ``cancelled``; with other instances (Redis), ``failed`` with
+        reason ``shutdown`` (its watchers are elsewhere and must not read it as a cancel).
+        """
         runs = list(self._running.values())
         for run in runs:
             if not run.cancelling and run.task is not None:
                 run.cancelling = True
+                if self.control is not None:
+                    run.stop_reason = SHUTDOWN_REASON
                 run.task.cancel()
         if runs:
             await asyncio.gather(*(run.ended.wait() for run in runs))
+
+    async def maintain(self) -> None:
+        """With other instances: watch cancel requests, renew leases, sweep lost runners.
+
+        Runs until cancelled (the app owns the task); returns at once for one instance.
+        """
+        control = self.control
+        if control is None:
+            return
+        async with asyncio.TaskGroup() as group:
+            group.create_task(control.watch_cancels(self._cancel_local), name="cancel-watcher")
+            group.create_task(self._renew_forever(control), name="lease-renewer")
+            group.create_task(self._sweep_forever(control), name="lease-sweeper")
+
+    async def _renew_forever(self, control: JobControl) -> None:
+        while True:
+            await asyncio.sleep(control.lease_s / 3)
+            if not self._running:
+                continue
+            try:
+                cancels = await control.renew(list(self._running))
+            except Exception as exc:
+                log.warning("lease renewal failed", error=str(exc))
+                continue
+            for job_id in cancels:  # a request whose message this instance missed
+                self._cancel_local(job_id)
+
+    async def _sweep_forever(self, control: JobControl) -> None:
+        while True:
+            await asyncio.sleep(min(control.lease_s / 4, 0.5))
+            try:
+                ended = await control.sweep()
+            except Exception as exc:
+                log.warning("lease sweep failed", error=str(exc))
+                await asyncio.sleep(MAINTENANCE_RETRY_S)
+                continue
+            for job_id in ended:
+                log.warning("job failed: runner lost", job_id=job_id)

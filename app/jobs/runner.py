@@ -182,11 +182,18 @@ class _StepRun:
 
 
 async def run_job(
-    plan: JobPlan, pipeline: Pipeline, strategy_name: str, cadence: Cadence, publish: Publish
+    plan: JobPlan,
+    pipeline: Pipeline,
+    strategy_name: str,
+    cadence: Cadence,
+    publish: Publish,
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> JobOutcome:
     """Run ``plan`` to its end, publishing every event; the last one is always ``done``.
 
-    Cancellation publishes ``done`` with status ``cancelled`` and then propagates.
+    Cancellation publishes ``done`` with status ``cancelled`` and then propagates; when
+    ``stop_reason()`` gives a reason (the service is stopping), it publishes ``error`` and
+    ``done`` status ``failed`` with that reason instead.
     """
     estimator = ProgressEstimator([step.expected_tokens for step in plan.steps])
     names = tuple(step.name for step in plan.steps)
@@ -205,7 +212,12 @@ async def run_job(
         # Inside the try: a result that cannot be encoded fails the job like any error.
         await publish(DoneEvent("succeeded", 100.0, result=result))
     except asyncio.CancelledError:
-        await publish(DoneEvent("cancelled", estimator.overall_pct, error="cancelled"))
+        reason = stop_reason()
+        if reason is None:
+            await publish(DoneEvent("cancelled", estimator.overall_pct, error="cancelled"))
+        else:
+            await publish(ErrorEvent(reason, current))
+            await publish(DoneEvent("failed", estimator.overall_pct, error=reason))
         raise
     except Exception as exc:
         message = str(exc) or type(exc).__name__

@@ -22,7 +22,7 @@ from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
 from app.jobs.llm import ChatPipeline, LLMConfig, OpenAIChatSource
 from app.jobs.loader import load_pipelines
-from app.jobs.manager import JobManager
+from app.jobs.manager import JobControl, JobManager
 from app.jobs.pipelines import DemoPipeline, Pipeline
 from app.jobs.steps import bind_source
 from app.jobs.store import JobStore, MemoryJobStore
@@ -62,12 +62,13 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app[SETTINGS] = settings
     bus: EventBus
     store: JobStore
+    control: JobControl | None = None
     if settings.bus == "redis":
         # Imported here: a memory-bus service never loads the Redis client.
         from redis.asyncio import Redis
 
         from app.bus.redis import RedisEventBus
-        from app.jobs.redis_store import RedisJobStore
+        from app.jobs.redis_store import RedisJobControl, RedisJobStore
 
         redis = Redis.from_url(
             settings.redis_url,
@@ -81,6 +82,9 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
             job_ttl_s=settings.job_ttl_s,
         )
         store = RedisJobStore(redis, job_ttl_s=settings.job_ttl_s)
+        control = RedisJobControl(
+            redis, bus, store, lease_s=settings.runner_lease_s, job_ttl_s=settings.job_ttl_s
+        )
         # First in cleanup_ctx, so the connection closes after everything that uses it.
         app.cleanup_ctx.append(_redis_connection(redis, settings.redis_url))
     else:
@@ -103,6 +107,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         max_active_jobs=settings.max_active_jobs,
         job_ttl_s=settings.job_ttl_s,
         max_retained_jobs=settings.max_retained_jobs,
+        control=control,
     )
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)
@@ -193,7 +198,10 @@ async def _expiry_task(app: web.Application) -> AsyncIterator[None]:
                 log.info("jobs expired", count=expired)
 
     task = asyncio.create_task(expire_forever(), name="job-expiry")
+    # With Redis: the cancel watcher, the lease renewer and the lost-runner sweeper.
+    maintenance = asyncio.create_task(manager.maintain(), name="job-maintenance")
     yield
+    await cancel_and_wait(maintenance)
     await cancel_and_wait(task)
     await app[BUS].aclose()
 

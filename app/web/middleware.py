@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app.core.errors import AtCapacity, FlushlineError, InvalidField
+from app.core.errors import FlushlineError, InvalidField
 from app.web.keys import STREAM_BYTES
 
 __all__ = ["add_request_id", "client_gone", "error_response", "json_response", "middlewares"]
@@ -145,7 +145,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except FlushlineError as exc:
         headers = None
-        if isinstance(exc, AtCapacity):
+        if exc.retry_after_s is not None:
             headers = {"Retry-After": str(exc.retry_after_s)}
         body: dict[str, Any] = {"code": exc.code, "message": exc.message}
         if isinstance(exc, InvalidField):

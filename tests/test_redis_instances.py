@@ -45,6 +45,30 @@ class Instance:
     name: str
     url: str
     log: pathlib.Path
+    process: asyncio.subprocess.Process
+
+
+async def start_instances(
+    stack: contextlib.AsyncExitStack,
+    redis_url: str,
+    tmp_path: pathlib.Path,
+    names: str = "AB",
+    **env: str,
+) -> list[Instance]:
+    """One ``flushline serve`` per letter of ``names`` on ``redis_url``, killed with ``stack``."""
+    script = require_flushline_script()
+    environ = clean_env(
+        FLUSHLINE_BUS="redis", FLUSHLINE_REDIS_URL=redis_url, FLUSHLINE_LOG_FORMAT="json", **env
+    )
+    started: list[Instance] = []
+    for name in names:
+        port = free_port()
+        log = tmp_path / f"instance-{name}.log"
+        argv = [script, "serve", "--host", "127.0.0.1", "--port", str(port)]
+        process = await stack.enter_async_context(server_process(argv, environ, log))
+        await wait_accepting(process, port)
+        started.append(Instance(name, f"http://127.0.0.1:{port}", log, process))
+    return started
 
 
 @pytest.fixture
@@ -52,20 +76,9 @@ async def instances(
     redis_server: RedisServer, tmp_path: pathlib.Path
 ) -> AsyncIterator[tuple[Instance, Instance]]:
     """Instances A and B: two ``flushline serve`` processes on the session's Redis."""
-    script = require_flushline_script()
-    env = clean_env(
-        FLUSHLINE_BUS="redis", FLUSHLINE_REDIS_URL=redis_server.url, FLUSHLINE_LOG_FORMAT="json"
-    )
     async with contextlib.AsyncExitStack() as stack:
-        started: list[Instance] = []
-        for name in "AB":
-            port = free_port()
-            log = tmp_path / f"instance-{name}.log"
-            argv = [script, "serve", "--host", "127.0.0.1", "--port", str(port)]
-            process = await stack.enter_async_context(server_process(argv, env, log))
-            await wait_accepting(process, port)
-            started.append(Instance(name, f"http://127.0.0.1:{port}", log))
-        yield started[0], started[1]
+        a, b = await start_instances(stack, redis_server.url, tmp_path)
+        yield a, b
 
 
 async def create(session: aiohttp.ClientSession, on: Instance, body: dict[str, Any]) -> Any:

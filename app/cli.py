@@ -11,7 +11,7 @@ import errno
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -104,6 +104,47 @@ def _startup_fields(app: web.Application, settings: Settings) -> dict[str, Any]:
     }
 
 
+def _drain_on_sigterm(grace_s: float) -> Callable[[web.Application], Awaitable[None]]:
+    """An ``on_startup`` hook: SIGTERM drains the service, then stops it.
+
+    aiohttp's own handler would stop listening and cancel every job at once. Instead the
+    service keeps answering (new jobs get ``503`` with ``Retry-After``, and with Redis its
+    streams hand over to the other instances), gives running jobs ``grace_s`` to finish,
+    ends the rest, then stops as on SIGINT.
+    """
+    import asyncio
+    import signal
+
+    from app.web.keys import MANAGER
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def drain() -> None:
+            try:
+                await app[MANAGER].drain(grace_s)
+            except Exception:
+                log.exception("draining failed")
+            finally:
+                loop.call_soon(_graceful_exit)
+
+        def on_sigterm() -> None:
+            if not tasks:  # a second SIGTERM changes nothing: the drain is under way
+                tasks.add(loop.create_task(drain(), name="drain"))
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+    return install
+
+
+def _graceful_exit() -> None:
+    """Stop ``web.run_app`` as its own signal handler does (``GracefulExit`` is a SystemExit)."""
+    from aiohttp import web
+
+    raise web.GracefulExit()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -135,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         app = init_app(settings)
     except ValueError as exc:
         return fail(str(exc))
+    app.on_startup.append(_drain_on_sigterm(settings.shutdown_grace_s))
     address = _address(settings.host, settings.port)
     try:
         web.run_app(

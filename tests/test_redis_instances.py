@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -279,6 +280,73 @@ class TestCancelAnywhere:
             assert sorted(statuses) == [202, 409, 409, 409, 409, 409]
             final = (await stream(session, b, job["id"])).payloads()[-1]
         assert (final["type"], final["status"]) == ("done", "cancelled")
+
+
+async def wait_exit(instance: Instance, timeout_s: float) -> int:
+    """The instance's exit status; fails if it still runs after ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await instance.process.wait()
+    except TimeoutError:
+        raise AssertionError(f"{instance.name} still runs {timeout_s} s after SIGTERM") from None
+
+
+class TestSigterm:
+    """SIGTERM drains an instance: no new job, running ones finish or fail `shutdown`."""
+
+    async def test_job_past_the_grace_fails_with_shutdown_and_streams_move_on(
+        self, redis_server: RedisServer, tmp_path: pathlib.Path
+    ) -> None:
+        """Grace 2 s, an 8 s job on A: A's stream hands off, B's ends error/done shutdown."""
+        grace_s = 2.0
+        async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
+            a, b = await start_instances(
+                stack, redis_server.url, tmp_path, FLUSHLINE_SHUTDOWN_GRACE_S=str(grace_s)
+            )
+            job = await create(session, a, LONG_JOB)
+            on_a = asyncio.create_task(stream(session, a, job["id"]))
+            on_b = asyncio.create_task(stream(session, b, job["id"]))
+            await wait_running(session, a, job["id"])
+            sent_at = time.monotonic()
+            a.process.send_signal(signal.SIGTERM)
+            from_a = await on_a
+            handed_off_in_s = time.monotonic() - sent_at
+            async with session.post(f"{a.url}/api/jobs", json=LONG_JOB) as refused:
+                assert refused.status == 503
+                assert refused.headers["Retry-After"].isdigit()
+                assert (await refused.json())["error"]["code"] == "draining"
+            # The browser's reconnect, landing on B, resumes where A's stream stopped.
+            resumed = await stream(session, b, job["id"], last_event_id=from_a.seqs()[-1])
+            from_b = await on_b
+            assert await wait_exit(a, grace_s + 2.0) == 0
+        assert handed_off_in_s < 1.0
+        assert from_a.raw.endswith(b"retry: 500\n\n")
+        assert "done" not in [p["type"] for p in from_a.payloads()]
+        payloads = from_b.payloads()
+        assert [p["seq"] for p in payloads] == list(range(1, len(payloads) + 1))
+        assert [(p["type"], p.get("message")) for p in payloads[-2:]] == [
+            ("error", "shutdown"),
+            ("done", None),
+        ]
+        assert (payloads[-1]["status"], payloads[-1]["error"]) == ("failed", "shutdown")
+        assert from_a.payloads() + resumed.payloads() == payloads
+
+    async def test_job_within_the_grace_finishes(
+        self, redis_server: RedisServer, tmp_path: pathlib.Path
+    ) -> None:
+        """Grace 8 s, a 3 s job on A: B's stream sees it succeed; A then exits 0 at once."""
+        async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
+            a, b = await start_instances(stack, redis_server.url, tmp_path)
+            job = await create(session, a, RUNNING_JOB)
+            on_b = asyncio.create_task(stream(session, b, job["id"]))
+            await wait_running(session, a, job["id"])
+            a.process.send_signal(signal.SIGTERM)
+            from_b = await on_b
+            ended_at = time.monotonic()
+            assert await wait_exit(a, 8.0 + 2.0) == 0
+            exited_in_s = time.monotonic() - ended_at
+        assert_whole_log(from_b.payloads(), job["id"])
+        assert exited_in_s < 2.0  # it waited for the job, not for the whole grace
 
 
 class TestStartup:

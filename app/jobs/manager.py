@@ -372,6 +372,11 @@ class JobManager:
             await self._forget(job_id)
         return len(expired)
 
+    @property
+    def handing_off(self) -> bool:
+        """Draining with other instances: streams and polls end so clients go elsewhere."""
+        return self.draining and self.control is not None
+
     def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run ``callback`` when draining starts (at once if it has); returns an unregister."""
         if self.draining:

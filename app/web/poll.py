@@ -5,14 +5,21 @@ after ``N`` exist, else when the next one is published, else after ``S`` seconds
 empty list. Every answer is a complete response with a ``Content-Length``, so a proxy
 that buffers or compresses whole responses passes it as soon as it is sent, and
 ``Cache-Control: no-store`` so that no cache on the path answers a poll with an old one.
+A poll waiting on an instance that starts shutting down (with Redis) answers at once
+with what it has, so the next poll goes to another instance.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import structlog
 from aiohttp import web
 
+from app.bus.base import Batch, Subscription
 from app.core.events import EncodedEvent
+from app.jobs.manager import JobManager
 from app.web.keys import BUS, MANAGER
 from app.web.params import parse_int, parse_seq
 from app.web.resume import check_resume_point
@@ -41,6 +48,23 @@ def _body(events: list[EncodedEvent], last_event_id: int, done: bool) -> bytes:
     )
 
 
+async def _first_batch(subscription: Subscription, wait_s: float, manager: JobManager) -> Batch:
+    """Wait up to ``wait_s`` for events, less if this instance starts handing off."""
+    if manager.handing_off:
+        wait_s = 0
+    if manager.control is None or wait_s == 0:
+        return await subscription.next_batch(wait_s)
+    guard = asyncio.timeout(None)
+    unregister = manager.on_drain(lambda: guard.reschedule(asyncio.get_running_loop().time()))
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with guard:
+                return await subscription.next_batch(wait_s)
+        return await subscription.next_batch(0)
+    finally:
+        unregister()
+
+
 async def poll_events(request: web.Request) -> web.Response:
     """``GET /api/jobs/{job_id}/events``: ``{"events": [...], "last_event_id", "done"}``.
 
@@ -52,7 +76,8 @@ async def poll_events(request: web.Request) -> web.Response:
     after_seq = parse_seq(request.query.get("after", "0"), "after")
     wait_s = parse_int(request.query.get("wait_s", str(DEFAULT_WAIT_S)), "wait_s", 0, MAX_WAIT_S)
     limit = parse_int(request.query.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
-    await request.app[MANAGER].get(job_id)
+    manager = request.app[MANAGER]
+    await manager.get(job_id)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     bus = request.app[BUS]
     await check_resume_point(bus, job_id, after_seq, "after")
@@ -60,7 +85,7 @@ async def poll_events(request: web.Request) -> web.Response:
     events: list[EncodedEvent] = []
     done = False
     async with bus.subscribe(job_id, after_seq) as subscription:
-        batch = await subscription.next_batch(wait_s)
+        batch = await _first_batch(subscription, wait_s, manager)
         while batch.events:
             events.extend(batch.events)
             if len(events) >= limit:

@@ -7,6 +7,11 @@ nothing has been written for the heartbeat interval. After ``done`` the response
 
 A subscriber that the bus cuts off (it fell too far behind) or whose writes stall past
 ``send_timeout_s`` is disconnected; it may resume with ``Last-Event-ID``.
+
+When an instance that shares its jobs with others (Redis) starts shutting down, its
+streams end at once with ``retry: 500`` (:data:`HANDOFF_RETRY_MS`), and a stream asked
+for meanwhile gets only that line: browsers reconnect within half a second, land on
+another instance and resume there with ``Last-Event-ID``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from app.web.params import parse_int
 from app.web.resume import check_resume_point, stream_resume_point
 from strategies import FlushStrategy, FrameShaper, build_strategy
 
-__all__ = ["MAX_PROXY_BUFFER_BYTES", "STREAM_HEADERS", "stream_job", "stream_shaper"]
+__all__ = [
+    "HANDOFF_RETRY_MS",
+    "MAX_PROXY_BUFFER_BYTES",
+    "STREAM_HEADERS",
+    "stream_job",
+    "stream_shaper",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +50,8 @@ STREAM_HEADERS = {
 SEND_SLICE_BYTES = 256 * 1024
 #: The largest ``?proxy_buffer=`` a client may ask for (1 MiB).
 MAX_PROXY_BUFFER_BYTES = 1 << 20
+#: The ``retry:`` of a stream ended because its instance is shutting down.
+HANDOFF_RETRY_MS = 500
 
 
 def stream_shaper(request: web.Request, strategy: FlushStrategy) -> FrameShaper:
@@ -90,6 +103,8 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     structlog.contextvars.bind_contextvars(job_id=job_id)
     await check_resume_point(request.app[BUS], job_id, after_seq, field)
+    if manager.handing_off:
+        return await _hand_off(request)
 
     async with request.app[BUS].subscribe(job_id, after_seq) as subscription:
         # The history already published goes out with the stream's first write, so a
@@ -105,6 +120,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         writer = _StreamWriter(response, shaper, settings.send_timeout_s)
         outcome = "ended"
         started = time.monotonic()
+        drain_guard: asyncio.Timeout | None = None
+
+        def drained() -> None:
+            if drain_guard is not None:  # else the loop sees `handing_off` before it waits
+                drain_guard.reschedule(loop.time())
+
+        unregister = manager.on_drain(drained) if manager.control is not None else None
         try:
             async with asyncio.timeout(None) as cut_guard:
                 # Being cut off must interrupt even a write blocked on a stalled socket.
@@ -115,11 +137,25 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                 start = writer.shaper.start(retry_line(settings.retry_ms), now, history)
                 await writer.send(start, now)
                 while not batch.ended:
+                    if manager.handing_off:
+                        outcome = "handed_off"
+                        await writer.send(retry_line(HANDOFF_RETRY_MS), loop.time())
+                        break
                     due = writer.last_write_at + heartbeat_s
                     flush_at = writer.shaper.deadline()
                     if flush_at is not None:
                         due = min(due, flush_at)
-                    batch = await subscription.next_batch(max(due - loop.time(), 0.0))
+                    guard = asyncio.timeout(None)
+                    try:
+                        async with guard:
+                            drain_guard = guard
+                            batch = await subscription.next_batch(max(due - loop.time(), 0.0))
+                    except TimeoutError:
+                        if guard.expired() and manager.handing_off:
+                            continue  # only the wait was interrupted: hand off above
+                        raise
+                    finally:
+                        drain_guard = None
                     now = loop.time()
                     if batch.events:
                         frames = b"".join(event.frame for event in batch.events)
@@ -143,6 +179,8 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
             raise
         finally:
+            if unregister is not None:
+                unregister()
             response[STREAM_BYTES] = writer.bytes_written
             log.info(
                 "stream closed",
@@ -155,6 +193,16 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                 duration_s=round(time.monotonic() - started, 3),
             )
         return response
+
+
+async def _hand_off(request: web.Request) -> web.StreamResponse:
+    """A stream asked for while this instance shuts down: only a short ``retry:``."""
+    response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    await response.prepare(request)
+    await response.write(retry_line(HANDOFF_RETRY_MS))
+    await response.write_eof()
+    log.info("stream closed", outcome="handed_off", events=0)
+    return response
 
 
 def _abort(request: web.Request) -> None:

@@ -659,25 +659,13 @@ async def watch_through(
         open_path(path, service, tmp_dir / (name or path.name)) as front,
         aiohttp.ClientSession() as session,
     ):
+        run = {"path_name": name or path.name, "sensing": sensing, "ready": ready}
+
+        async def create_job() -> Mapping[str, Any]:
+            return await start_job(session, service, strategy, job_options)
+
         if options is None:
             return await watch_page_in_browser(
-                browser,
-                service,
-                front,
-                lambda: start_job(session, service, strategy, job_options),
-                path_name=name or path.name,
-                sensing=sensing,
-                ready=ready,
-                screenshot=screenshot,
-                finished=finished,
+                browser, service, front, create_job, screenshot=screenshot, finished=finished, **run
             )
-        return await watch_in_browser(
-            browser,
-            service,
-            front,
-            lambda: start_job(session, service, strategy, job_options),
-            path_name=name or path.name,
-            sensing=sensing,
-            options=options,
-            ready=ready,
-        )
+        return await watch_in_browser(browser, service, front, create_job, options=options, **run)

@@ -28,7 +28,7 @@ from tests.support.process import (
     server_process,
     wait_accepting,
 )
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisServer, require_redis_server, run_redis
 from tests.support.sse_client import StreamRecord, read_stream
 
 #: About 3 s of events: 3 steps x 60 tokens at 60 tokens/s, small chunks every 0.3 s.
@@ -347,6 +347,42 @@ class TestSigterm:
             exited_in_s = time.monotonic() - ended_at
         assert_whole_log(from_b.payloads(), job["id"])
         assert exited_in_s < 2.0  # it waited for the job, not for the whole grace
+
+
+class TestRedisLost:
+    """Redis goes away under a running service and comes back."""
+
+    async def test_503_json_while_redis_is_down_then_recovers_by_itself(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        """Redis stopped: JSON 503s with Retry-After; restarted: it answers, a job runs to done."""
+        binary = require_redis_server()
+        with run_redis(tmp_path / "redis", binary=binary) as redis:
+            async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
+                (a,) = await start_instances(stack, redis.url, tmp_path, "A")
+                job = await create(session, a, RUNNING_JOB)
+                await stream(session, a, job["id"])
+                redis.stop()
+                for method, path in [
+                    ("GET", f"/api/jobs/{job['id']}"),
+                    ("GET", "/api/jobs"),
+                    ("POST", "/api/jobs"),
+                ]:
+                    async with session.request(method, a.url + path, json={}) as response:
+                        body = await response.json()
+                        assert response.status == 503, (path, body)
+                        assert body["error"]["code"] == "backend_unavailable", (path, body)
+                        assert response.headers["Retry-After"].isdigit()
+                redis.start()
+                async with asyncio.timeout(STREAM_TIMEOUT_S):
+                    while True:
+                        async with session.get(f"{a.url}/api/jobs?limit=1") as response:
+                            if response.status == 200:
+                                break
+                        await asyncio.sleep(0.2)
+                again = await create(session, a, RUNNING_JOB)
+                record = await stream(session, a, again["id"])
+        assert_whole_log(record.payloads(), again["id"])
 
 
 class TestStartup:

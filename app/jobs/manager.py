@@ -20,7 +20,13 @@ import attrs
 import structlog
 
 from app.bus import EventBus
-from app.core.errors import AtCapacity, Draining, InvalidField, JobAlreadyFinished
+from app.core.errors import (
+    AtCapacity,
+    BackendUnavailable,
+    Draining,
+    InvalidField,
+    JobAlreadyFinished,
+)
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
@@ -82,6 +88,10 @@ class JobControl(Protocol):
 
     async def sweep(self) -> list[str]:
         """End the jobs whose lease expired (``error`` then ``done`` failed); their ids."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise if the shared store cannot be reached right now."""
         ...
 
 
@@ -376,6 +386,18 @@ class JobManager:
     def handing_off(self) -> bool:
         """Draining with other instances: streams and polls end so clients go elsewhere."""
         return self.draining and self.control is not None
+
+    async def check_ready(self, timeout_s: float) -> None:
+        """Raise ``Draining`` or ``BackendUnavailable`` unless this instance can take work."""
+        if self.draining:
+            raise Draining()
+        if self.control is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.control.ping()
+        except Exception as exc:
+            raise BackendUnavailable(" ".join(str(exc).split()) or type(exc).__name__) from None
 
     def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Run ``callback`` when draining starts (at once if it has); returns an unregister."""

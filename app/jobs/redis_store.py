@@ -373,6 +373,9 @@ class RedisJobControl:
                 with contextlib.suppress(redis_errors.RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    async def ping(self) -> None:
+        await self.redis.ping()
+
     async def sweep(self) -> list[str]:
         now_ms = time.time() * 1000
         expired = cast(

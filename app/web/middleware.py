@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app.core.errors import FlushlineError, InvalidField
+from app.core.errors import BackendUnavailable, FlushlineError, InvalidField
 from app.web.keys import STREAM_BYTES
 
 __all__ = ["add_request_id", "client_gone", "error_response", "json_response", "middlewares"]
@@ -138,19 +139,34 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers.setdefault("X-Request-ID", str(request_id))
 
 
+def backend_outage(exc: BaseException) -> BackendUnavailable | None:
+    """The domain error for a lost Redis connection (None for any other error).
+
+    Looked up without importing redis: a memory-bus service never loads it.
+    """
+    errors = sys.modules.get("redis.exceptions")
+    if errors is not None and isinstance(exc, errors.ConnectionError | errors.TimeoutError):
+        return BackendUnavailable(" ".join(str(exc).split()) or type(exc).__name__)
+    return None
+
+
+def _domain_error(exc: FlushlineError) -> web.Response:
+    headers = None
+    if exc.retry_after_s is not None:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if isinstance(exc, InvalidField):
+        body["field"] = exc.field
+    return json_response({"error": body}, exc.status, headers)
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Translate every error into the contract's JSON shape."""
     try:
         return await handler(request)
     except FlushlineError as exc:
-        headers = None
-        if exc.retry_after_s is not None:
-            headers = {"Retry-After": str(exc.retry_after_s)}
-        body: dict[str, Any] = {"code": exc.code, "message": exc.message}
-        if isinstance(exc, InvalidField):
-            body["field"] = exc.field
-        return json_response({"error": body}, exc.status, headers)
+        return _domain_error(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -158,8 +174,13 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception as exc:
         if isinstance(exc, ConnectionResetError) and client_gone(request):
             raise  # no server error: request_context logs the request as client_gone
+        started = request.writer is not None and bool(request.writer.output_size)
+        outage = backend_outage(exc)
+        if outage is not None and not started:
+            log.warning("backend unavailable", error=outage.message)
+            return _domain_error(outage)
         log.exception("unhandled error")
-        if request.writer is not None and request.writer.output_size:
+        if started:
             raise  # a stream already started: aiohttp drops the connection, the client resumes
         return error_response(500, "internal_error", "internal error; see the server log")
 

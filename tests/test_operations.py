@@ -46,6 +46,23 @@ async def _health(client: Client) -> dict[str, Any]:
     return body
 
 
+class TestReady:
+    """GET /readyz: ready unless draining (or, with Redis, Redis is unreachable)."""
+
+    async def test_memory_instance_is_ready_until_it_drains(self, client: Client) -> None:
+        """200 {"status": "ready"} at rest; 503 draining (and no new job) once draining."""
+        response = await client.get("/readyz")
+        assert response.status == 200
+        assert await response.json() == {"status": "ready"}
+        await client.app[MANAGER].drain(0.1)
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "draining"
+        refused = await client.post("/api/jobs", json={})
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "1"
+
+
 class TestHealth:
     """GET /healthz: ``{"status": "ok", "active_jobs": N}``."""
 

@@ -355,7 +355,7 @@ class TestRedisLost:
     async def test_503_json_while_redis_is_down_then_recovers_by_itself(
         self, tmp_path: pathlib.Path
     ) -> None:
-        """Redis stopped: JSON 503s with Retry-After; restarted: it answers, a job runs to done."""
+        """Redis stopped: JSON 503s (/readyz too); restarted: ready again by itself, a job runs."""
         binary = require_redis_server()
         with run_redis(tmp_path / "redis", binary=binary) as redis:
             async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
@@ -367,6 +367,7 @@ class TestRedisLost:
                     ("GET", f"/api/jobs/{job['id']}"),
                     ("GET", "/api/jobs"),
                     ("POST", "/api/jobs"),
+                    ("GET", "/readyz"),
                 ]:
                     async with session.request(method, a.url + path, json={}) as response:
                         body = await response.json()
@@ -376,10 +377,12 @@ class TestRedisLost:
                 redis.start()
                 async with asyncio.timeout(STREAM_TIMEOUT_S):
                     while True:
-                        async with session.get(f"{a.url}/api/jobs?limit=1") as response:
+                        async with session.get(f"{a.url}/readyz") as response:
                             if response.status == 200:
                                 break
                         await asyncio.sleep(0.2)
+                async with session.get(f"{a.url}/api/jobs?limit=1") as response:
+                    assert response.status == 200
                 again = await create(session, a, RUNNING_JOB)
                 record = await stream(session, a, again["id"])
         assert_whole_log(record.payloads(), again["id"])

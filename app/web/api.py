@@ -106,3 +106,14 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return json_response({"status": "ok", "active_jobs": request.app[MANAGER].active_jobs})
+
+
+#: How long ``/readyz`` waits for Redis to answer.
+READY_TIMEOUT_S = 1.0
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: ``200 {"status": "ready"}``; ``503`` while draining or Redis is unreachable."""
+    await request.app[MANAGER].check_ready(READY_TIMEOUT_S)
+    return json_response({"status": "ready"})

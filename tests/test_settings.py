@@ -52,9 +52,9 @@ class TestDefaults:
         assert (s.log_level, s.log_format) == ("info", "auto")
 
     def test_scale_out_defaults_are_the_contracts(self) -> None:
-        """FLUSHLINE_RUNNER_LEASE_S defaults to 15 s and FLUSHLINE_SHUTDOWN_GRACE_S to 8 s."""
+        """Lease 15 s, shutdown grace 8 s, Redis grace 8 s (under two thirds of the lease)."""
         s = load()
-        assert (s.runner_lease_s, s.shutdown_grace_s) == (15.0, 8.0)
+        assert (s.runner_lease_s, s.shutdown_grace_s, s.redis_grace_s) == (15.0, 8.0, 8.0)
 
     def test_unset_tuning_stays_none_so_strategies_pick_their_defaults(self) -> None:
         """No tuning variable set means an all-None Tuning (each strategy's own defaults)."""
@@ -127,6 +127,7 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("FLUSHLINE_JOB_TTL", "60", "job_ttl_s", 60.0),
     ("FLUSHLINE_RUNNER_LEASE_S", "3", "runner_lease_s", 3.0),
     ("FLUSHLINE_SHUTDOWN_GRACE_S", "2.5s", "shutdown_grace_s", 2.5),
+    ("FLUSHLINE_REDIS_GRACE_S", "4", "redis_grace_s", 4.0),
     ("FLUSHLINE_MAX_RETAINED_JOBS", "99", "max_retained_jobs", 99),
     ("FLUSHLINE_SEND_TIMEOUT", "4.5", "send_timeout_s", 4.5),
     ("FLUSHLINE_LOG_LEVEL", "DEBUG", "log_level", "debug"),
@@ -320,6 +321,7 @@ INVALID: list[tuple[str, str, str]] = [
     ("FLUSHLINE_JOB_TTL", "-60", "seconds"),
     ("FLUSHLINE_RUNNER_LEASE_S", "0", "seconds"),
     ("FLUSHLINE_SHUTDOWN_GRACE_S", "soon", "seconds"),
+    ("FLUSHLINE_REDIS_GRACE_S", "0", "seconds"),
     ("FLUSHLINE_MAX_RETAINED_JOBS", "0", "integer"),
     ("FLUSHLINE_SEND_TIMEOUT", "0", "seconds"),
     ("FLUSHLINE_SEND_TIMEOUT", "never", "seconds"),

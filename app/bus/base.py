@@ -54,6 +54,11 @@ class Subscription(Protocol):
         """
         ...
 
+    @property
+    def lost(self) -> bool:
+        """Whether the cut came from the bus losing its backend (resume later or elsewhere)."""
+        ...
+
     def on_cut(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (once, synchronously) when the subscriber is cut off."""
         ...

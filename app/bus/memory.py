@@ -64,6 +64,10 @@ class _MemorySubscription:
     def last_seq(self) -> int:
         return self.cursor
 
+    @property
+    def lost(self) -> bool:
+        return False  # in process: nothing to lose
+
     def on_cut(self, callback: Callable[[], None]) -> None:
         if self.cut:
             callback()

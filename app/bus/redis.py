@@ -31,6 +31,16 @@ job and its list has every event, its reader does not read Redis at all (it woul
 get those same events back). When the last local subscriber leaves, the list and its
 reader linger for :data:`FEED_LINGER_S` (reconnects and long-polls find them warm),
 then go.
+
+Redis lost: a job this instance publishes keeps its events (seq assigned here, frames
+encoded as usual) in a bounded buffer, at most ``history_limit`` events and
+:data:`BUFFER_MAX_BYTES`, and a flusher writes them in order, with their ids, once Redis
+answers again; an ``XADD`` whose reply was lost is recognised by the stream's top, so
+nothing is written twice. If Redis is not back within ``grace_s`` (or the buffer fills),
+the job's next publish fails with :class:`BackendUnavailable`. Feeds never hold an event
+Redis does not: the publisher's own feed is given up when its buffering starts, and a
+reader that loses its connection cuts its subscribers off as ``lost`` (their streams end
+with a short ``retry:``) before it retries.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
@@ -48,7 +59,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from app.bus.base import MAX_BATCH, Batch
-from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
+from app.core.errors import BackendUnavailable, HistoryTruncated, JobNotFound, SubscriberLagged
 from app.core.events import AnyEvent, EncodedEvent, encode_event
 
 __all__ = ["FEED_LINGER_S", "RedisEventBus"]
@@ -66,6 +77,12 @@ MAX_SEQ_RACES = 16
 #: Stopping a reader: ``CLIENT UNBLOCK`` attempts, and the wait after each.
 HALT_UNBLOCK_TRIES = 10
 HALT_WAIT_S = 0.1
+#: Most bytes of frames one job buffers while Redis is lost.
+BUFFER_MAX_BYTES = 16 << 20
+#: Pause between the flusher's attempts while Redis stays away.
+FLUSH_RETRY_S = 0.2
+
+_LOST = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 
 _OPEN_ID = b"0-1"
 _F_TYPE, _F_TS, _F_FRAME, _F_OPEN, _F_END = b"t", b"ts", b"f", b"open", b"end"
@@ -122,6 +139,19 @@ class _Writer:
     renewed_at: float
     closed: bool = False
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    #: Events published while Redis was lost, oldest first, with their XADD fields.
+    pending: deque[tuple[EncodedEvent, dict[bytes, Any]]] = attrs.Factory(deque)
+    pending_bytes: int = 0
+    #: When the current outage began (monotonic); None while Redis answers.
+    lost_at: float | None = None
+    flusher: asyncio.Task[None] | None = None
+    #: Why the job can publish no more (the outage outlasted the grace, the buffer filled).
+    failed: str | None = None
+    #: Set whenever nothing is pending (the buffer was flushed or given up).
+    flushed: asyncio.Event = attrs.Factory(asyncio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.flushed.set()
 
 
 @attrs.define(eq=False)
@@ -198,6 +228,13 @@ class _Feed:
         self.closed = True
         self.wake()
 
+    def lose(self) -> None:
+        """Redis was lost under this feed: cut every subscriber off as ``lost``."""
+        for sub in list(self.subscribers):
+            sub.lost = True
+            sub.cut_off()
+        self.wake()
+
 
 @attrs.define(eq=False)
 class _RedisSubscription:
@@ -209,6 +246,8 @@ class _RedisSubscription:
     feed: _Feed | None = None
     live_from: int = 0
     cut: bool = False
+    #: Cut off because the feed lost Redis, not for falling behind.
+    lost: bool = False
     _callbacks: list[Callable[[], None]] = attrs.Factory(list)
 
     @property
@@ -265,6 +304,8 @@ class _RedisSubscription:
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         while True:
+            if self.cut and self.lost:
+                raise BackendUnavailable(f"lost Redis while reading job {self.job_id}")
             if self.cut:
                 raise SubscriberLagged(
                     f"subscriber of job {self.job_id} fell behind and was cut off"
@@ -300,6 +341,8 @@ class RedisEventBus:
     job_ttl_s: float = 3600.0
     prefix: str = "flushline:"
     owns_client: bool = False
+    #: How long a job buffers its events while Redis is lost (``FLUSHLINE_REDIS_GRACE_S``).
+    grace_s: float = 8.0
     _writers: dict[str, _Writer] = attrs.Factory(dict)
     _feeds: dict[str, _Feed] = attrs.Factory(dict)
     _stopping: set[asyncio.Task[None]] = attrs.Factory(set)
@@ -344,44 +387,17 @@ class RedisEventBus:
 
     async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
         writer = await self._writer(job_id)
-        key = self.key(job_id)
         async with writer.lock:
-            for _ in range(MAX_SEQ_RACES):
-                if writer.closed:
-                    raise RuntimeError(f"the event log of job {job_id} is closed")
-                encoded = encode_event(job_id, writer.next_seq, event)
-                fields = {_F_TYPE: encoded.type, _F_TS: repr(encoded.ts), _F_FRAME: encoded.frame}
-                xadd: dict[str, Any] = {
-                    "id": f"{encoded.seq}-0",
-                    "maxlen": self.history_limit,
-                    "approximate": False,  # exact: 410 must mean what the limit says
-                    "nomkstream": True,  # never resurrect an expired or discarded job
-                }
-                now = time.monotonic()
-                renew = now - writer.renewed_at >= self.job_ttl_s / 4
-                try:
-                    if renew:
-                        async with self.redis.pipeline(transaction=False) as pipe:
-                            pipe.xadd(key, fields, **xadd)  # type: ignore[arg-type]
-                            pipe.pexpire(key, self._ttl_ms)
-                            added, _ = await pipe.execute()
-                        writer.renewed_at = now
-                    else:
-                        added = await self.redis.xadd(key, fields, **xadd)  # type: ignore[arg-type]
-                except redis_errors.ResponseError as exc:
-                    if not _id_taken(exc):
-                        raise
-                    # Another publisher took this seq: continue after the real top.
-                    newest, closed = await self._top(job_id)
-                    writer.next_seq, writer.closed = newest + 1, closed
-                    continue
-                if added is None:
-                    self._drop_writer(job_id)
-                    raise JobNotFound(job_id)
-                writer.next_seq += 1
-                break
-            else:
-                raise RuntimeError(f"lost the race for a seq of job {job_id} too often")
+            if writer.failed is not None:
+                raise BackendUnavailable(writer.failed)
+            if writer.lost_at is not None:  # an outage is being buffered: keep the order
+                return self._buffer(job_id, writer, event)
+            try:
+                encoded = await self._xadd(job_id, writer, event)
+            except _LOST as exc:
+                # The XADD may have landed before the reply was lost: the flusher checks.
+                log.warning("redis lost while publishing; buffering", job_id=job_id, error=str(exc))
+                return self._buffer(job_id, writer, event)
         feed = self._feeds.get(job_id)
         if feed is not None and feed.loaded.is_set() and not feed.closed:
             if encoded.seq == feed.next_seq:
@@ -393,6 +409,169 @@ class RedisEventBus:
                 feed.nudge.set()
         return encoded
 
+    @staticmethod
+    def _fields(encoded: EncodedEvent) -> dict[bytes, Any]:
+        return {_F_TYPE: encoded.type, _F_TS: repr(encoded.ts), _F_FRAME: encoded.frame}
+
+    def _xadd_args(self, seq: int) -> dict[str, Any]:
+        return {
+            "id": f"{seq}-0",
+            "maxlen": self.history_limit,
+            "approximate": False,  # exact: 410 must mean what the limit says
+            "nomkstream": True,  # never resurrect an expired or discarded job
+        }
+
+    async def _xadd(self, job_id: str, writer: _Writer, event: AnyEvent) -> EncodedEvent:
+        """Claim the next seq for ``event`` in Redis (under ``writer.lock``)."""
+        key = self.key(job_id)
+        for _ in range(MAX_SEQ_RACES):
+            if writer.closed:
+                raise RuntimeError(f"the event log of job {job_id} is closed")
+            encoded = encode_event(job_id, writer.next_seq, event)
+            fields = self._fields(encoded)
+            xadd = self._xadd_args(encoded.seq)
+            now = time.monotonic()
+            renew = now - writer.renewed_at >= self.job_ttl_s / 4
+            try:
+                if renew:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.xadd(key, fields, **xadd)  # type: ignore[arg-type]
+                        pipe.pexpire(key, self._ttl_ms)
+                        added, _ = await pipe.execute()
+                    writer.renewed_at = now
+                else:
+                    added = await self.redis.xadd(key, fields, **xadd)  # type: ignore[arg-type]
+            except redis_errors.ResponseError as exc:
+                if not _id_taken(exc):
+                    raise
+                # Another publisher took this seq: continue after the real top.
+                newest, closed = await self._top(job_id)
+                writer.next_seq, writer.closed = newest + 1, closed
+                continue
+            if added is None:
+                self._drop_writer(job_id)
+                raise JobNotFound(job_id)
+            writer.next_seq += 1
+            break
+        else:
+            raise RuntimeError(f"lost the race for a seq of job {job_id} too often")
+        return encoded
+
+    # --- Redis lost under a publishing job ---------------------------------------------
+
+    def _buffer(self, job_id: str, writer: _Writer, event: AnyEvent) -> EncodedEvent:
+        """Keep ``event`` until Redis answers again (under ``writer.lock``)."""
+        if writer.closed:
+            raise RuntimeError(f"the event log of job {job_id} is closed")
+        now = time.monotonic()
+        if writer.lost_at is None:
+            writer.lost_at = now
+            writer.flushed.clear()
+            writer.flusher = asyncio.create_task(
+                self._flush(job_id, writer), name=f"redis-flush:{job_id}"
+            )
+            feed = self._feeds.get(job_id)
+            if feed is not None:
+                # Its watchers would otherwise see events Redis may never get: they end
+                # (retry:) and come back to a feed read from Redis.
+                self._forget_lost(feed)
+        reason = self._buffer_full(writer, now)
+        if reason is not None:
+            self._give_up(job_id, writer, reason)
+            raise BackendUnavailable(reason)
+        encoded = encode_event(job_id, writer.next_seq, event)
+        writer.next_seq += 1
+        writer.pending.append((attrs.evolve(encoded, event=None), self._fields(encoded)))
+        writer.pending_bytes += len(encoded.frame)
+        return encoded
+
+    def _buffer_full(self, writer: _Writer, now: float) -> str | None:
+        assert writer.lost_at is not None
+        if now - writer.lost_at > self.grace_s:
+            return f"Redis unreachable for more than {self.grace_s:g} s"
+        if len(writer.pending) >= self.history_limit:
+            return f"Redis unreachable and {len(writer.pending)} events waiting for it"
+        if writer.pending_bytes >= BUFFER_MAX_BYTES:
+            return f"Redis unreachable and {writer.pending_bytes} bytes waiting for it"
+        return None
+
+    def _give_up(self, job_id: str, writer: _Writer, reason: str) -> None:
+        if writer.failed is None:
+            log.error(
+                "job events lost with redis",
+                job_id=job_id,
+                reason=reason,
+                events=len(writer.pending),
+            )
+        writer.failed = reason
+        writer.pending.clear()
+        writer.pending_bytes = 0
+        writer.flushed.set()
+
+    def _forget_lost(self, feed: _Feed) -> None:
+        """Give up a feed whose events may outrun Redis; its subscribers end as ``lost``."""
+        feed.lose()
+        if self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+        self._stop_reader(feed)
+
+    async def _flush(self, job_id: str, writer: _Writer) -> None:
+        """Write the buffered events in order once Redis answers; give up past the grace."""
+        key = self.key(job_id)
+        written = 0
+        try:
+            while writer.pending and writer.failed is None:
+                encoded, fields = writer.pending[0]
+                try:
+                    added = await self.redis.xadd(key, fields, **self._xadd_args(encoded.seq))  # type: ignore[arg-type]
+                except _LOST:
+                    assert writer.lost_at is not None
+                    if time.monotonic() - writer.lost_at > self.grace_s:
+                        self._give_up(
+                            job_id, writer, f"Redis unreachable for more than {self.grace_s:g} s"
+                        )
+                        return
+                    await asyncio.sleep(FLUSH_RETRY_S)
+                    continue
+                except redis_errors.ResponseError as exc:
+                    if not _id_taken(exc):
+                        raise
+                    newest, closed = await self._top(job_id)
+                    if closed or newest < encoded.seq:
+                        # Another instance ended the job meanwhile (its runner was
+                        # presumed lost): what is left here must not follow its `done`.
+                        self._give_up(
+                            job_id,
+                            writer,
+                            "the job was ended elsewhere while Redis was unreachable",
+                        )
+                        return
+                    added = b"landed"  # written before its reply was lost
+                if added is None:
+                    self._give_up(job_id, writer, "Redis lost the job's events while unreachable")
+                    return
+                writer.pending.popleft()
+                writer.pending_bytes -= len(encoded.frame)
+                written += 1
+            if writer.failed is None:
+                await self.redis.pexpire(key, self._ttl_ms)
+                writer.renewed_at = time.monotonic()
+                log.info(
+                    "redis back; buffered events written",
+                    job_id=job_id,
+                    events=written,
+                    outage_s=round(time.monotonic() - (writer.lost_at or 0.0), 3),
+                )
+        except Exception as exc:
+            self._give_up(job_id, writer, f"Redis failed while writing buffered events: {exc}")
+        finally:
+            writer.lost_at = None if writer.failed is None else writer.lost_at
+            writer.flusher = None
+            writer.flushed.set()
+            feed = self._feeds.get(job_id)
+            if feed is not None:
+                feed.nudge.set()
+
     def _drop_writer(self, job_id: str) -> None:
         """This instance no longer publishes the job: its reader reads Redis again."""
         self._writers.pop(job_id, None)
@@ -401,6 +580,12 @@ class RedisEventBus:
             feed.nudge.set()
 
     async def close(self, job_id: str) -> None:
+        writer = self._writers.get(job_id)
+        if writer is not None:
+            await writer.flushed.wait()  # the flusher gives up within the grace
+            if writer.failed is not None:
+                self._drop_writer(job_id)
+                raise BackendUnavailable(writer.failed)
         newest = await self._close_script(keys=[self.key(job_id)], args=[self._ttl_ms, "closed"])
         self._drop_writer(job_id)
         if newest < 0:
@@ -566,8 +751,10 @@ class RedisEventBus:
                     if feed.stopped:
                         break
                 reply = await client.xread({feed.key: feed.last_id}, count=READ_COUNT, block=0)
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+            except _LOST as exc:
                 feed.client_id = None  # a new connection has a new id
+                if failures == 0:
+                    feed.lose()  # its streams end with a retry: hint rather than go silent
                 delay = READ_RETRY_S[min(failures, len(READ_RETRY_S) - 1)]
                 failures += 1
                 log.warning(
@@ -636,7 +823,12 @@ class RedisEventBus:
             feed.end()
             self._stop_reader(feed)
         self._feeds.clear()
+        flushers = [w.flusher for w in self._writers.values() if w.flusher is not None]
+        for flusher in flushers:
+            flusher.cancel()
         self._writers.clear()
+        if flushers:
+            await asyncio.gather(*flushers, return_exceptions=True)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
         if self.owns_client:

@@ -6,6 +6,7 @@ contract's JSON error body ``{"error": {"code": ..., "message": ...}}``.
 
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "JobNotFound",
     "OriginNotAllowed",
     "SubscriberLagged",
+    "backend_outage",
 ]
 
 
@@ -131,3 +133,16 @@ class SubscriberLagged(FlushlineError):
 
     status = 503
     code = "subscriber_lagged"
+
+
+def backend_outage(exc: BaseException) -> BackendUnavailable | None:
+    """The domain error for a lost Redis connection (None for any other error).
+
+    Looked up without importing redis: a memory-bus service never loads it.
+    """
+    if isinstance(exc, BackendUnavailable):
+        return exc
+    errors = sys.modules.get("redis.exceptions")
+    if errors is not None and isinstance(exc, errors.ConnectionError | errors.TimeoutError):
+        return BackendUnavailable(" ".join(str(exc).split()) or type(exc).__name__)
+    return None

@@ -62,6 +62,8 @@ class Settings:
     runner_lease_s: float = 15.0
     #: On SIGTERM: how long running jobs may take to finish before they are ended.
     shutdown_grace_s: float = 8.0
+    #: With ``redis``: how long a running job buffers its events while Redis is lost.
+    redis_grace_s: float = 8.0
     pipeline: str = "demo"
     padding_bytes: int | None = None
     chunk_chars: int | None = None
@@ -121,6 +123,7 @@ class Settings:
             redis_url=r.redis_url("FLUSHLINE_REDIS_URL", DEFAULT_REDIS_URL),
             runner_lease_s=r.seconds("FLUSHLINE_RUNNER_LEASE_S", 15.0),
             shutdown_grace_s=r.seconds("FLUSHLINE_SHUTDOWN_GRACE_S", 8.0),
+            redis_grace_s=r.seconds("FLUSHLINE_REDIS_GRACE_S", 8.0),
             pipeline=r.text("FLUSHLINE_PIPELINE", "demo"),
             padding_bytes=r.optional_integer("FLUSHLINE_PADDING_BYTES", low=0, high=1 << 20),
             chunk_chars=r.optional_integer("FLUSHLINE_CHUNK_CHARS", low=1, high=1 << 20),

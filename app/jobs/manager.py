@@ -26,6 +26,7 @@ from app.core.errors import (
     Draining,
     InvalidField,
     JobAlreadyFinished,
+    backend_outage,
 )
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
 from app.jobs.pipelines import JobPlan, Pipeline
@@ -48,6 +49,8 @@ CANCEL_POLL_S = 0.01
 SHUTDOWN_REASON = "shutdown"
 #: Pause after a failed renew or sweep before the next attempt.
 MAINTENANCE_RETRY_S = 1.0
+#: Pause between attempts to write a job's snapshot while Redis is lost.
+SNAPSHOT_RETRY_S = 0.2
 
 
 class JobControl(Protocol):
@@ -127,6 +130,8 @@ class _Running:
     ender: asyncio.Task[None] | None = None
     #: Set when the service stops the job: it ends ``failed`` with this reason.
     stop_reason: str | None = None
+    #: When ``job`` (the newest snapshot) could not be written, Redis being lost; or None.
+    unsaved_since: float | None = None
 
 
 @attrs.define(eq=False)
@@ -144,6 +149,8 @@ class JobManager:
     control: JobControl | None = None
     #: The instance is shutting down: no new job; streams hand over to other instances.
     draining: bool = False
+    #: How long a running job's snapshot waits for a lost Redis (``FLUSHLINE_REDIS_GRACE_S``).
+    backend_grace_s: float = 8.0
     _drain_callbacks: set[Callable[[], None]] = attrs.Factory(set)
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
@@ -197,8 +204,55 @@ class JobManager:
         encoded = await self.bus.publish(job_id, event)
         self._events[job_id] = self._events.get(job_id, 0) + 1
         self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
-        await self.store.put(apply_event(await self.store.get(job_id), encoded))
+        run = self._running.get(job_id)
+        if run is None:
+            await self.store.put(apply_event(await self.store.get(job_id), encoded))
+        else:
+            await self._save_snapshot(run, encoded)
         return encoded
+
+    async def _save_snapshot(self, run: _Running, encoded: EncodedEvent) -> None:
+        """Fold ``encoded`` into the job's snapshot; while Redis is lost, keep it here.
+
+        The runner is the snapshot's only writer, so its last snapshot is the base when
+        the store cannot be read; the newest one is written as soon as Redis answers
+        (here, or at the job's end), or the job fails past ``backend_grace_s``.
+        """
+        try:
+            base = run.job if run.unsaved_since is not None else await self.store.get(run.job.id)
+        except Exception as exc:
+            if backend_outage(exc) is None:
+                raise
+            base = run.job
+        run.job = apply_event(base, encoded)
+        await self._put_snapshot(run, wait=False)
+
+    async def _put_snapshot(self, run: _Running, *, wait: bool) -> None:
+        """Write ``run.job``; on a lost Redis, keep it for later (or, with ``wait``, retry).
+
+        Raises ``BackendUnavailable`` once Redis has been lost for ``backend_grace_s``.
+        """
+        while True:
+            try:
+                await self.store.put(run.job)
+            except Exception as exc:
+                outage = backend_outage(exc)
+                if outage is None:
+                    raise
+                now = time.monotonic()
+                if run.unsaved_since is None:
+                    run.unsaved_since = now
+                    log.warning("redis lost; the job's snapshot waits for it", error=str(exc))
+                if now - run.unsaved_since > self.backend_grace_s:
+                    raise BackendUnavailable(
+                        f"Redis unreachable for more than {self.backend_grace_s:g} s"
+                    ) from None
+                if not wait:
+                    return
+                await asyncio.sleep(SNAPSHOT_RETRY_S)
+                continue
+            run.unsaved_since = None
+            return
 
     async def _run(
         self, run: _Running, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
@@ -256,16 +310,35 @@ class JobManager:
             await self._close(run, outcome, started)
 
     async def _crashed(self, job_id: str, exc: Exception) -> JobOutcome:
-        log.exception("job crashed")
-        outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
-        await self._end_without_events(job_id, outcome)
+        outage = backend_outage(exc)
+        if outage is not None:
+            # Not a bug: Redis stayed away past the grace (logged where it was noticed).
+            outcome = JobOutcome("failed", outage.message)
+        else:
+            log.exception("job crashed")
+            outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
+        try:
+            await self._end_without_events(job_id, outcome)
+        except Exception as end_exc:
+            if backend_outage(end_exc) is None:
+                raise
         return outcome
 
     async def _close(self, run: _Running, outcome: JobOutcome, started: float) -> None:
         """Close the job's topic and log its end; whatever happens, the job has ended."""
         job = run.job
         try:
+            if run.unsaved_since is not None:
+                await self._put_snapshot(run, wait=True)
             await self.bus.close(job.id)
+        except Exception as exc:
+            outage = backend_outage(exc)
+            if outage is None:
+                raise
+            # Redis stayed away past the grace: the job's end cannot be recorded here;
+            # its lease runs out and another instance ends it (runner lost).
+            outcome = JobOutcome("failed", outage.message)
+            log.error("job end not recorded: redis unreachable", error=outage.message)
         finally:
             if self.control is not None:
                 try:
@@ -457,14 +530,19 @@ class JobManager:
             group.create_task(self._sweep_forever(control), name="lease-sweeper")
 
     async def _renew_forever(self, control: JobControl) -> None:
+        every_s = control.lease_s / 3
+        delay_s = every_s
         while True:
-            await asyncio.sleep(control.lease_s / 3)
+            await asyncio.sleep(delay_s)
+            delay_s = every_s
             if not self._running:
                 continue
             try:
                 cancels = await control.renew(list(self._running))
             except Exception as exc:
+                # Soon again: a Redis that comes back must see the lease before the sweeper.
                 log.warning("lease renewal failed", error=str(exc))
+                delay_s = min(MAINTENANCE_RETRY_S, every_s)
                 continue
             for job_id in cancels:  # a request whose message this instance missed
                 self._cancel_local(job_id)

@@ -80,6 +80,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
             history_limit=settings.history_limit,
             queue_limit=settings.subscriber_queue,
             job_ttl_s=settings.job_ttl_s,
+            grace_s=settings.redis_grace_s,
         )
         store = RedisJobStore(redis, job_ttl_s=settings.job_ttl_s)
         control = RedisJobControl(
@@ -108,6 +109,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         job_ttl_s=settings.job_ttl_s,
         max_retained_jobs=settings.max_retained_jobs,
         control=control,
+        backend_grace_s=settings.redis_grace_s,
     )
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)

@@ -11,7 +11,9 @@ A subscriber that the bus cuts off (it fell too far behind) or whose writes stal
 When an instance that shares its jobs with others (Redis) starts shutting down, its
 streams end at once with ``retry: 500`` (:data:`HANDOFF_RETRY_MS`), and a stream asked
 for meanwhile gets only that line: browsers reconnect within half a second, land on
-another instance and resume there with ``Last-Event-ID``.
+another instance and resume there with ``Last-Event-ID``. A stream whose bus loses Redis
+ends the same way with ``retry: 1000`` (:data:`BACKEND_LOST_RETRY_MS`): the browser comes
+back when Redis may have, and resumes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import attrs
 import structlog
 from aiohttp import web
 
-from app.core.errors import SubscriberLagged
+from app.core.errors import BackendUnavailable, SubscriberLagged
 from app.core.events import heartbeat_frame
 from app.core.sse import retry_line
 from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
@@ -32,6 +34,7 @@ from app.web.resume import check_resume_point, stream_resume_point
 from strategies import FlushStrategy, FrameShaper, build_strategy
 
 __all__ = [
+    "BACKEND_LOST_RETRY_MS",
     "HANDOFF_RETRY_MS",
     "MAX_PROXY_BUFFER_BYTES",
     "STREAM_HEADERS",
@@ -52,6 +55,8 @@ SEND_SLICE_BYTES = 256 * 1024
 MAX_PROXY_BUFFER_BYTES = 1 << 20
 #: The ``retry:`` of a stream ended because its instance is shutting down.
 HANDOFF_RETRY_MS = 500
+#: The ``retry:`` of a stream ended because its bus lost Redis.
+BACKEND_LOST_RETRY_MS = 1000
 
 
 def stream_shaper(request: web.Request, strategy: FlushStrategy) -> FrameShaper:
@@ -170,9 +175,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                             await writer.send(writer.shaper.poll(now), now)
                 async with asyncio.timeout(settings.send_timeout_s):
                     await response.write_eof()
-        except (TimeoutError, SubscriberLagged):
-            outcome = "cut_off" if subscription.cut else "send_timeout"
-            _abort(request)
+        except (TimeoutError, SubscriberLagged, BackendUnavailable):
+            if subscription.lost:
+                outcome = "backend_lost"
+                await _end_with_retry(request, response, settings.send_timeout_s)
+            else:
+                outcome = "cut_off" if subscription.cut else "send_timeout"
+                _abort(request)
         except ConnectionError:
             outcome = "client_gone"
         except asyncio.CancelledError:
@@ -203,6 +212,18 @@ async def _hand_off(request: web.Request) -> web.StreamResponse:
     await response.write_eof()
     log.info("stream closed", outcome="handed_off", events=0)
     return response
+
+
+async def _end_with_retry(
+    request: web.Request, response: web.StreamResponse, timeout_s: float
+) -> None:
+    """End the stream with a short ``retry:`` (the bus lost Redis); abort if it cannot go."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await response.write(retry_line(BACKEND_LOST_RETRY_MS))
+            await response.write_eof()
+    except (TimeoutError, ConnectionError):
+        _abort(request)
 
 
 def _abort(request: web.Request) -> None:

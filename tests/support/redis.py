@@ -3,7 +3,8 @@
 Never the machine's own Redis (6379): each server gets a free port, its own directory in
 the test's tmp dir, no persistence (``--save "" --appendonly no``), and is stopped on the
 way out. ``stop()`` and ``start()`` keep the port, so a test can take Redis away from a
-running service and bring it back at the same address.
+running service and bring it back at the same address; with ``persistent=True`` it comes
+back with its data (an append-only file, as a restarted or failed-over Redis would).
 
 Usage::
 
@@ -92,6 +93,8 @@ class RedisServer:
     directory: pathlib.Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    #: Keep the data across ``stop()`` and ``start()`` (append-only file, fsync always).
+    persistent: bool = False
 
     @property
     def url(self) -> str:
@@ -139,7 +142,11 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                *(
+                    ("--appendonly", "yes", "--appendfsync", "always")
+                    if self.persistent
+                    else ("--appendonly", "no")
+                ),
                 "--dir", str(self.directory),
                 "--logfile", str(self.log_path),
                 "--daemonize", "no",
@@ -182,12 +189,14 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def run_redis(tmp_dir: pathlib.Path, *, binary: str | None = None) -> Iterator[RedisServer]:
+def run_redis(
+    tmp_dir: pathlib.Path, *, binary: str | None = None, persistent: bool = False
+) -> Iterator[RedisServer]:
     """Start a ``redis-server`` with its data in ``tmp_dir``; stop it on exit."""
     path = binary or find_redis_server()
     if path is None:
         raise FileNotFoundError(SKIP_REASON)
-    server = RedisServer(path, tmp_dir.resolve())
+    server = RedisServer(path, tmp_dir.resolve(), persistent=persistent)
     server.start()
     try:
         yield server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+from typing import Any
 
 import pytest
 import yaml
@@ -72,3 +73,65 @@ def test_reference_documents_every_variable() -> None:
     documented = set(re.findall(r"`(FLUSHLINE_[A-Z][A-Z_]*|PORT)`", reference))
     assert len(read) > 10, f"the loader seems to read almost nothing: {read}"
     assert read == documented
+
+
+def _template(path: pathlib.Path) -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load(path.read_text())
+    template: dict[str, Any] = manifest["spec"]["template"]
+    return template
+
+
+class TestCloudRunOnRedis:
+    """config/cloudrun/service-redis.yaml: several instances on Memorystore."""
+
+    REDIS = CONFIG / "cloudrun" / "service-redis.yaml"
+    SINGLE = CONFIG / "cloudrun" / "service.yaml"
+
+    def test_reaches_memorystore_through_a_vpc_connector(self) -> None:
+        """A Serverless VPC Access connector carries the private ranges, where Redis is."""
+        annotations = _template(self.REDIS)["metadata"]["annotations"]
+        connector = annotations["run.googleapis.com/vpc-access-connector"]
+        assert re.fullmatch(r"projects/[^/]+/locations/[^/]+/connectors/[^/]+", connector)
+        assert annotations["run.googleapis.com/vpc-access-egress"] == "private-ranges-only"
+
+    def test_runs_several_instances_with_cpu_always_allocated(self) -> None:
+        """maxScale above one (the point of Redis), at least one warm, CPU not throttled."""
+        annotations = _template(self.REDIS)["metadata"]["annotations"]
+        assert int(annotations["autoscaling.knative.dev/maxScale"]) > 1
+        assert int(annotations["autoscaling.knative.dev/minScale"]) >= 1
+        assert annotations["run.googleapis.com/cpu-throttling"] == "false"
+
+    def test_env_selects_redis_and_loads_into_valid_settings(self) -> None:
+        """FLUSHLINE_BUS=redis with a Redis URL; the graces fit Cloud Run and the lease."""
+        env = {name: str(value) for name, value in _service_env(self.REDIS).items()}
+        assert "PORT" not in env, "Cloud Run reserves PORT and sets it itself"
+        settings = Settings.from_environ(env)
+        assert settings.bus == "redis"
+        assert settings.redis_url == env["FLUSHLINE_REDIS_URL"]
+        assert settings.redis_url.startswith("redis://")
+        assert settings.shutdown_grace_s < 10, "Cloud Run sends SIGKILL 10 s after SIGTERM"
+        assert settings.redis_grace_s < settings.runner_lease_s * 2 / 3
+
+    def test_keeps_the_single_instance_settings(self) -> None:
+        """Same env values, resources, concurrency and timeouts as service.yaml."""
+        redis_env = _service_env(self.REDIS)
+        single_env = _service_env(self.SINGLE)
+        assert {name: redis_env.get(name) for name in single_env} == single_env
+        redis_spec, single_spec = _template(self.REDIS)["spec"], _template(self.SINGLE)["spec"]
+        for field in ("containerConcurrency", "timeoutSeconds"):
+            assert redis_spec[field] == single_spec[field], field
+        (redis_container,) = redis_spec["containers"]
+        (single_container,) = single_spec["containers"]
+        for field in ("ports", "resources", "livenessProbe"):
+            assert redis_container[field] == single_container[field], field
+
+    def test_starts_on_readyz_with_the_same_timing(self) -> None:
+        """The startup probe asks /readyz (Redis reachable), with service.yaml's timing."""
+        (redis_container,) = _template(self.REDIS)["spec"]["containers"]
+        (single_container,) = _template(self.SINGLE)["spec"]["containers"]
+        probe = dict(redis_container["startupProbe"])
+        assert probe.pop("httpGet") == {"path": "/readyz"}
+        single = dict(single_container["startupProbe"])
+        single.pop("httpGet")
+        assert probe == single
+        assert redis_container["livenessProbe"]["httpGet"] == {"path": "/healthz"}

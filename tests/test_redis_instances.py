@@ -198,6 +198,22 @@ class TestTwoInstances:
         assert tail.status == 200
         assert tail.payloads() == whole[-3:]
 
+    async def test_a_burst_of_streams_on_b_is_served_not_refused(
+        self, instances: tuple[Instance, Instance]
+    ) -> None:
+        """400 streams of A's job opened at once on B all answer 200 (no pool exhaustion)."""
+        a, b = instances
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            job = await create(session, a, RUNNING_JOB)
+            records = await asyncio.gather(
+                *(stream(session, b, job["id"], stop_after=1) for _ in range(400))
+            )
+        assert sorted({record.status for record in records}) == [200], [
+            record.raw[:200] for record in records if record.status != 200
+        ][:3]
+        assert all(record.payloads()[0]["seq"] == 1 for record in records)
+
     async def test_events_long_polled_from_b(self, instances: tuple[Instance, Instance]) -> None:
         """Long-polling A's job on B returns its events in order until done."""
         a, b = instances

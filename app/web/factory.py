@@ -46,6 +46,12 @@ log = structlog.get_logger(__name__)
 EXPIRY_INTERVAL_S = 60.0
 #: How long start-up waits for Redis to answer before giving up.
 REDIS_CONNECT_TIMEOUT_S = 5.0
+#: Redis connections one instance opens at most: one per job it reads (a blocking
+#: ``XREAD``), plus those of requests in flight. redis-py's default (100, failing at once
+#: beyond it) turned a burst of 500 stream connections into 503s.
+REDIS_MAX_CONNECTIONS = 2_000
+#: How long a request waits for a free Redis connection before its 503.
+REDIS_POOL_WAIT_S = 5.0
 #: The page and the browser client (``flushline.js``), served as they are: no build step.
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
 
@@ -65,15 +71,19 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     control: JobControl | None = None
     if settings.bus == "redis":
         # Imported here: a memory-bus service never loads the Redis client.
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
 
         from app.bus.redis import RedisEventBus
         from app.jobs.redis_store import RedisJobControl, RedisJobStore
 
-        redis = Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_keepalive=True,
+        redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=REDIS_MAX_CONNECTIONS,
+                timeout=REDIS_POOL_WAIT_S,
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                socket_keepalive=True,
+            )
         )
         bus = RedisEventBus(
             redis,

@@ -17,6 +17,7 @@ import aiohttp
 from tests.support.process import json_lines, read_log
 from tests.support.redis import require_redis_server, run_redis
 from tests.test_redis_instances import (
+    RUNNING_JOB,
     STREAM_TIMEOUT_S,
     assert_whole_log,
     create,
@@ -99,3 +100,42 @@ class TestRedisLostUnderARunningJob:
         assert len(flushed) == 1, flushed
         assert isinstance(flushed[0]["events"], int)
         assert flushed[0]["events"] > 0
+
+    async def test_job_fails_when_redis_outlasts_the_grace_and_nothing_hangs(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        """Redis away past the grace: the job ends failed with its log whole; A works again."""
+        binary = require_redis_server()
+        with run_redis(tmp_path / "redis", binary=binary, persistent=True) as redis:
+            async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
+                a, b = await start_instances(
+                    stack,
+                    redis.url,
+                    tmp_path,
+                    FLUSHLINE_REDIS_GRACE_S="1",
+                    FLUSHLINE_RUNNER_LEASE_S="3",
+                )
+                job = await create(session, a, LONG_JOB)
+                before = await stream(session, a, job["id"], stop_after=3)
+                assert len(before.payloads()) == 3
+                redis.stop()
+                await asyncio.sleep(3 * 1.0)  # three graces: the job has given up
+                redis.start()
+                finished = await wait_finished(session, f"{b.url}/api/jobs/{job['id']}")
+                record = await stream(session, b, job["id"])
+                # The instance that gave the job up still works.
+                again = await create(session, a, RUNNING_JOB)
+                again_record = await stream(session, a, again["id"])
+            a_log = json_lines(read_log(a.log))
+
+        assert finished["status"] == "failed", finished
+        payloads = record.payloads()
+        assert [p["seq"] for p in payloads] == list(range(1, len(payloads) + 1))
+        assert payloads[:3] == before.payloads()
+        assert [p["type"] for p in payloads[-2:]] == ["error", "done"]
+        assert payloads[-1]["status"] == "failed"
+        assert payloads[-1]["error"] == finished["error"]
+        assert_whole_log(again_record.payloads(), again["id"])
+        given_up = [line for line in a_log if line.get("message") == "job events lost with redis"]
+        assert len(given_up) == 1, given_up
+        assert "Redis unreachable" in str(given_up[0]["reason"])

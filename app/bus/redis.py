@@ -37,7 +37,9 @@ encoded as usual) in a bounded buffer, at most ``history_limit`` events and
 :data:`BUFFER_MAX_BYTES`, and a flusher writes them in order, with their ids, once Redis
 answers again; an ``XADD`` whose reply was lost is recognised by the stream's top, so
 nothing is written twice. If Redis is not back within ``grace_s`` (or the buffer fills),
-the job's next publish fails with :class:`BackendUnavailable`. Feeds never hold an event
+the job's next publish fails with :class:`BackendUnavailable`, and the buffered events
+are dropped: a later publish continues after the stream's top in Redis (the job's
+``error`` and ``done``, once Redis answers). Feeds never hold an event
 Redis does not: the publisher's own feed is given up when its buffering starts, and a
 reader that loses its connection cuts its subscribers off as ``lost`` (their streams end
 with a short ``retry:``) before it retries.
@@ -388,7 +390,7 @@ class RedisEventBus:
     async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
         writer = await self._writer(job_id)
         async with writer.lock:
-            if writer.failed is not None:
+            if writer.failed is not None:  # given up under us: the next publish starts anew
                 raise BackendUnavailable(writer.failed)
             if writer.lost_at is not None:  # an outage is being buffered: keep the order
                 return self._buffer(job_id, writer, event)
@@ -507,6 +509,10 @@ class RedisEventBus:
         writer.pending.clear()
         writer.pending_bytes = 0
         writer.flushed.set()
+        # No feed holds the lost events (they were given up when buffering began), so a
+        # later publish may continue after Redis's own top: the job's `error` and `done`.
+        if self._writers.get(job_id) is writer:
+            self._drop_writer(job_id)
 
     def _forget_lost(self, feed: _Feed) -> None:
         """Give up a feed whose events may outrun Redis; its subscribers end as ``lost``."""
@@ -584,7 +590,6 @@ class RedisEventBus:
         if writer is not None:
             await writer.flushed.wait()  # the flusher gives up within the grace
             if writer.failed is not None:
-                self._drop_writer(job_id)
                 raise BackendUnavailable(writer.failed)
         newest = await self._close_script(keys=[self.key(job_id)], args=[self._ttl_ms, "closed"])
         self._drop_writer(job_id)

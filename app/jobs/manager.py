@@ -327,6 +327,7 @@ class JobManager:
     async def _close(self, run: _Running, outcome: JobOutcome, started: float) -> None:
         """Close the job's topic and log its end; whatever happens, the job has ended."""
         job = run.job
+        keep_lease = False
         try:
             if run.unsaved_since is not None:
                 await self._put_snapshot(run, wait=True)
@@ -335,12 +336,14 @@ class JobManager:
             outage = backend_outage(exc)
             if outage is None:
                 raise
-            # Redis stayed away past the grace: the job's end cannot be recorded here;
-            # its lease runs out and another instance ends it (runner lost).
+            # Redis stayed away past the grace: the job's end cannot be recorded here.
+            # Its lease is kept, so that once Redis is back the lost-runner sweeper ends
+            # it (`error`, `done` failed) and no stream of it waits forever.
+            keep_lease = True
             outcome = JobOutcome("failed", outage.message)
             log.error("job end not recorded: redis unreachable", error=outage.message)
         finally:
-            if self.control is not None:
+            if self.control is not None and not keep_lease:
                 try:
                     await self.control.release(job.id)
                 except Exception as exc:  # the lease expires by itself; sweepers skip ended jobs

@@ -446,6 +446,11 @@ class RedisEventBus:
             except redis_errors.ResponseError as exc:
                 if not _id_taken(exc):
                     raise
+                if await self._landed(key, encoded.seq, fields):
+                    # Our own XADD, retried by the client after its reply was lost.
+                    added = b"landed"
+                    writer.next_seq += 1
+                    break
                 # Another publisher took this seq: continue after the real top.
                 newest, closed = await self._top(job_id)
                 writer.next_seq, writer.closed = newest + 1, closed
@@ -458,6 +463,15 @@ class RedisEventBus:
         else:
             raise RuntimeError(f"lost the race for a seq of job {job_id} too often")
         return encoded
+
+    async def _landed(self, key: str, seq: int, fields: dict[bytes, Any]) -> bool:
+        """Whether the entry ``<seq>-0`` in Redis is this very event (same stamp and frame)."""
+        found = cast(list[Entry], await self.redis.xrange(key, min=f"{seq}-0", max=f"{seq}-0"))
+        if not found:
+            return False
+        stored = found[0][1]
+        stamp, frame = str(fields[_F_TS]).encode(), bytes(fields[_F_FRAME])
+        return stored.get(_F_TS) == stamp and stored.get(_F_FRAME) == frame
 
     # --- Redis lost under a publishing job ---------------------------------------------
 

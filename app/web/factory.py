@@ -72,6 +72,9 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     if settings.bus == "redis":
         # Imported here: a memory-bus service never loads the Redis client.
         from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
 
         from app.bus.redis import RedisEventBus
         from app.jobs.redis_store import RedisJobControl, RedisJobStore
@@ -83,6 +86,13 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
                 timeout=REDIS_POOL_WAIT_S,
                 socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
                 socket_keepalive=True,
+                # Once, at once: a pooled connection Redis closed (it restarted) fails
+                # its next command; the retry goes out on a fresh one. A command that
+                # did run before its reply was lost is safe to repeat: XADD ids are
+                # explicit (RedisEventBus recognises its own entry), the scripts check
+                # before they write.
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                retry_on_error=[RedisConnectionError],
             )
         )
         bus = RedisEventBus(

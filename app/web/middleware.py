@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import sys
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app.core.errors import BackendUnavailable, FlushlineError, InvalidField
+from app.core.errors import FlushlineError, InvalidField, backend_outage
 from app.web.keys import STREAM_BYTES
 
 __all__ = ["add_request_id", "client_gone", "error_response", "json_response", "middlewares"]
@@ -137,17 +136,6 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     request_id = structlog.contextvars.get_contextvars().get("request_id")
     if request_id:
         response.headers.setdefault("X-Request-ID", str(request_id))
-
-
-def backend_outage(exc: BaseException) -> BackendUnavailable | None:
-    """The domain error for a lost Redis connection (None for any other error).
-
-    Looked up without importing redis: a memory-bus service never loads it.
-    """
-    errors = sys.modules.get("redis.exceptions")
-    if errors is not None and isinstance(exc, errors.ConnectionError | errors.TimeoutError):
-        return BackendUnavailable(" ".join(str(exc).split()) or type(exc).__name__)
-    return None
 
 
 def _domain_error(exc: FlushlineError) -> web.Response:

@@ -222,8 +222,9 @@ class TestAligned:
     async def test_deferred_flush_pads_before_a_pause(self, make_client: MakeClient) -> None:
         """An event written inside the latency budget is padded by a later flush, not left
         waiting for the next event."""
-        # Tokens at 0.3 s and 0.33 s (each its own chunk), then 0.6 s of silence.
-        script = ((0.3, "one "), (0.03, "two "), (0.6, "three "))
+        # Tokens at 0.6 s and 0.63 s (each its own chunk), then 0.9 s of silence: both
+        # quiet stretches well past the 0.3 s that counts as a pause, even on a busy machine.
+        script = ((0.6, "one "), (0.03, "two "), (0.9, "three "))
         client = await make_client(
             {"FLUSHLINE_STRATEGY": "aligned", "FLUSHLINE_CHUNK_CHARS": "1"},
             pipelines=(ScriptedPipeline(script),),

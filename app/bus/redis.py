@@ -51,7 +51,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -60,8 +60,8 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from app.bus.base import MAX_BATCH, Batch
-from app.core.errors import BackendUnavailable, HistoryTruncated, JobNotFound, SubscriberLagged
+from app.bus.local import LocalCursor, LocalLog
+from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent, encode_event
 
 __all__ = ["FEED_LINGER_S", "RedisEventBus"]
@@ -157,20 +157,15 @@ class _Writer:
 
 
 @attrs.define(eq=False)
-class _Feed:
+class _Feed(LocalLog):
     """One job's events as this instance has read them, and its local subscribers."""
 
-    job_id: str
-    key: str
-    events: list[EncodedEvent] = attrs.Factory(list)
-    first_seq: int = 1  # seq of events[0]
-    next_seq: int = 1
-    closed: bool = False
+    job_id: str = attrs.field(kw_only=True)
+    key: str = attrs.field(kw_only=True)
     #: The job was discarded: the feed ends and no new subscriber may use it.
     gone: bool = False
     #: The stream id of the last entry read from Redis (where the next read starts).
     last_id: bytes = b"0-0"
-    subscribers: set[_RedisSubscription] = attrs.Factory(set)
     #: Subscriptions entered or being entered; the feed lingers once this drops to 0.
     holders: int = 0
     loaded: asyncio.Event = attrs.Factory(asyncio.Event)
@@ -184,34 +179,6 @@ class _Feed:
     #: Wakes a reader that waits, instead of reading, while this instance publishes.
     nudge: asyncio.Event = attrs.Factory(asyncio.Event)
     linger: asyncio.TimerHandle | None = None
-    changed: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        if self.changed is not None and not self.changed.done():
-            self.changed.set_result(None)
-        self.changed = None
-
-    def wait_future(self) -> asyncio.Future[None]:
-        if self.changed is None:
-            self.changed = asyncio.get_running_loop().create_future()
-        return self.changed
-
-    def append(self, events: Sequence[EncodedEvent], history_limit: int, queue_limit: int) -> None:
-        """Add events continuing at ``next_seq``; trim, cut laggards and wake readers."""
-        if not events:
-            return
-        self.events.extend(events)
-        self.next_seq = events[-1].seq + 1
-        if len(self.events) > history_limit:
-            # Trim in slices of a tenth so trimming stays amortised O(1) per event.
-            drop = len(self.events) - history_limit + history_limit // 10
-            del self.events[:drop]
-            self.first_seq += drop
-        newest = self.next_seq - 1
-        for sub in self.subscribers:
-            if sub.pending(newest) > queue_limit or sub.cursor < self.first_seq - 1:
-                sub.cut_off()
-        self.wake()
 
     def skip_to(self, seq: int) -> None:
         """Continue at ``seq``: Redis trimmed the events before it before we read them.
@@ -226,10 +193,6 @@ class _Feed:
                 sub.cut_off()
         self.wake()
 
-    def end(self) -> None:
-        self.closed = True
-        self.wake()
-
     def lose(self) -> None:
         """Redis was lost under this feed: cut every subscriber off as ``lost``."""
         for sub in list(self.subscribers):
@@ -239,53 +202,18 @@ class _Feed:
 
 
 @attrs.define(eq=False)
-class _RedisSubscription:
+class _RedisSubscription(LocalCursor):
     """A cursor into a job's :class:`_Feed` on this instance."""
 
-    bus: RedisEventBus
-    job_id: str
-    cursor: int  # last delivered seq
-    feed: _Feed | None = None
-    live_from: int = 0
-    cut: bool = False
-    #: Cut off because the feed lost Redis, not for falling behind.
-    lost: bool = False
-    _callbacks: list[Callable[[], None]] = attrs.Factory(list)
-
-    @property
-    def last_seq(self) -> int:
-        return self.cursor
-
-    def on_cut(self, callback: Callable[[], None]) -> None:
-        if self.cut:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
-    def pending(self, newest_seq: int) -> int:
-        return newest_seq - max(self.cursor, self.live_from)
-
-    def cut_off(self) -> None:
-        if self.cut:
-            return
-        self.cut = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
+    bus: RedisEventBus = attrs.field(kw_only=True)
 
     async def __aenter__(self) -> Self:
         feed = await self.bus._attach(self.job_id)
         try:
-            if self.cursor == 0:
-                self.cursor = feed.first_seq - 1  # no resume point: all the history kept
-            elif self.cursor < feed.first_seq - 1:
-                raise HistoryTruncated(self.job_id, self.cursor, feed.first_seq)
+            self.start(feed)
         except BaseException:
             self.bus._detach(feed)
             raise
-        self.feed = feed
-        self.live_from = feed.next_seq - 1
-        feed.subscribers.add(self)
         return self
 
     async def __aexit__(
@@ -294,38 +222,9 @@ class _RedisSubscription:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.feed is not None:
-            self.feed.subscribers.discard(self)
-            self.bus._detach(self.feed)
-            self.feed = None
-
-    async def next_batch(self, timeout_s: float | None) -> Batch:
-        feed = self.feed
-        if feed is None:
-            raise RuntimeError("use the subscription as an async context manager")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            if self.cut and self.lost:
-                raise BackendUnavailable(f"lost Redis while reading job {self.job_id}")
-            if self.cut:
-                raise SubscriberLagged(
-                    f"subscriber of job {self.job_id} fell behind and was cut off"
-                )
-            if self.cursor < feed.next_seq - 1:
-                start = self.cursor + 1 - feed.first_seq
-                if start < 0:  # trimmed past us while we were away
-                    self.cut_off()
-                    continue
-                batch = feed.events[start : start + MAX_BATCH]
-                self.cursor = batch[-1].seq
-                return Batch(batch)
-            if feed.closed:
-                return Batch((), ended=True)
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return Batch(())
-            await asyncio.wait([feed.wait_future()], timeout=remaining)
+        feed = self.stop()
+        if isinstance(feed, _Feed):
+            self.bus._detach(feed)
 
 
 @attrs.define(eq=False)
@@ -634,7 +533,7 @@ class RedisEventBus:
     # --- subscribing -----------------------------------------------------------------
 
     def subscribe(self, job_id: str, after_seq: int = 0) -> _RedisSubscription:
-        return _RedisSubscription(self, job_id, after_seq)
+        return _RedisSubscription(job_id, after_seq, bus=self)
 
     def subscriber_count(self, job_id: str) -> int:
         feed = self._feeds.get(job_id)
@@ -644,7 +543,7 @@ class RedisEventBus:
         """The job's feed with its history loaded, held until :meth:`_detach`."""
         feed = self._feeds.get(job_id)
         if feed is None:
-            feed = _Feed(job_id, self.key(job_id))
+            feed = _Feed(job_id=job_id, key=self.key(job_id))
             self._feeds[job_id] = feed
             feed.reader = asyncio.create_task(self._read(feed), name=f"redis-feed:{job_id}")
         feed.holders += 1

@@ -1,0 +1,155 @@
+"""Local fan-out: one job's events held in this process, and cursors that read them.
+
+Both buses fan out the same way once events are here (published in process, or read
+from Redis): a job's history is one shared list of :class:`EncodedEvent`, and a
+subscriber is only a cursor into it, so a subscriber joining late, or resuming, reads
+history and then live events from the same list with no seam at which an event could be
+missed or repeated. A subscriber's "queue" is the distance between the newest seq and
+its cursor, counted from when it subscribed: past ``queue_limit`` it is cut off (its
+``on_cut`` callbacks run at once, so a sender stuck writing to a dead socket is
+interrupted), and the producer and other subscribers never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from app.bus.base import MAX_BATCH, Batch
+from app.core.errors import BackendUnavailable, HistoryTruncated, SubscriberLagged
+from app.core.events import EncodedEvent
+
+__all__ = ["LocalCursor", "LocalLog"]
+
+
+@attrs.define(eq=False)
+class LocalLog:
+    """One job's retained events in this process, and the cursors reading them."""
+
+    events: list[EncodedEvent] = attrs.Factory(list)
+    first_seq: int = 1  # seq of events[0]
+    next_seq: int = 1
+    closed: bool = False
+    subscribers: set[LocalCursor] = attrs.Factory(set)
+    changed: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Wake every cursor waiting for a change."""
+        if self.changed is not None and not self.changed.done():
+            self.changed.set_result(None)
+        self.changed = None
+
+    def wait_future(self) -> asyncio.Future[None]:
+        """A future set at the next change."""
+        if self.changed is None:
+            self.changed = asyncio.get_running_loop().create_future()
+        return self.changed
+
+    def append(self, events: Sequence[EncodedEvent], history_limit: int, queue_limit: int) -> None:
+        """Add events continuing at ``next_seq``; trim, cut laggards and wake readers."""
+        if not events:
+            return
+        self.events.extend(events)
+        self.next_seq = events[-1].seq + 1
+        if len(self.events) > history_limit:
+            # Trim in slices of a tenth so trimming stays amortised O(1) per event.
+            drop = len(self.events) - history_limit + history_limit // 10
+            del self.events[:drop]
+            self.first_seq += drop
+        newest = self.next_seq - 1
+        for sub in self.subscribers:
+            if sub.pending(newest) > queue_limit or sub.cursor < self.first_seq - 1:
+                sub.cut_off()
+        self.wake()
+
+    def end(self) -> None:
+        """No more events will come: cursors end once they have read them all."""
+        self.closed = True
+        self.wake()
+
+
+@attrs.define(eq=False)
+class LocalCursor:
+    """One subscriber's position in a :class:`LocalLog` (the bus enters and leaves it)."""
+
+    job_id: str
+    cursor: int  # last delivered seq
+    log: LocalLog | None = None
+    live_from: int = 0
+    cut: bool = False
+    #: Cut off because the bus lost its backend, not for falling behind.
+    lost: bool = False
+    _callbacks: list[Callable[[], None]] = attrs.Factory(list)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last event delivered (the resume point)."""
+        return self.cursor
+
+    def on_cut(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (once, synchronously) when the subscriber is cut off."""
+        if self.cut:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def pending(self, newest_seq: int) -> int:
+        """Events published since it subscribed that it has not read yet."""
+        return newest_seq - max(self.cursor, self.live_from)
+
+    def cut_off(self) -> None:
+        """Cut the subscriber off: its callbacks run now, its next read raises."""
+        if self.cut:
+            return
+        self.cut = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def start(self, log: LocalLog) -> None:
+        """Read ``log`` from the resume point on; ``HistoryTruncated`` if it is not kept."""
+        if self.cursor == 0:
+            self.cursor = log.first_seq - 1  # no resume point: all the history still kept
+        elif self.cursor < log.first_seq - 1:
+            raise HistoryTruncated(self.job_id, self.cursor, log.first_seq)
+        self.log = log
+        self.live_from = log.next_seq - 1
+        log.subscribers.add(self)
+
+    def stop(self) -> LocalLog | None:
+        """Stop reading; the log it read, if it had started."""
+        log, self.log = self.log, None
+        if log is not None:
+            log.subscribers.discard(self)
+        return log
+
+    async def next_batch(self, timeout_s: float | None) -> Batch:
+        """Wait up to ``timeout_s`` for events after ``last_seq`` (see ``Subscription``)."""
+        log = self.log
+        if log is None:
+            raise RuntimeError("use the subscription as an async context manager")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            if self.cut and self.lost:
+                raise BackendUnavailable(f"lost the bus backend while reading job {self.job_id}")
+            if self.cut:
+                raise SubscriberLagged(
+                    f"subscriber of job {self.job_id} fell behind and was cut off"
+                )
+            if self.cursor < log.next_seq - 1:
+                start = self.cursor + 1 - log.first_seq
+                if start < 0:  # trimmed past us while we were away
+                    self.cut_off()
+                    continue
+                batch = log.events[start : start + MAX_BATCH]
+                self.cursor = batch[-1].seq
+                return Batch(batch)
+            if log.closed:
+                return Batch((), ended=True)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return Batch(())
+            await asyncio.wait([log.wait_future()], timeout=remaining)

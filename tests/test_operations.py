@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -26,10 +25,10 @@ from tests.support.jobs import (
     SLOW_JOB,
     Client,
     ScriptedPipeline,
-    bus_of,
     create_job,
     expect_json_error,
     get_job,
+    open_stalled_stream,
     stream_job,
     wait_finished,
     wait_for_job,
@@ -157,20 +156,11 @@ class TestStalledWriter:
             pipelines=(big,),
         )
         job = await create_job(client, pipeline="scripted")
-        bus = bus_of(client)
         loop = asyncio.get_running_loop()
-        stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        with structlog.testing.capture_logs() as logs, contextlib.closing(stalled):
-            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stalled.setblocking(False)
-            assert client.port is not None
-            await loop.sock_connect(stalled, (client.host, client.port))
-            request = (
-                f"GET /api/jobs/{job['id']}/stream HTTP/1.1\r\n"
-                f"Host: {client.host}:{client.port}\r\n\r\n"
-            )
-            await loop.sock_sendall(stalled, request.encode())
-            await wait_until(lambda: bus.subscriber_count(job["id"]) == 1, 5)
+        with (
+            structlog.testing.capture_logs() as logs,
+            contextlib.closing(await open_stalled_stream(client, job["id"])) as stalled,
+        ):
 
             def stream_ends() -> list[MutableMapping[str, Any]]:
                 return [e for e in logs if e.get("event") == "stream closed"]

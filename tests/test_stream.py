@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.support.jobs import (
     create_job,
     expect_json_error,
     get_job,
+    open_stalled_stream,
     stream_job,
     wait_finished,
     wait_for_job,
@@ -355,18 +355,9 @@ class TestLiveSubscribers:
         job = await create_job(client, options)
         bus = bus_of(client)
         loop = asyncio.get_running_loop()
-        stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stalled = await open_stalled_stream(client, job["id"])
         try:
-            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            stalled.setblocking(False)
-            assert client.port is not None
-            await loop.sock_connect(stalled, (client.host, client.port))
-            request = (
-                f"GET /api/jobs/{job['id']}/stream HTTP/1.1\r\n"
-                f"Host: {client.host}:{client.port}\r\n\r\n"
-            )
-            await loop.sock_sendall(stalled, request.encode())
-            await wait_until(lambda: bus.subscriber_count(job["id"]) == 1, 5)
+            assert bus.subscriber_count(job["id"]) == 1
             normal = asyncio.create_task(stream_job(client, job["id"]))
             await wait_until(lambda: bus.subscriber_count(job["id"]) == 2, 5)
 

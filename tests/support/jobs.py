@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "create_job",
     "expect_json_error",
     "get_job",
+    "open_stalled_stream",
     "raw_lines",
     "stream_job",
     "wait_finished",
@@ -125,6 +127,31 @@ async def stream_job(
     return await read_stream(
         client.session, url, headers=headers, stop_after=stop_after, timeout_s=timeout_s
     )
+
+
+async def open_stalled_stream(client: Client, job_id: str) -> socket.socket:
+    """A raw connection that requests the job's stream and then never reads.
+
+    Its receive buffer is tiny, so the server's writes soon stall; returns once the bus
+    counts it as a subscriber. The caller closes the socket.
+    """
+    loop = asyncio.get_running_loop()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.setblocking(False)
+        assert client.port is not None
+        await loop.sock_connect(stalled, (client.host, client.port))
+        request = (
+            f"GET /api/jobs/{job_id}/stream HTTP/1.1\r\nHost: {client.host}:{client.port}\r\n\r\n"
+        )
+        await loop.sock_sendall(stalled, request.encode())
+        subscribers = bus_of(client).subscriber_count(job_id)
+        await wait_until(lambda: bus_of(client).subscriber_count(job_id) > subscribers, 5)
+    except BaseException:
+        stalled.close()
+        raise
+    return stalled
 
 
 def bus_of(client: Client) -> EventBus:

@@ -38,7 +38,15 @@ import attrs
 
 from app.core.errors import InvalidField
 from app.jobs.pipelines import JobPlan, Pipeline, StepFailed, StepPlan
-from app.jobs.tokens import Piece, SimulatedTokenSource, TokenCount, TokenRequest, TokenSource
+from app.jobs.tokens import (
+    END_OF_PIECES,
+    Piece,
+    SimulatedTokenSource,
+    TokenCount,
+    TokenRequest,
+    TokenSource,
+    next_piece,
+)
 
 __all__ = [
     "FunctionStep",
@@ -247,9 +255,6 @@ class _PromptSource:
         self.state.outputs[self.step.name] = "".join(text)
 
 
-_END = object()
-
-
 @attrs.frozen(eq=False)
 class _FunctionSource:
     """Runs the step's callable; what it reports is streamed as the step's tokens."""
@@ -283,20 +288,14 @@ class _FunctionSource:
                     )
                 if result:
                     reporter.write(result, tokens=0)
-                send(_END)
+                send(END_OF_PIECES)
             except Exception as exc:
                 send(exc)
 
         task = asyncio.create_task(call(), name=f"step:{self.step.name}")
         text: list[str] = []
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, str | TokenCount)
+            while (item := await next_piece(queue)) is not None:
                 if isinstance(item, str):
                     text.append(item)
                 yield item

@@ -23,6 +23,7 @@ from typing import Protocol
 import attrs
 
 __all__ = [
+    "END_OF_PIECES",
     "Piece",
     "SimulatedTokenSource",
     "SyncTokenSource",
@@ -30,6 +31,7 @@ __all__ = [
     "TokenCount",
     "TokenRequest",
     "TokenSource",
+    "next_piece",
     "threaded",
 ]
 
@@ -213,7 +215,22 @@ class SimulatedTokenSource:
             yield token
 
 
-_END = object()
+#: Put on a hand-off queue after a producer's last piece.
+END_OF_PIECES = object()
+
+
+async def next_piece(queue: asyncio.Queue[object]) -> Piece | None:
+    """The next piece a producer handed over on ``queue``; None after :data:`END_OF_PIECES`.
+
+    An exception the producer put on the queue is raised here, in the consumer.
+    """
+    item = await queue.get()
+    if item is END_OF_PIECES:
+        return None
+    if isinstance(item, BaseException):
+        raise item
+    assert isinstance(item, str | TokenCount)
+    return item
 
 
 @attrs.frozen
@@ -238,7 +255,7 @@ class ThreadedTokenSource:
                     if stop.is_set():
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, token)
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
+                loop.call_soon_threadsafe(queue.put_nowait, END_OF_PIECES)
             except BaseException as exc:  # handed to the loop, re-raised there
                 if not stop.is_set():
                     loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -246,13 +263,7 @@ class ThreadedTokenSource:
         thread = threading.Thread(target=work, name=f"tokens-{request.step}", daemon=True)
         thread.start()
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, str | TokenCount)
+            while (item := await next_piece(queue)) is not None:
                 yield item
         finally:
             stop.set()

@@ -132,6 +132,11 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("FLUSHLINE_SEND_TIMEOUT", "4.5", "send_timeout_s", 4.5),
     ("FLUSHLINE_LOG_LEVEL", "DEBUG", "log_level", "debug"),
     ("FLUSHLINE_LOG_FORMAT", "json", "log_format", "json"),
+    ("FLUSHLINE_STREAM_TOKEN_TTL_S", "600", "stream_token_ttl_s", 600.0),
+    ("FLUSHLINE_MAX_HISTORY_BYTES", "65536", "max_history_bytes", 65536),
+    ("FLUSHLINE_MAX_RETAINED_BYTES", "1073741824", "max_retained_bytes", 1 << 30),
+    ("FLUSHLINE_MAX_CONNECTIONS", "900", "max_connections", 900),
+    ("FLUSHLINE_HEADER_TIMEOUT_S", "2.5", "header_timeout_s", 2.5),
 ]
 
 
@@ -249,6 +254,7 @@ class TestUnknownVariables:
         exercised = {row[0] for row in PARSED} | {row[0] for row in INVALID}
         exercised |= {"FLUSHLINE_BUS", "FLUSHLINE_CORS_ORIGINS", "FLUSHLINE_REDIS_URL"}
         exercised |= {"FLUSHLINE_LLM_MODEL", "FLUSHLINE_LLM_API_KEY"}
+        exercised |= {"FLUSHLINE_API_TOKEN", "FLUSHLINE_SECRET_KEY"}
         assert exercised <= known_variables()
         assert known_variables() - exercised == set()
 
@@ -325,6 +331,12 @@ INVALID: list[tuple[str, str, str]] = [
     ("FLUSHLINE_MAX_RETAINED_JOBS", "0", "integer"),
     ("FLUSHLINE_SEND_TIMEOUT", "0", "seconds"),
     ("FLUSHLINE_SEND_TIMEOUT", "never", "seconds"),
+    ("FLUSHLINE_STREAM_TOKEN_TTL_S", "0", "seconds"),
+    ("FLUSHLINE_MAX_HISTORY_BYTES", "100", "integer"),
+    ("FLUSHLINE_MAX_HISTORY_BYTES", "200000000", "FLUSHLINE_MAX_RETAINED_BYTES"),
+    ("FLUSHLINE_MAX_RETAINED_BYTES", "1kb", "integer"),
+    ("FLUSHLINE_MAX_CONNECTIONS", "3", "integer"),
+    ("FLUSHLINE_HEADER_TIMEOUT_S", "-1", "seconds"),
 ]
 
 
@@ -426,3 +438,43 @@ def test_startup_with_unknown_pipeline_in_json_mode_is_one_json_line() -> None:
     assert line["severity"] == "ERROR"
     assert line["message"] == "invalid FLUSHLINE_PIPELINE='summarise': allowed: demo, chat"
     assert result.stdout == ""
+
+
+class TestSecrets:
+    """API tokens and the signing key: checked, never echoed, never in ``repr``."""
+
+    def test_tokens_are_a_comma_list(self) -> None:
+        """Several tokens (for rotation) are read in order; the key is kept as given."""
+        settings = load(
+            FLUSHLINE_API_TOKEN="a" * 16 + ", " + "b" * 20,
+            FLUSHLINE_SECRET_KEY="k" * 32,
+        )
+        assert settings.api_tokens == ("a" * 16, "b" * 20)
+        assert settings.secret_key == "k" * 32
+        assert "aaaaaaaaaaaaaaaa" not in repr(settings)
+        assert "kkkkkkkkkkkkkkkk" not in repr(settings)
+
+    @pytest.mark.parametrize(
+        ("variable", "bad"),
+        [
+            ("FLUSHLINE_API_TOKEN", "short-token"),
+            ("FLUSHLINE_API_TOKEN", "a" * 16 + ",,"),
+            ("FLUSHLINE_API_TOKEN", "has a space in it, really"),
+            ("FLUSHLINE_SECRET_KEY", "too-short"),
+        ],
+    )
+    def test_weak_secret_is_refused_without_echoing_it(self, variable: str, bad: str) -> None:
+        """A short or malformed secret stops start-up, naming the variable but not the value."""
+        with pytest.raises(SettingsError) as info:
+            load(**{variable: bad})
+        assert variable in str(info.value)
+        assert bad not in str(info.value)
+
+    def test_auth_on_redis_needs_a_shared_key(self) -> None:
+        """With the Redis bus, auth needs FLUSHLINE_SECRET_KEY (every instance must agree)."""
+        with pytest.raises(SettingsError, match="FLUSHLINE_SECRET_KEY"):
+            load(FLUSHLINE_BUS="redis", FLUSHLINE_API_TOKEN="t" * 16)
+        shared = load(
+            FLUSHLINE_BUS="redis", FLUSHLINE_API_TOKEN="t" * 16, FLUSHLINE_SECRET_KEY="s" * 16
+        )
+        assert shared.secret_key == "s" * 16

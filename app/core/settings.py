@@ -32,6 +32,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _PREFIX = "FLUSHLINE_"
+#: The shortest API token or secret key accepted.
+MIN_SECRET_CHARS = 16
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
@@ -91,6 +93,20 @@ class Settings:
     llm_api_key: str = attrs.field(default="", repr=False)
     #: ``package.module:attribute`` paths of user pipelines, registered at start-up.
     pipelines: tuple[str, ...] = ()
+    #: Bearer tokens of the job API (auth is on when there is one); never shown.
+    api_tokens: tuple[str, ...] = attrs.field(default=(), repr=False)
+    #: Signs stream tokens; empty: a random key per process (one instance only). Never shown.
+    secret_key: str = attrs.field(default="", repr=False)
+    #: How long a signed stream token (in ``links.stream``) stays valid.
+    stream_token_ttl_s: float = 3600.0
+    #: Encoded bytes of one job's event history kept in memory, at most.
+    max_history_bytes: int = 4 * 1024 * 1024
+    #: Bytes of every kept job (history, input, result) together, at most.
+    max_retained_bytes: int = 128 * 1024 * 1024
+    #: Open connections at most; ``None``: derived from the file-descriptor limit.
+    max_connections: int | None = None
+    #: How long a client may take to send a request's headers.
+    header_timeout_s: float = 10.0
 
     def tuning(self) -> Tuning:
         """The operator's strategy overrides (unset ones stay None)."""
@@ -151,7 +167,37 @@ class Settings:
             llm_model=llm_model,
             llm_api_key=llm_api_key,
             pipelines=r.pipeline_paths("FLUSHLINE_PIPELINES"),
-        )
+            api_tokens=r.tokens("FLUSHLINE_API_TOKEN"),
+            secret_key=r.secret("FLUSHLINE_SECRET_KEY"),
+            stream_token_ttl_s=r.seconds("FLUSHLINE_STREAM_TOKEN_TTL_S", 3600.0),
+            max_history_bytes=r.integer(
+                "FLUSHLINE_MAX_HISTORY_BYTES", 4 * 1024 * 1024, low=4096, high=1 << 34
+            ),
+            max_retained_bytes=r.integer(
+                "FLUSHLINE_MAX_RETAINED_BYTES", 128 * 1024 * 1024, low=1 << 16, high=1 << 40
+            ),
+            max_connections=r.optional_integer("FLUSHLINE_MAX_CONNECTIONS", low=16, high=1 << 24),
+            header_timeout_s=r.seconds("FLUSHLINE_HEADER_TIMEOUT_S", 10.0),
+        )._checked()
+
+    def _checked(self) -> Settings:
+        """Checks that involve several variables."""
+        if self.max_history_bytes > self.max_retained_bytes:
+            raise SettingsError(
+                "FLUSHLINE_MAX_HISTORY_BYTES",
+                str(self.max_history_bytes),
+                f"at most FLUSHLINE_MAX_RETAINED_BYTES ({self.max_retained_bytes})",
+            )
+        if self.api_tokens and self.bus == "redis" and not self.secret_key:
+            # Each instance would sign with its own random key: a stream token from one
+            # instance would be refused by the others.
+            raise SettingsError(
+                "FLUSHLINE_SECRET_KEY",
+                "",
+                "required when FLUSHLINE_API_TOKEN is set with FLUSHLINE_BUS=redis "
+                "(every instance must sign stream tokens with the same key)",
+            )
+        return self
 
 
 @attrs.frozen
@@ -349,6 +395,34 @@ class _Reader:
         if not all(_IMPORT_PATH.fullmatch(path) for path in paths):
             raise SettingsError(name, raw, "a comma list of package.module:attribute")
         return paths
+
+    def tokens(self, name: str) -> tuple[str, ...]:
+        """A comma list of secrets, each at least :data:`MIN_SECRET_CHARS` printable characters.
+
+        The message never echoes the value.
+        """
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        items = tuple(item.strip() for item in raw.split(","))
+        for item in items:
+            if len(item) < MIN_SECRET_CHARS or not item.isprintable() or " " in item:
+                raise SettingsError(
+                    name,
+                    "***",
+                    f"a comma list of tokens, each at least {MIN_SECRET_CHARS} characters "
+                    "without spaces",
+                )
+        return items
+
+    def secret(self, name: str) -> str:
+        """One secret of at least :data:`MIN_SECRET_CHARS` characters; never echoed."""
+        raw = self._raw(name)
+        if raw is None:
+            return ""
+        if len(raw) < MIN_SECRET_CHARS:
+            raise SettingsError(name, "***", f"at least {MIN_SECRET_CHARS} characters")
+        return raw
 
     def seconds(self, name: str, default: float) -> float:
         value = self.optional_seconds(name)

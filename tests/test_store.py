@@ -222,6 +222,26 @@ class TestListing:
         got = await store.newest(limit=5, status=JobStatus.CANCELLED)
         assert [j.id for j in got] == [old.id]
 
+    async def test_owner_filter(self, store: JobStore) -> None:
+        """newest(owner=...) lists only that owner's jobs, with the status filter too."""
+        mine = [snapshot(n, owner="fp-a") for n in (0, 2, 4)]
+        theirs = [snapshot(n, owner="fp-b") for n in (1, 3)]
+        anonymous = snapshot(5)
+        for job in sorted([*mine, *theirs, anonymous], key=lambda j: j.created_at):
+            await store.add(job)
+        await store.put(finished(mine[0]))
+        assert [j.id for j in await store.newest(limit=10, owner="fp-a")] == [
+            mine[2].id,
+            mine[1].id,
+            mine[0].id,
+        ]
+        assert [j.id for j in await store.newest(limit=1, owner="fp-b")] == [theirs[1].id]
+        got = await store.newest(limit=10, status=JobStatus.SUCCEEDED, owner="fp-a")
+        assert [j.id for j in got] == [mine[0].id]
+        assert await store.newest(limit=10, status=JobStatus.SUCCEEDED, owner="fp-b") == []
+        assert (await store.get(mine[1].id)).owner == "fp-a"
+        assert "owner" not in mine[1].to_json()
+
     async def test_count(self, store: JobStore) -> None:
         """count follows adds and discards."""
         assert await store.count() == 0

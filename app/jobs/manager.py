@@ -114,6 +114,8 @@ class JobRequest:
     strategy: str
     input: Mapping[str, Any] = attrs.field(factory=dict)
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: With auth on: the fingerprint of the caller's API token (see ``JobSnapshot.owner``).
+    owner: str | None = None
 
 
 @attrs.define(eq=False)
@@ -187,6 +189,7 @@ class JobManager:
             created_at=time.time(),
             input=request.input,
             options=request.options,
+            owner=request.owner,
         )
         await self.store.add(job)
         await self.bus.open(job.id)
@@ -378,9 +381,11 @@ class JobManager:
         """The job's snapshot (``JobNotFound`` if unknown)."""
         return await self.store.get(job_id)
 
-    async def newest(self, *, limit: int, status: JobStatus | None) -> list[JobSnapshot]:
-        """Jobs newest first."""
-        return await self.store.newest(limit=limit, status=status)
+    async def newest(
+        self, *, limit: int, status: JobStatus | None, owner: str | None = None
+    ) -> list[JobSnapshot]:
+        """Jobs newest first; only ``owner``'s when given."""
+        return await self.store.newest(limit=limit, status=status, owner=owner)
 
     async def cancel(self, job_id: str) -> JobSnapshot:
         """Cancel a queued or running job; ``JobAlreadyFinished`` if it has ended.

@@ -79,6 +79,7 @@ def snapshot_to_json(job: JobSnapshot) -> bytes:
             "last_event_id": job.last_event_id,
             "input": dict(job.input),
             "options": dict(job.options),
+            "owner": job.owner,
         }
     )
 
@@ -104,6 +105,7 @@ def snapshot_from_json(raw: bytes) -> JobSnapshot:
         last_event_id=data["last_event_id"],
         input=cast(Mapping[str, Any], data["input"]),
         options=cast(Mapping[str, Any], data["options"]),
+        owner=data.get("owner"),
     )
 
 
@@ -171,10 +173,13 @@ class RedisJobStore:
         else:
             self._writing.pop(job.id, None)
 
-    async def newest(self, *, limit: int, status: JobStatus | None = None) -> list[JobSnapshot]:
+    async def newest(
+        self, *, limit: int, status: JobStatus | None = None, owner: str | None = None
+    ) -> list[JobSnapshot]:
         out: list[JobSnapshot] = []
         start = 0
-        page = max(limit, LIST_PAGE) if status is not None else limit
+        filtered = status is not None or owner is not None
+        page = max(limit, LIST_PAGE) if filtered else limit
         horizon = f"({time.time() - self.job_ttl_s}"
         while len(out) < limit:
             ids = cast(
@@ -197,7 +202,7 @@ class RedisJobStore:
                 job = snapshot_from_json(raw)
                 if job.id in self._writing:
                     job = self._writing[job.id]
-                if status is None or job.status is status:
+                if job.listed(status, owner):
                     out.append(job)
                     if len(out) >= limit:
                         break

@@ -105,6 +105,13 @@ class JobSnapshot:
     last_event_id: int = 0
     input: Mapping[str, Any] = attrs.field(factory=dict)
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Who created the job when auth is on: a fingerprint of the caller's API token (never
+    #: the token). Not part of :meth:`to_json`.
+    owner: str | None = None
+
+    def listed(self, status: JobStatus | None, owner: str | None) -> bool:
+        """Whether a listing filtered by ``status`` and ``owner`` (``None``: any) shows it."""
+        return (status is None or self.status is status) and (owner is None or self.owner == owner)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's snapshot object."""
@@ -199,8 +206,10 @@ class JobStore(Protocol):
         """Replace the job's snapshot."""
         ...
 
-    async def newest(self, *, limit: int, status: JobStatus | None = None) -> list[JobSnapshot]:
-        """Newest first, at most ``limit``, optionally only those with ``status``."""
+    async def newest(
+        self, *, limit: int, status: JobStatus | None = None, owner: str | None = None
+    ) -> list[JobSnapshot]:
+        """Newest first, at most ``limit``; only those with ``status`` / ``owner`` if given."""
         ...
 
     async def discard(self, job_id: str) -> None:
@@ -238,10 +247,12 @@ class MemoryJobStore:
         if job.id in self._jobs:
             self._jobs[job.id] = job
 
-    async def newest(self, *, limit: int, status: JobStatus | None = None) -> list[JobSnapshot]:
+    async def newest(
+        self, *, limit: int, status: JobStatus | None = None, owner: str | None = None
+    ) -> list[JobSnapshot]:
         out: list[JobSnapshot] = []
         for job in reversed(self._jobs.values()):
-            if status is None or job.status is status:
+            if job.listed(status, owner):
                 out.append(job)
                 if len(out) >= limit:
                     break

@@ -13,6 +13,8 @@ setup(
         "aiohttp>=3.9",
         "attrs>=23.1",
         "orjson>=3.9",
+        # /metrics: the reference Prometheus client (text format, histograms, registries).
+        "prometheus-client>=0.20",
         # FLUSHLINE_BUS=redis: the official client, asyncio API, pooling, RESP3.
         "redis>=5",
         "structlog>=24.1",
@@ -28,6 +30,14 @@ setup(
             # Parses the Cloud Run manifest the deploy tests check (a real YAML parser).
             "pyyaml>=6",
             "packaging>=23",
+            # Fuzzes the live server from its own /openapi.json (5xx and schema violations).
+            "schemathesis>=4",
+        ],
+        "bench": [
+            # The fan-out benchmark's anchor: a plain aiohttp + aiohttp-sse server.
+            "aiohttp-sse>=2.2",
+            # Profiles the server under the benchmark's load (sampling, no code change).
+            "py-spy>=0.3",
         ],
         "dev": [
             "mypy>=1.10",

@@ -31,7 +31,9 @@ from app.web import api
 from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
 from app.web.keys import BUS, MANAGER, SETTINGS
+from app.web.metrics import install_metrics
 from app.web.middleware import add_request_id, middlewares
+from app.web.openapi import install_openapi
 from app.web.poll import poll_events
 from app.web.stream import stream_job
 from strategies import STRATEGIES, build_strategy
@@ -141,6 +143,8 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(add_request_id)
     CorsPolicy(settings.cors_origins).install(app)
+    install_metrics(app)
+    install_openapi(app)
     return app
 
 

@@ -28,6 +28,7 @@ from app.jobs.steps import bind_source
 from app.jobs.store import JobStore, MemoryJobStore
 from app.jobs.tokens import TokenSource
 from app.web import api
+from app.web.auth import install_auth
 from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
 from app.web.keys import BUS, MANAGER, SETTINGS
@@ -143,6 +144,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(add_request_id)
     CorsPolicy(settings.cors_origins).install(app)
+    install_auth(app)
     install_metrics(app)
     install_openapi(app)
     return app

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from app.bus import EventBus
 from app.core.settings import Settings
 from app.jobs.manager import JobManager
 
-__all__ = ["BUS", "MANAGER", "SETTINGS", "STREAM_BYTES"]
+if TYPE_CHECKING:
+    from app.web.auth import Authenticator
+    from app.web.metrics import Metrics
+    from app.web.server import ConnectionTracker
+
+__all__ = ["AUTH", "BUS", "CONNECTIONS", "MANAGER", "METRICS", "SETTINGS", "STREAM_BYTES"]
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
 MANAGER = web.AppKey("manager", JobManager)
+#: API and stream tokens (``app.web.auth``).
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+#: The Prometheus registry and metrics (``app.web.metrics``).
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+#: Open connections of the server running the app (``app.web.server``); absent when the
+#: app runs under another server (e.g. a test client).
+CONNECTIONS: web.AppKey[ConnectionTracker] = web.AppKey("connections")
 #: Bytes a stream wrote, for the request log line (aiohttp counts only completed bodies).
 STREAM_BYTES = web.ResponseKey("stream_bytes", int)

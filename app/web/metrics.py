@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import attrs
 from aiohttp import web
 
-__all__ = ["install_metrics"]
+__all__ = ["Metrics", "install_metrics"]
+
+
+@attrs.define
+class Metrics:
+    """The app's Prometheus registry and the metrics the service updates."""
 
 
 def install_metrics(app: web.Application) -> None:

@@ -1,4 +1,10 @@
-"""The REST job API: create, read, list and cancel jobs (JSON in, JSON out)."""
+"""The REST job API: create, read, list and cancel jobs (JSON in, JSON out).
+
+With auth on (``app.web.auth``), the middleware has checked the caller's bearer token
+before a handler runs, and a job is created for and listed by its fingerprint. Every
+snapshot's ``links.stream`` and ``links.events`` (the long-poll URL) then carry a fresh
+stream token for that job.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,13 @@ from aiohttp import web
 
 from app.core.errors import InvalidField
 from app.jobs.manager import JobRequest
-from app.jobs.store import JobStatus
-from app.web.keys import MANAGER, SETTINGS
+from app.jobs.store import JobSnapshot, JobStatus
+from app.web.auth import STREAM_TOKEN_PARAM
+from app.web.keys import AUTH, MANAGER, OWNER, SETTINGS
 from app.web.middleware import json_response
 from app.web.params import parse_int
 
-__all__ = ["routes"]
+__all__ = ["routes", "snapshot_json"]
 
 routes = web.RouteTableDef()
 
@@ -54,6 +61,20 @@ def _optional_object(body: Mapping[str, Any], field: str) -> dict[str, Any]:
     return value
 
 
+def snapshot_json(request: web.Request, job: JobSnapshot) -> dict[str, Any]:
+    """The job's snapshot as the API answers it: ``links.events`` added, and with auth on
+    ``links.stream`` and ``links.events`` carrying a stream token for the job."""
+    snapshot = job.to_json()
+    links: dict[str, str] = snapshot["links"]
+    links.setdefault("events", f"/api/jobs/{job.id}/events")
+    auth = request.app[AUTH]
+    if auth.enabled:
+        query = f"?{STREAM_TOKEN_PARAM}={auth.stream_token(job.id)}"
+        for name in ("stream", "events"):
+            links[name] += query
+    return snapshot
+
+
 @routes.post("/api/jobs")
 async def create_job(request: web.Request) -> web.Response:
     """Create and start a job: ``201`` with its snapshot and ``Location``."""
@@ -67,9 +88,10 @@ async def create_job(request: web.Request) -> web.Response:
         strategy=_optional_str(body, "strategy", settings.strategy),
         input=_optional_object(body, "input"),
         options=_optional_object(body, "options"),
+        owner=request.get(OWNER),
     )
     job = await request.app[MANAGER].create(job_request)
-    snapshot = job.to_json()
+    snapshot = snapshot_json(request, job)
     return json_response(snapshot, 201, {"Location": snapshot["links"]["self"]})
 
 
@@ -84,22 +106,24 @@ async def list_jobs(request: web.Request) -> web.Response:
         except ValueError:
             allowed = ", ".join(s.value for s in JobStatus)
             raise InvalidField("status", f"must be one of {allowed}") from None
-    jobs = await request.app[MANAGER].newest(limit=limit, status=status)
-    return json_response({"jobs": [job.to_json() for job in jobs]})
+    # With auth on the middleware has set the caller's fingerprint: only their jobs.
+    owner = request.get(OWNER)
+    jobs = await request.app[MANAGER].newest(limit=limit, status=status, owner=owner)
+    return json_response({"jobs": [snapshot_json(request, job) for job in jobs]})
 
 
 @routes.get("/api/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     """The job's snapshot."""
     job = await request.app[MANAGER].get(request.match_info["job_id"])
-    return json_response(job.to_json())
+    return json_response(snapshot_json(request, job))
 
 
 @routes.post("/api/jobs/{job_id}/cancel")
 async def cancel_job(request: web.Request) -> web.Response:
     """Cancel a queued or running job: ``202``; ``409`` if it has already ended."""
     job = await request.app[MANAGER].cancel(request.match_info["job_id"])
-    return json_response(job.to_json(), 202)
+    return json_response(snapshot_json(request, job), 202)
 
 
 @routes.get("/healthz")

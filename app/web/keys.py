@@ -15,13 +15,16 @@ if TYPE_CHECKING:
     from app.web.metrics import Metrics
     from app.web.server import ConnectionTracker
 
-__all__ = ["AUTH", "BUS", "CONNECTIONS", "MANAGER", "METRICS", "SETTINGS", "STREAM_BYTES"]
+__all__ = ["AUTH", "BUS", "CONNECTIONS", "MANAGER", "METRICS", "OWNER", "SETTINGS", "STREAM_BYTES"]
 
 SETTINGS = web.AppKey("settings", Settings)
 BUS = web.AppKey("bus", EventBus)
 MANAGER = web.AppKey("manager", JobManager)
 #: API and stream tokens (``app.web.auth``).
 AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+#: With auth on: the fingerprint of the API token a request came with (set by the auth
+#: middleware on bearer-authenticated job API requests; absent otherwise).
+OWNER = web.RequestKey("owner", str)
 #: The Prometheus registry and metrics (``app.web.metrics``).
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 #: Open connections of the server running the app (``app.web.server``); absent when the

@@ -1,8 +1,10 @@
 """HTTP boundary: request ids, the canonical request log line, and JSON errors.
 
-Every error leaves as ``{"error": {"code": ..., "message": ...}}``: domain errors with
-their own status, aiohttp's HTTP exceptions (unknown route, wrong method, body too
-large) with theirs, and anything unexpected as a logged 500 that names no internals.
+Every error leaves as ``{"error": {"code": ..., "message": ..., "request_id": ...}}``:
+domain errors with their own status, aiohttp's HTTP exceptions (unknown route, wrong
+method, body too large) with theirs, and anything unexpected as a logged 500 that names
+no internals. Every answer, streams and static files included, gets the headers of
+:func:`response_headers` before its first byte.
 """
 
 from __future__ import annotations
@@ -14,16 +16,29 @@ import time
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from app.core.errors import FlushlineError, InvalidField, backend_outage
+from app.web.auth import Unauthenticated
 from app.web.keys import STREAM_BYTES
 
-__all__ = ["add_request_id", "client_gone", "error_response", "json_response", "middlewares"]
+__all__ = [
+    "SERVER_NAME",
+    "add_request_id",
+    "client_gone",
+    "error_response",
+    "json_response",
+    "middlewares",
+    "response_headers",
+]
 
 log = structlog.get_logger(__name__)
 
+#: The ``Server`` header: no versions (they tell an attacker which advisories apply).
+SERVER_NAME = "flushline"
+#: Answers under this prefix carry job data (or their errors): no cache may keep them.
+_NO_STORE_PREFIX = "/api/jobs"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _HTTP_CODES = {
     400: "bad_request",
@@ -48,11 +63,25 @@ def json_response(
     )
 
 
+def _current_request_id() -> str | None:
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    return None if request_id is None else str(request_id)
+
+
+def _error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """``{"error": {...}}`` with the request id the answer's ``X-Request-ID`` echoes."""
+    error: dict[str, Any] = {"code": code, "message": message, **extra}
+    request_id = _current_request_id()
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    """The contract's JSON error body."""
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+    """The contract's JSON error body, with the request's id."""
+    return json_response(_error_body(code, message), status, headers)
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:
@@ -131,21 +160,37 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         )
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: echo the request id, on streams too (before their headers go)."""
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
+async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: the headers of every answer, streams too (before they go).
+
+    The request id (``X-Request-ID``); ``X-Content-Type-Options: nosniff``; a ``Server``
+    without versions; ``Cache-Control: no-store`` on the job API's answers, unless the
+    handler set its own (a stream keeps ``no-cache, no-transform``).
+    """
+    headers = response.headers
+    request_id = _current_request_id()
     if request_id:
-        response.headers.setdefault("X-Request-ID", str(request_id))
+        headers.setdefault("X-Request-ID", request_id)
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers[hdrs.SERVER] = SERVER_NAME
+    if request.path == _NO_STORE_PREFIX or request.path.startswith(_NO_STORE_PREFIX + "/"):
+        headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
+
+
+#: The name the factory installs :func:`response_headers` under.
+add_request_id = response_headers
 
 
 def _domain_error(exc: FlushlineError) -> web.Response:
-    headers = None
+    headers: dict[str, str] = {}
     if exc.retry_after_s is not None:
-        headers = {"Retry-After": str(exc.retry_after_s)}
-    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthenticated):
+        headers[hdrs.WWW_AUTHENTICATE] = exc.challenge
+    extra: dict[str, Any] = {}
     if isinstance(exc, InvalidField):
-        body["field"] = exc.field
-    return json_response({"error": body}, exc.status, headers)
+        extra["field"] = exc.field
+    return json_response(_error_body(exc.code, exc.message, **extra), exc.status, headers)
 
 
 @web.middleware

@@ -11,6 +11,11 @@
 ``watch_job`` yields every event of the job once, in order, and ends after ``done``. When
 the connection drops (a proxy's timeout, a restart, a network blip) it reconnects with
 ``Last-Event-ID`` set to the last seq it yielded, so nothing is missed or repeated.
+
+With auth on (``FLUSHLINE_API_TOKEN`` set on the service), pass ``token=`` (the API
+token) to every call: it goes out as ``Authorization: Bearer``. ``stream_url`` is the
+snapshot's ``links.stream``, which then carries the job's signed stream token; a watch
+given ``token=`` too keeps working once that stream token has expired.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ __all__ = [
     "ClientError",
     "JobEvent",
     "StreamLost",
+    "cancel_job",
     "create_job",
+    "get_job",
     "stream_url",
     "watch_job",
 ]
@@ -87,6 +94,21 @@ async def _session(session: aiohttp.ClientSession | None) -> AsyncIterator[aioht
         yield own
 
 
+def _with_token(headers: Mapping[str, str] | None, token: str | None) -> dict[str, str]:
+    """``headers`` plus ``Authorization: Bearer`` when an API ``token`` is given."""
+    merged = dict(headers or {})
+    if token is not None:
+        merged["Authorization"] = f"Bearer {token}"
+    return merged
+
+
+async def _snapshot(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    if response.status != status:
+        raise await _error(response)
+    snapshot: dict[str, Any] = await response.json()
+    return snapshot
+
+
 async def create_job(
     base_url: str,
     *,
@@ -96,8 +118,13 @@ async def create_job(
     strategy: str | None = None,
     session: aiohttp.ClientSession | None = None,
     headers: Mapping[str, str] | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
-    """``POST {base_url}/api/jobs``; the new job's snapshot, or :class:`ClientError`."""
+    """``POST {base_url}/api/jobs``; the new job's snapshot, or :class:`ClientError`.
+
+    ``token``: the API token, sent as ``Authorization: Bearer`` (needed when the service
+    has auth on).
+    """
     body: dict[str, Any] = {}
     for key, value in (
         ("pipeline", pipeline),
@@ -109,16 +136,54 @@ async def create_job(
             body[key] = value
     async with (
         _session(session) as client,
-        client.post(base_url.rstrip("/") + "/api/jobs", json=body, headers=headers) as response,
+        client.post(
+            base_url.rstrip("/") + "/api/jobs", json=body, headers=_with_token(headers, token)
+        ) as response,
     ):
-        if response.status != 201:
-            raise await _error(response)
-        snapshot: dict[str, Any] = await response.json()
-        return snapshot
+        return await _snapshot(response, 201)
+
+
+async def get_job(
+    base_url: str,
+    job_id: str,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    headers: Mapping[str, str] | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """``GET {base_url}/api/jobs/{job_id}``: the job's snapshot, or :class:`ClientError`."""
+    async with (
+        _session(session) as client,
+        client.get(
+            f"{base_url.rstrip('/')}/api/jobs/{job_id}", headers=_with_token(headers, token)
+        ) as response,
+    ):
+        return await _snapshot(response, 200)
+
+
+async def cancel_job(
+    base_url: str,
+    job_id: str,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    headers: Mapping[str, str] | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """``POST {base_url}/api/jobs/{job_id}/cancel``: the snapshot (``202``), else
+    :class:`ClientError` (``409`` once the job has ended)."""
+    async with (
+        _session(session) as client,
+        client.post(
+            f"{base_url.rstrip('/')}/api/jobs/{job_id}/cancel",
+            headers=_with_token(headers, token),
+        ) as response,
+    ):
+        return await _snapshot(response, 202)
 
 
 def stream_url(base_url: str, snapshot: Mapping[str, Any]) -> str:
-    """The absolute stream URL of a job ``snapshot`` from ``base_url``."""
+    """The absolute stream URL of a job ``snapshot`` from ``base_url``: its ``links.stream``,
+    with the stream token the service put in its query when auth is on."""
     return urljoin(base_url.rstrip("/") + "/", str(snapshot["links"]["stream"]))
 
 
@@ -142,6 +207,7 @@ async def watch_job(
     on_connect: Callable[[int, int | None], None] | None = None,
     read_timeout_s: float = READ_TIMEOUT_S,
     max_attempts: int = MAX_ATTEMPTS,
+    token: str | None = None,
 ) -> AsyncIterator[JobEvent]:
     """Yield the events of the job streamed at ``url`` until its ``done``, resuming on drops.
 
@@ -150,7 +216,12 @@ async def watch_job(
     it resumes after. 4xx answers raise :class:`ClientError` (a 410: the events after the
     resume point are no longer kept); a first connection that fails raises aiohttp's
     error; :class:`StreamLost` after ``max_attempts`` reconnects in a row bring nothing.
+
+    ``url`` keeps its query on every reconnect (a ``links.stream`` stream token included).
+    ``token``: the API token, sent as ``Authorization: Bearer``; with it a watch outlives
+    the stream token's expiry (the service accepts either).
     """
+    headers = _with_token(headers, token)
     resume = _Resume(last_event_id)
     failures = 0
     attempt = 0

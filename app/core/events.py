@@ -26,6 +26,7 @@ __all__ = [
     "StepCompletedEvent",
     "StepProgressEvent",
     "StepStartedEvent",
+    "decode_event",
     "encode_event",
     "heartbeat_frame",
 ]
@@ -177,3 +178,35 @@ def heartbeat_frame(job_id: str, ts: float | None = None) -> bytes:
     stamp = time.time() if ts is None else ts
     payload = orjson.dumps({"type": "heartbeat", "job_id": job_id, "ts": stamp})
     return encode_frame(payload, event="heartbeat")
+
+
+#: Every event class by its wire ``type``.
+EVENT_TYPES: dict[str, type[AnyEvent]] = {
+    cls.type: cls
+    for cls in (
+        JobStartedEvent,
+        StepStartedEvent,
+        ChunkEvent,
+        InsightEvent,
+        StepProgressEvent,
+        StepCompletedEvent,
+        ErrorEvent,
+        DoneEvent,
+    )
+}
+
+
+def decode_event(payload: bytes) -> AnyEvent:
+    """The event a payload of :func:`encode_event` carries (its stamp fields left out).
+
+    For events published elsewhere (read back from Redis as frames only). Raises
+    ``ValueError`` for a payload that is not one of the contract's events.
+    """
+    data = orjson.loads(payload)
+    cls = EVENT_TYPES.get(str(data.get("type"))) if isinstance(data, dict) else None
+    if cls is None:
+        raise ValueError(f"not an event payload: {payload[:80]!r}")
+    fields = {f.name: data[f.name] for f in attrs.fields(cls) if f.name in data}
+    if cls is JobStartedEvent:
+        fields["steps"] = tuple(fields["steps"])
+    return cls(**fields)

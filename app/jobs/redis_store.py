@@ -10,9 +10,15 @@ dropped when a listing meets it. So a listing shows the jobs created within the 
 (with the memory store, every retained job): a job still running, or finished, longer
 than the TTL after its creation is found by its id but no longer listed.
 
-Costs: creating a job is one transaction (``SET``, ``ZADD``, trim); each later write is
-one ``SET ... XX``. The instance that runs a job keeps its snapshot in memory until it
-finishes, so the manager's read-modify-write per event costs no read.
+Costs: creating a job is one transaction (``SET``, ``ZADD``, trim). The instance that
+runs a job keeps its newest snapshot in memory until it finishes (the manager's
+read-modify-write per event costs no read) and writes it to Redis (one ``SET ... XX``
+script) only at a milestone (the job's or a step's status, its result or error) or when
+the last write is :data:`SNAPSHOT_INTERVAL_S` old: a demo job costs about one write per
+ten events instead of one per event. A reader on another instance folds the events
+published since the stored snapshot (``XRANGE`` from its ``last_event_id``, one round
+trip; at most about a second of events) into it, so every instance answers with the same
+snapshot as the runner.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from app.bus.redis import RedisEventBus
+from app.bus.redis import Entry, RedisEventBus
+from app.bus.redis import _decode as _decode_event  # TODO: public in app.bus.redis
 from app.core.errors import JobNotFound
-from app.core.events import DoneEvent, ErrorEvent, encode_event
+from app.core.events import DoneEvent, ErrorEvent, decode_event, encode_event
 from app.jobs.store import JobSnapshot, JobStatus, StepState, StepStatus, apply_event
 
 __all__ = [
@@ -48,6 +55,23 @@ log = structlog.get_logger(__name__)
 
 #: Ids read per page while listing.
 LIST_PAGE = 200
+#: Between milestones, a running job's snapshot is written at most this often.
+SNAPSHOT_INTERVAL_S = 1.0
+#: Event types that change a snapshot beyond its ``last_event_id`` (see ``apply_event``).
+_FOLDED_TYPES = frozenset(
+    {"job_started", "step_started", "step_progress", "step_completed", "error", "done"}
+)
+
+
+def _milestone(saved: JobSnapshot, job: JobSnapshot) -> bool:
+    """Whether ``job`` differs from ``saved`` by more than progress (written at once)."""
+    return (
+        job.status is not saved.status
+        or job.error != saved.error
+        or job.result != saved.result
+        or any(a.status is not b.status for a, b in zip(saved.steps, job.steps, strict=True))
+    )
+
 
 # SET XX unless the stored snapshot is finished: 1 stored, 0 no such job, -1 finished.
 _PUT_SCRIPT = """
@@ -122,6 +146,8 @@ class RedisJobStore:
     prefix: str = "flushline:"
     #: Unfinished jobs this instance writes: their newest snapshot, read without Redis.
     _writing: dict[str, JobSnapshot] = attrs.Factory(dict)
+    #: The same jobs' snapshots as last written to Redis, and when (monotonic).
+    _saved: dict[str, tuple[JobSnapshot, float]] = attrs.Factory(dict)
     _put_script: AsyncScript = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -139,11 +165,42 @@ class RedisJobStore:
         """The Redis key of the job's snapshot."""
         return f"{self.prefix}job:{job_id}"
 
+    def events_key(self, job_id: str) -> str:
+        """The job's event stream (the layout of :class:`RedisEventBus`, same prefix)."""
+        return f"{self.prefix}job:{job_id}:events"
+
     def _remember(self, job: JobSnapshot) -> None:
         if job.status.finished:
-            self._writing.pop(job.id, None)
+            self._forget(job.id)
         else:
             self._writing[job.id] = job
+            self._saved[job.id] = (job, time.monotonic())
+
+    def _forget(self, job_id: str) -> None:
+        self._writing.pop(job_id, None)
+        self._saved.pop(job_id, None)
+
+    def _can_wait(self, job: JobSnapshot) -> bool:
+        """Whether ``job`` may stay unwritten for now (readers elsewhere fold the events)."""
+        saved = self._saved.get(job.id)
+        return (
+            saved is not None
+            and job.id in self._writing
+            and not _milestone(saved[0], job)
+            and time.monotonic() - saved[1] < SNAPSHOT_INTERVAL_S
+        )
+
+    async def fold(self, job: JobSnapshot, until: bytes | str = "+") -> JobSnapshot:
+        """``job`` with the events published after it (up to stream id ``until``) applied."""
+        if job.status.finished:
+            return job
+        entries = cast(
+            list[Entry],
+            await self.redis.xrange(
+                self.events_key(job.id), min=f"{job.last_event_id + 1}-0", max=until
+            ),
+        )
+        return _apply_entries(job, entries)
 
     async def add(self, job: JobSnapshot) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -160,9 +217,12 @@ class RedisJobStore:
         raw = await self.redis.get(self.key(job_id))
         if raw is None:
             raise JobNotFound(job_id)
-        return snapshot_from_json(cast(bytes, raw))
+        return await self.fold(snapshot_from_json(cast(bytes, raw)))
 
     async def put(self, job: JobSnapshot) -> None:
+        if self._can_wait(job):
+            self._writing[job.id] = job
+            return
         # Like SET XX (a job that is not, or no longer, stored stays away), and a finished
         # snapshot is final: a runner that lost its lease cannot undo the job's end.
         stored = await self._put_script(
@@ -171,7 +231,7 @@ class RedisJobStore:
         if stored == 1:
             self._remember(job)
         else:
-            self._writing.pop(job.id, None)
+            self._forget(job.id)
 
     async def newest(
         self, *, limit: int, status: JobStatus | None = None, owner: str | None = None
@@ -196,12 +256,7 @@ class RedisJobStore:
             gone = [job_id for job_id, raw in zip(ids, raws, strict=True) if raw is None]
             if gone:  # expired: the index forgets them as it meets them
                 await self.redis.zrem(self._index, *gone)
-            for raw in raws:
-                if raw is None:
-                    continue
-                job = snapshot_from_json(raw)
-                if job.id in self._writing:
-                    job = self._writing[job.id]
+            for job in await self._current([snapshot_from_json(r) for r in raws if r]):
                 if job.listed(status, owner):
                     out.append(job)
                     if len(out) >= limit:
@@ -216,7 +271,23 @@ class RedisJobStore:
             pipe.delete(self.key(job_id))
             pipe.zrem(self._index, job_id)
             await pipe.execute()
-        self._writing.pop(job_id, None)
+        self._forget(job_id)
+
+    async def _current(self, jobs: list[JobSnapshot]) -> list[JobSnapshot]:
+        """``jobs`` as they are now: this instance's own, else folded (one round trip)."""
+        stale = [
+            i
+            for i, job in enumerate(jobs)
+            if job.id not in self._writing and not job.status.finished
+        ]
+        if stale:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in stale:
+                    pipe.xrange(self.events_key(jobs[i].id), min=f"{jobs[i].last_event_id + 1}-0")
+                tails = await pipe.execute()
+            for i, entries in zip(stale, tails, strict=True):
+                jobs[i] = _apply_entries(jobs[i], entries)
+        return [self._writing.get(job.id, job) for job in jobs]
 
     async def finished_before(self, ts: float) -> list[str]:
         # Redis expires finished jobs by itself (the snapshot key's TTL): none to sweep.
@@ -228,6 +299,20 @@ class RedisJobStore:
             pipe.zcard(self._index)
             _, count = await pipe.execute()
         return int(count)
+
+
+def _apply_entries(job: JobSnapshot, entries: list[Entry]) -> JobSnapshot:
+    """Fold stream entries (events; markers are skipped) into ``job``."""
+    for entry_id, fields in entries:
+        if not entry_id.endswith(b"-0"):
+            continue  # a marker (open, end)
+        encoded = _decode_event(entry_id, fields)
+        if encoded.seq <= job.last_event_id:
+            continue
+        if encoded.type in _FOLDED_TYPES:
+            encoded = attrs.evolve(encoded, event=decode_event(encoded.payload))
+        job = apply_event(job, encoded)
+    return job
 
 
 # Ends a job whose runner's lease expired: appends `error` and `done` (seqs after the
@@ -412,7 +497,8 @@ class RedisJobControl:
             if top:
                 top_id = top[0][0]
                 seq = int(top_id.split(b"-", 1)[0])
-            job = None if raw is None else snapshot_from_json(raw)
+            # The stored snapshot may be up to a second behind the log: fold up to the top.
+            job = None if raw is None else await self.store.fold(snapshot_from_json(raw), top_id)
             step = None
             progress = 0.0
             if job is not None:

@@ -1,0 +1,140 @@
+"""Redis snapshots: written at milestones, not per event, and still the same on every instance.
+
+The runner's store writes a job's snapshot only when something beyond progress changes
+(or once a second); another instance's store folds the events published since into the
+snapshot it reads. These tests run a runner's side (bus + store on one client) and a
+reader's side (a store on another client) on a throw-away redis-server.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest
+from redis.asyncio import Redis
+
+from app.bus.redis import RedisEventBus
+from app.core.events import (
+    AnyEvent,
+    ChunkEvent,
+    DoneEvent,
+    JobStartedEvent,
+    StepCompletedEvent,
+    StepProgressEvent,
+    StepStartedEvent,
+)
+from app.jobs.redis_store import SNAPSHOT_INTERVAL_S, RedisJobStore, snapshot_from_json
+from app.jobs.store import JobSnapshot, JobStatus, StepState, StepStatus, apply_event
+from tests.support.redis import RedisServer
+
+STEPS = ("research", "write")
+
+
+@attrs.define
+class Instances:
+    """The runner's bus and store, and another instance's store, sharing one Redis."""
+
+    bus: RedisEventBus
+    runner: RedisJobStore
+    reader: RedisJobStore
+    admin: Redis
+
+    async def start(self) -> JobSnapshot:
+        job = JobSnapshot(
+            id=f"job-{uuid.uuid4().hex}",
+            pipeline="demo",
+            strategy="none",
+            steps=tuple(StepState(name) for name in STEPS),
+            created_at=time.time(),
+        )
+        await self.runner.add(job)
+        await self.bus.open(job.id)
+        return job
+
+    async def publish(self, job: JobSnapshot, event: AnyEvent) -> JobSnapshot:
+        """What the manager does per event: publish, fold, put."""
+        encoded = await self.bus.publish(job.id, event)
+        job = apply_event(await self.runner.get(job.id), encoded)
+        await self.runner.put(job)
+        return job
+
+    async def stored(self, job_id: str) -> JobSnapshot:
+        """The snapshot as written in Redis, without any folding."""
+        raw = await self.admin.get(self.runner.key(job_id))
+        assert raw is not None
+        return snapshot_from_json(raw)
+
+    async def snapshot_writes(self) -> int:
+        """Snapshot writes so far (the put script runs as EVALSHA)."""
+        stats = await self.admin.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.fixture
+async def instances(redis_server: RedisServer) -> AsyncIterator[Instances]:
+    prefix = f"test-{uuid.uuid4().hex}:"
+    clients = [Redis.from_url(redis_server.url) for _ in range(3)]
+    yield Instances(
+        bus=RedisEventBus(clients[0], prefix=prefix),
+        runner=RedisJobStore(clients[0], prefix=prefix),
+        reader=RedisJobStore(clients[1], prefix=prefix),
+        admin=clients[2],
+    )
+    for client in clients:
+        await client.aclose()
+
+
+async def run_first_step(instances: Instances, job: JobSnapshot, chunks: int) -> JobSnapshot:
+    job = await instances.publish(job, JobStartedEvent(STEPS, "none"))
+    job = await instances.publish(job, StepStartedEvent("research", 0, 2))
+    for n in range(1, chunks + 1):
+        job = await instances.publish(job, ChunkEvent("research", "tok ", 1))
+        pct = 90.0 * n / chunks
+        job = await instances.publish(job, StepProgressEvent("research", pct, pct / 2, n, 1.0))
+    return job
+
+
+class TestWrites:
+    async def test_progress_events_do_not_each_write_a_snapshot(self, instances: Instances) -> None:
+        """200 chunk and progress events within a step cost a handful of snapshot writes."""
+        job = await instances.start()
+        before = await instances.snapshot_writes()
+        started = time.monotonic()
+        job = await run_first_step(instances, job, chunks=100)
+        writes = await instances.snapshot_writes() - before
+        # job_started and step_started are milestones; the rest may add one per interval.
+        allowed = 2 + int((time.monotonic() - started) / SNAPSHOT_INTERVAL_S) + 1
+        assert writes <= allowed, f"{writes} writes for {job.last_event_id} events"
+        assert (await instances.stored(job.id)).last_event_id < job.last_event_id
+
+    async def test_milestones_are_written_at_once(self, instances: Instances) -> None:
+        """A step's completion and the job's end are in Redis as soon as they are published."""
+        job = await run_first_step(instances, await instances.start(), chunks=3)
+        job = await instances.publish(job, StepCompletedEvent("research", 0, 50.0, 3, 0.1))
+        stored = await instances.stored(job.id)
+        assert stored.steps[0].status is StepStatus.SUCCEEDED
+        assert stored.last_event_id == job.last_event_id
+        job = await instances.publish(job, DoneEvent("succeeded", 100.0, result={"ok": 1}))
+        assert await instances.stored(job.id) == job
+
+
+class TestReadsElsewhere:
+    async def test_another_instance_reads_the_runners_snapshot(self, instances: Instances) -> None:
+        """Mid-step, get on another instance equals the runner's snapshot, progress and all."""
+        job = await run_first_step(instances, await instances.start(), chunks=40)
+        assert (await instances.stored(job.id)) != job  # Redis holds an older one
+        assert await instances.reader.get(job.id) == job
+        assert job.steps[0].pct == pytest.approx(90.0)
+        assert job.status is JobStatus.RUNNING
+
+    async def test_listing_elsewhere_shows_current_progress(self, instances: Instances) -> None:
+        """newest() on another instance folds each running job's newer events."""
+        first = await run_first_step(instances, await instances.start(), chunks=10)
+        second = await run_first_step(instances, await instances.start(), chunks=20)
+        listed = await instances.reader.newest(limit=10)
+        assert listed == [second, first]
+        running = await instances.reader.newest(limit=10, status=JobStatus.RUNNING)
+        assert running == [second, first]

@@ -78,7 +78,38 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _startup_fields(app: web.Application, settings: Settings) -> dict[str, Any]:
+@attrs.frozen
+class FdLimit:
+    """The process's descriptor limit (``RLIMIT_NOFILE``) after start-up raised it."""
+
+    soft: int
+    hard: int
+    #: The soft limit the process started with.
+    soft_before: int
+
+
+def raise_fd_limit() -> FdLimit:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit: every connection is a descriptor.
+
+    An unlimited hard limit is not a value the kernel takes for the soft one (it is
+    capped by ``fs.nr_open``); the soft limit then stays where it is.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            raised = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit", soft=soft, hard=hard, error=str(exc))
+    return FdLimit(soft=raised, hard=hard, soft_before=soft)
+
+
+def _startup_fields(
+    app: web.Application, settings: Settings, fd_limit: FdLimit, max_connections: int
+) -> dict[str, Any]:
     """The effective settings of a started service, for its one start-up line."""
     from app.web.keys import MANAGER
 
@@ -99,6 +130,13 @@ def _startup_fields(app: web.Application, settings: Settings) -> dict[str, Any]:
             "job_ttl_s": settings.job_ttl_s,
             "max_retained_jobs": settings.max_retained_jobs,
             "retry_ms": settings.retry_ms,
+            "max_connections": max_connections,
+            "header_timeout_s": settings.header_timeout_s,
+        },
+        "fd_limit": {
+            "soft": fd_limit.soft,
+            "hard": fd_limit.hard,
+            "soft_before": fd_limit.soft_before,
         },
         "log_level": settings.log_level,
     }
@@ -107,7 +145,8 @@ def _startup_fields(app: web.Application, settings: Settings) -> dict[str, Any]:
 def _drain_on_sigterm(grace_s: float) -> Callable[[web.Application], Awaitable[None]]:
     """An ``on_startup`` hook: SIGTERM drains the service, then stops it.
 
-    aiohttp's own handler would stop listening and cancel every job at once. Instead the
+    aiohttp's own handler (the runner installs it before the app starts) would stop
+    listening and cancel every job at once. Instead the
     service keeps answering (new jobs get ``503`` with ``Retry-After``, and with Redis its
     streams hand over to the other instances), gives running jobs ``grace_s`` to finish,
     ends the rest, then stops as on SIGINT.
@@ -139,17 +178,16 @@ def _drain_on_sigterm(grace_s: float) -> Callable[[web.Application], Awaitable[N
 
 
 def _graceful_exit() -> None:
-    """Stop ``web.run_app`` as its own signal handler does (``GracefulExit`` is a SystemExit)."""
+    """Stop ``server.run`` as aiohttp's signal handler does (``GracefulExit``: a SystemExit)."""
     from aiohttp import web
 
     raise web.GracefulExit()
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from app.core.logs import configure_logging
     from app.core.settings import Settings, SettingsError, unknown_variables
+    from app.web import server
     from app.web.factory import StartupError, init_app
 
     try:
@@ -178,16 +216,26 @@ def _serve(args: argparse.Namespace) -> int:
         return fail(str(exc))
     app.on_startup.append(_drain_on_sigterm(settings.shutdown_grace_s))
     address = _address(settings.host, settings.port)
+    fd_limit = raise_fd_limit()
+    max_connections = settings.max_connections or server.derive_max_connections(fd_limit.soft)
+    if max_connections > fd_limit.soft:
+        log.warning(
+            "FLUSHLINE_MAX_CONNECTIONS is above the descriptor limit",
+            max_connections=max_connections,
+            fd_limit=fd_limit.soft,
+        )
     try:
-        web.run_app(
+        server.run(
             app,
             host=settings.host,
             port=settings.port,
-            handler_cancellation=True,
-            access_log=None,
-            # Called once every socket listens: the start-up line replaces aiohttp's banner.
-            print=lambda *_: log.info("serving", **_startup_fields(app, settings)),
-            shutdown_timeout=10.0,
+            tracker=server.ConnectionTracker(limit=max_connections),
+            header_timeout_s=settings.header_timeout_s,
+            # Called once the socket listens: the start-up line.
+            on_listening=lambda: log.info(
+                "serving", **_startup_fields(app, settings, fd_limit, max_connections)
+            ),
+            shutdown_timeout_s=10.0,
         )
     except StartupError as exc:  # e.g. Redis unreachable (FLUSHLINE_BUS=redis)
         return fail(str(exc))

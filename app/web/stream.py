@@ -31,6 +31,7 @@ from app.core.sse import retry_line
 from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
 from app.web.params import parse_int
 from app.web.resume import check_resume_point, stream_resume_point
+from app.web.server import refuse_if_full, tune_stream_socket
 from strategies import FlushStrategy, FrameShaper, build_strategy
 
 __all__ = [
@@ -96,7 +97,13 @@ class _StreamWriter:
 
 
 async def stream_job(request: web.Request) -> web.StreamResponse:
-    """``GET /api/jobs/{job_id}/stream``: the job's events as ``text/event-stream``."""
+    """``GET /api/jobs/{job_id}/stream``: the job's events as ``text/event-stream``.
+
+    Past ``FLUSHLINE_MAX_CONNECTIONS`` the answer is ``503`` with ``Retry-After``.
+    """
+    refusal = refuse_if_full(request)
+    if refusal is not None:
+        return refusal
     job_id = request.match_info["job_id"]
     field, after_seq = stream_resume_point(request)
     manager = request.app[MANAGER]
@@ -121,6 +128,9 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             log.info("stream closed", outcome="no_content", after_seq=after_seq)
             return web.Response(status=204)
         response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+        # A peer that vanished without closing is dropped by the kernel within the send
+        # timeout, even on a quiet stream (no write to time out).
+        tune_stream_socket(request.transport, settings.send_timeout_s)
         await response.prepare(request)
         writer = _StreamWriter(response, shaper, settings.send_timeout_s)
         outcome = "ended"

@@ -3,7 +3,8 @@
 Each app has its own :class:`~prometheus_client.CollectorRegistry` (tests build many apps
 in one process). Figures the service already holds are read at scrape time: jobs by status
 from the job store, running jobs from the manager, retained bytes when the manager counts
-them. Figures only the code knows as it runs are bumped through :class:`Metrics`'s
+them, open connections and refusals from the server's connection tracker (under ``flushline
+serve``). Figures only the code knows as it runs are bumped through :class:`Metrics`'s
 methods, which the stream calls once per write: plain integer additions on the event
 loop's thread (no lock, no label lookup), turned into metric families at scrape time. A
 stream serving thousands of subscribers pays one method call per write, plus one
@@ -33,7 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 from app.core.errors import backend_outage
 from app.core.events import EncodedEvent
 from app.jobs.store import JobStatus
-from app.web.keys import MANAGER, METRICS
+from app.web.keys import CONNECTIONS, MANAGER, METRICS
 
 __all__ = [
     "DROP_REASONS",
@@ -52,9 +53,11 @@ LAG_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 #: than ``FLUSHLINE_SUBSCRIBER_QUEUE`` events behind, its writes stalled past
 #: ``FLUSHLINE_SEND_TIMEOUT``, or the bus lost Redis. Listed so they show as 0 from the start.
 DROP_REASONS = ("cut_off", "send_timeout", "backend_lost")
-#: Why a connection or stream was refused: past ``FLUSHLINE_MAX_CONNECTIONS``, headers not
-#: sent within ``FLUSHLINE_HEADER_TIMEOUT_S``, or ``accept()`` failed (out of descriptors).
-REFUSAL_REASONS = ("max_connections", "header_timeout", "accept_error")
+#: Why a connection or stream was refused: a stream or long-poll past
+#: ``FLUSHLINE_MAX_CONNECTIONS`` (503), a head not sent within ``FLUSHLINE_HEADER_TIMEOUT_S``,
+#: an idle connection closed to make room past the limit, or ``accept()`` failed (out of
+#: descriptors). The first three come from the server's connection tracker.
+REFUSAL_REASONS = ("max_connections", "header_timeout", "idle_shed", "accept_error")
 #: The text format every Prometheus server reads.
 METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 #: How long a scrape waits for the job store (Redis) before leaving ``flushline_jobs`` out.
@@ -94,6 +97,10 @@ class Metrics:
     jobs_by_status: dict[str, int] | None = None
     running_jobs: int = 0
     retained_bytes: int | None = None
+    #: The server's open connections and their limit (``None``: not under ``flushline serve``).
+    connections: tuple[int, int] | None = None
+    #: Refusals the server's connection tracker counted, by reason.
+    tracked_refusals: dict[str, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.registry.register(_Collector(self))
@@ -204,8 +211,17 @@ class _Collector:
             labels=["reason"],
         )
         for reason, count in m.refusals.items():
-            refusals.add_metric([reason], count)
+            refusals.add_metric([reason], count + m.tracked_refusals.get(reason, 0))
         yield refusals
+        if m.connections is not None:
+            yield GaugeMetricFamily(
+                "flushline_open_connections", "Open client connections.", value=m.connections[0]
+            )
+            yield GaugeMetricFamily(
+                "flushline_max_connections",
+                "Connections past which streams are refused (FLUSHLINE_MAX_CONNECTIONS).",
+                value=m.connections[1],
+            )
         buckets: list[tuple[str, float]] = []
         cumulative = 0
         for bound, count in zip((*LAG_BUCKETS_S, float("inf")), m.lag_counts, strict=True):
@@ -230,6 +246,14 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     metrics.running_jobs = manager.active_jobs
     if isinstance(manager, _CountsRetainedBytes):
         metrics.retained_bytes = manager.retained_bytes
+    tracker = request.app.get(CONNECTIONS)
+    if tracker is not None:
+        metrics.connections = (tracker.open, tracker.limit)
+        metrics.tracked_refusals = {
+            "max_connections": tracker.refused,
+            "header_timeout": tracker.header_timeouts,
+            "idle_shed": tracker.shed,
+        }
     metrics.jobs_by_status = await _jobs_by_status(request.app)
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 

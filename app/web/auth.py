@@ -165,10 +165,12 @@ class Authenticator:
         scheme, _, credential = authorization.strip().partition(" ")
         if scheme.lower() != _BEARER or not credential.strip():
             raise InvalidApiToken("the Authorization header must be 'Bearer <API token>'")
-        given = _secret_bytes(credential.strip())
+        # Digests of equal length: the comparison's time tells neither a token's value nor
+        # its length.
+        given = hashlib.sha256(_secret_bytes(credential.strip())).digest()
         matched: bytes | None = None
         for token in self.api_tokens:
-            if hmac.compare_digest(token, given):
+            if hmac.compare_digest(hashlib.sha256(token).digest(), given):
                 matched = token
         if matched is None:
             raise InvalidApiToken("the API token is not a valid one")

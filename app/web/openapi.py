@@ -31,10 +31,10 @@ Spec = dict[str, Any]
 #: What each error status means, for every operation that may answer it.
 _ERROR_MEANINGS = {
     400: "A bad body, field, query parameter or header; `field` names it.",
-    401: "Auth is on and the request carries no credential.",
-    403: "A wrong, expired or other job's credential, or a state-changing request from an "
-    "origin that is not allowed (CORS).",
-    404: "No such job (or it expired), or no such route.",
+    401: "Auth is on and the request carries no credential (`WWW-Authenticate: Bearer`).",
+    403: "An API token that is not configured; a stream token for another job, expired or "
+    "badly signed; or a state-changing request from an origin that is not allowed (CORS).",
+    404: "No such job (it expired, or with auth on it is another token's), or no such route.",
     405: "The method is not allowed on this path (`Allow` lists those that are).",
     409: "Cancel of a job that has already ended, or that another cancel is ending.",
     410: "The resume point is older than the history still kept (`FLUSHLINE_HISTORY_LIMIT`).",
@@ -235,12 +235,16 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
                 "options": {"type": "object"},
                 "links": {
                     "type": "object",
-                    "required": ["self", "stream"],
+                    "required": ["self", "stream", "events", "cancel"],
                     "properties": {
                         "self": {"type": "string"},
                         "stream": {
                             "type": "string",
                             "description": "The stream URL (with auth on, its signed `token`).",
+                        },
+                        "events": {
+                            "type": "string",
+                            "description": "The long-poll URL (with auth on, its signed `token`).",
                         },
                         "cancel": {"type": "string"},
                     },
@@ -310,9 +314,11 @@ def _error_responses() -> Spec:
         }
     }
     allow = {"Allow": {"required": True, "schema": {"type": "string"}}}
+    challenge = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
+    special = {401: challenge, 405: allow, 503: retry_after}
     responses = {}
     for status, meaning in _ERROR_MEANINGS.items():
-        headers = retry_after if status == 503 else allow if status == 405 else None
+        headers = special.get(status)
         responses[f"Error{status}"] = _json(_ref("Error"), meaning, headers)
     return responses
 
@@ -323,13 +329,15 @@ def build_spec(app: web.Application) -> Spec:
     manager = app[MANAGER]
     auth_on = bool(settings.api_tokens)
     api_security: list[Spec] = [{"bearerAuth": []}] if auth_on else []
-    stream_security: list[Spec] = [{"streamToken": []}] if auth_on else []
+    # A stream or long-poll takes the job's stream token, or the API token of its owner.
+    stream_security: list[Spec] = [{"streamToken": []}, {"bearerAuth": []}] if auth_on else []
     auth_errors = (401, 403) if auth_on else ()
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     token = _query(
         "token",
         {"type": "string"},
-        "The signed stream token of `links.stream` (auth on); ignored when auth is off.",
+        "The signed stream token in `links.stream` and `links.events` (auth on); ignored "
+        "when auth is off.",
     )
     last_event_id = _query(
         "last_event_id",
@@ -510,7 +518,7 @@ def build_spec(app: web.Application) -> Spec:
                     "200": {
                         "description": "The file.",
                         "content": {
-                            "text/javascript": {"schema": {}},
+                            "application/javascript": {"schema": {}},
                             "text/css": {"schema": {}},
                             "text/html": {"schema": {}},
                         },
@@ -527,8 +535,14 @@ def build_spec(app: web.Application) -> Spec:
             "title": "Flushline",
             "version": __version__,
             "description": "Long jobs with live progress over Server-Sent Events that get "
-            "through buffering proxies. Every error is the `Error` object; any path answers "
-            "404 for an unknown route and 405 (with `Allow`) for a wrong method. "
+            "through buffering proxies. Every error is the `Error` object: any path answers "
+            "404 for an unknown route and 405 (with `Allow`) for a wrong method, and under "
+            "`flushline serve` any request may get 400 (a malformed request or body), 408 "
+            "(its head or body too slow), 413 (body too large), 415 (a `Content-Encoding` "
+            "other than gzip or deflate), 431 (headers too large) or 501 (an unknown method) "
+            "from the server before it reaches a route. A browser's preflight (`OPTIONS` "
+            "with `Access-Control-Request-Method`) from an allowed origin gets 204; from any "
+            "other, 403. "
             + (
                 "Auth is on: the job API needs `Authorization: Bearer <token>`, the stream "
                 "and long-poll the signed `token` of `links.stream`."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import secrets
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from tests.support.process import (
     server_process,
     wait_accepting,
 )
+from tests.support.redis import RedisServer
 from tests.support.sse_client import read_stream
 
 if TYPE_CHECKING:
@@ -426,6 +428,39 @@ class TestStreamTokens:
         # The second instance has no such job (memory bus), so past auth it answers 404.
         response = await second.get(f"/api/jobs/{job['id']}/events?token={token}&wait_s=0")
         assert (await expect_json_error(response, 404))["code"] == "job_not_found"
+
+
+class TestRedisBus:
+    """With FLUSHLINE_BUS=redis, owners and stream tokens hold across instances."""
+
+    async def test_two_instances_share_owners_and_stream_tokens(
+        self, make_client: MakeClient, redis_server: RedisServer
+    ) -> None:
+        """A job made on one instance: its stream token and its owner's bearer open it on the
+        other, another token gets 404 there, and each list shows only the caller's jobs."""
+        # A key of this test alone: jobs of other tests in the shared Redis have other owners.
+        env = {
+            **AUTH_ENV,
+            "FLUSHLINE_SECRET_KEY": secrets.token_urlsafe(24),
+            "FLUSHLINE_BUS": "redis",
+            "FLUSHLINE_REDIS_URL": redis_server.url,
+        }
+        first = await make_client(env)
+        second = await make_client(env)
+        job = await create(first, TOKEN_A)
+        theirs = await create(second, TOKEN_B)
+        record = await read_stream(second.session, str(second.make_url(job["links"]["stream"])))
+        assert record.status == 200
+        assert record.payloads()[-1]["type"] == "done"
+        base = f"/api/jobs/{job['id']}"
+        assert (await second.get(base, headers=bearer(TOKEN_A))).status == 200
+        refused = await second.get(base, headers=bearer(TOKEN_B))
+        assert (await expect_json_error(refused, 404))["code"] == "job_not_found"
+        for client in (first, second):
+            listed_a = await (await client.get("/api/jobs", headers=bearer(TOKEN_A))).json()
+            listed_b = await (await client.get("/api/jobs", headers=bearer(TOKEN_B))).json()
+            assert [j["id"] for j in listed_a["jobs"]] == [job["id"]]
+            assert [j["id"] for j in listed_b["jobs"]] == [theirs["id"]]
 
 
 class TestClient:

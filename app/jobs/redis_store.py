@@ -13,12 +13,11 @@ than the TTL after its creation is found by its id but no longer listed.
 Costs: creating a job is one transaction (``SET``, ``ZADD``, trim). The instance that
 runs a job keeps its newest snapshot in memory until it finishes (the manager's
 read-modify-write per event costs no read) and writes it to Redis (one ``SET ... XX``
-script) only at a milestone (the job's or a step's status, its result or error) or when
-the last write is :data:`SNAPSHOT_INTERVAL_S` old: a demo job costs about one write per
-ten events instead of one per event. A reader on another instance folds the events
-published since the stored snapshot (``XRANGE`` from its ``last_event_id``, one round
-trip; at most about a second of events) into it, so every instance answers with the same
-snapshot as the runner.
+script) when the job ends, and meanwhile only when the last write is
+:data:`SNAPSHOT_INTERVAL_S` old, not once per event. A reader on another instance folds
+the events published since the stored snapshot (``XRANGE`` from its ``last_event_id``,
+one round trip, about a second of events) into it, so every instance answers with the
+same snapshot as the runner, and the lost-runner sweeper ends a job from the folded one.
 """
 
 from __future__ import annotations
@@ -55,22 +54,12 @@ log = structlog.get_logger(__name__)
 
 #: Ids read per page while listing.
 LIST_PAGE = 200
-#: Between milestones, a running job's snapshot is written at most this often.
+#: A running job's snapshot is written at most this often (its end at once).
 SNAPSHOT_INTERVAL_S = 1.0
 #: Event types that change a snapshot beyond its ``last_event_id`` (see ``apply_event``).
 _FOLDED_TYPES = frozenset(
     {"job_started", "step_started", "step_progress", "step_completed", "error", "done"}
 )
-
-
-def _milestone(saved: JobSnapshot, job: JobSnapshot) -> bool:
-    """Whether ``job`` differs from ``saved`` by more than progress (written at once)."""
-    return (
-        job.status is not saved.status
-        or job.error != saved.error
-        or job.result != saved.result
-        or any(a.status is not b.status for a, b in zip(saved.steps, job.steps, strict=True))
-    )
 
 
 # SET XX unless the stored snapshot is finished: 1 stored, 0 no such job, -1 finished.
@@ -144,6 +133,7 @@ class RedisJobStore:
     redis: Redis
     job_ttl_s: float = 3600.0
     prefix: str = "flushline:"
+    snapshot_interval_s: float = SNAPSHOT_INTERVAL_S
     #: Unfinished jobs this instance writes: their newest snapshot, read without Redis.
     _writing: dict[str, JobSnapshot] = attrs.Factory(dict)
     #: The same jobs' snapshots as last written to Redis, and when (monotonic).
@@ -186,8 +176,8 @@ class RedisJobStore:
         return (
             saved is not None
             and job.id in self._writing
-            and not _milestone(saved[0], job)
-            and time.monotonic() - saved[1] < SNAPSHOT_INTERVAL_S
+            and not job.status.finished
+            and time.monotonic() - saved[1] < self.snapshot_interval_s
         )
 
     async def fold(self, job: JobSnapshot, until: bytes | str = "+") -> JobSnapshot:

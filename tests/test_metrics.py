@@ -131,7 +131,7 @@ class TestScrape:
 
 
 async def _status(client: Client, job_id: str, status: str) -> bool:
-    return (await get_job(client, job_id))["status"] == status
+    return bool((await get_job(client, job_id))["status"] == status)
 
 
 class TestStreamFigures:

@@ -11,15 +11,21 @@ from typing import ClassVar
 
 __all__ = [
     "AtCapacity",
+    "AuthError",
     "BackendUnavailable",
     "Draining",
     "FlushlineError",
     "HistoryTruncated",
+    "InvalidApiToken",
     "InvalidField",
+    "InvalidStreamToken",
     "JobAlreadyFinished",
     "JobNotFound",
     "OriginNotAllowed",
+    "StreamTokenExpired",
+    "StreamTokenForOtherJob",
     "SubscriberLagged",
+    "Unauthenticated",
     "backend_outage",
 ]
 
@@ -133,6 +139,47 @@ class SubscriberLagged(FlushlineError):
 
     status = 503
     code = "subscriber_lagged"
+
+
+class AuthError(FlushlineError):
+    """A request to the job API without a credential that opens what it asks for."""
+
+
+class Unauthenticated(AuthError):
+    """No credential at all: ``401`` with ``WWW-Authenticate``."""
+
+    status = 401
+    code = "unauthenticated"
+    #: The ``WWW-Authenticate`` header of the answer (RFC 6750).
+    challenge: ClassVar[str] = 'Bearer realm="flushline"'
+
+
+class InvalidApiToken(AuthError):
+    """An ``Authorization`` header whose token is not a configured one (or is malformed)."""
+
+    status = 403
+    code = "invalid_token"
+
+
+class InvalidStreamToken(AuthError):
+    """A stream token that is malformed or whose signature does not match."""
+
+    status = 403
+    code = "invalid_stream_token"
+
+
+class StreamTokenForOtherJob(AuthError):
+    """A well-signed stream token of another job."""
+
+    status = 403
+    code = "stream_token_wrong_job"
+
+
+class StreamTokenExpired(AuthError):
+    """A well-signed stream token of this job, past its expiry."""
+
+    status = 403
+    code = "stream_token_expired"
 
 
 def backend_outage(exc: BaseException) -> BackendUnavailable | None:

@@ -130,7 +130,12 @@ class JobSnapshot:
             "finished_at": iso_utc(self.finished_at),
             "last_event_id": self.last_event_id,
             "options": dict(self.options),
-            "links": {"self": base, "stream": f"{base}/stream", "cancel": f"{base}/cancel"},
+            "links": {
+                "self": base,
+                "stream": f"{base}/stream",
+                "events": f"{base}/events",
+                "cancel": f"{base}/cancel",
+            },
         }
 
 

@@ -28,13 +28,20 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from typing import ClassVar
 
 import attrs
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from app.core.errors import FlushlineError, JobNotFound
+from app.core.errors import (
+    AuthError,
+    InvalidApiToken,
+    InvalidStreamToken,
+    JobNotFound,
+    StreamTokenExpired,
+    StreamTokenForOtherJob,
+    Unauthenticated,
+)
 from app.core.settings import Settings
 from app.web.keys import AUTH, MANAGER, OWNER, SETTINGS
 
@@ -42,13 +49,7 @@ __all__ = [
     "API_PATH",
     "STREAM_TOKEN_PARAM",
     "STREAM_TOKEN_ROUTES",
-    "AuthError",
     "Authenticator",
-    "InvalidApiToken",
-    "InvalidStreamToken",
-    "StreamTokenExpired",
-    "StreamTokenForOtherJob",
-    "Unauthenticated",
     "guarded",
     "install_auth",
 ]
@@ -66,47 +67,6 @@ _OWNER_CONTEXT = b"flushline owner v1\x00"
 #: Hex digits of an owner fingerprint (128 bits).
 _OWNER_HEX = 32
 _BEARER = "bearer"
-
-
-class AuthError(FlushlineError):
-    """A request to the job API without a credential that opens what it asks for."""
-
-
-class Unauthenticated(AuthError):
-    """No credential at all: ``401`` with ``WWW-Authenticate``."""
-
-    status = 401
-    code = "unauthenticated"
-    #: The ``WWW-Authenticate`` header of the answer (RFC 6750).
-    challenge: ClassVar[str] = 'Bearer realm="flushline"'
-
-
-class InvalidApiToken(AuthError):
-    """An ``Authorization`` header whose token is not a configured one (or is malformed)."""
-
-    status = 403
-    code = "invalid_token"
-
-
-class InvalidStreamToken(AuthError):
-    """A stream token that is malformed or whose signature does not match."""
-
-    status = 403
-    code = "invalid_stream_token"
-
-
-class StreamTokenForOtherJob(AuthError):
-    """A well-signed stream token of another job."""
-
-    status = 403
-    code = "stream_token_wrong_job"
-
-
-class StreamTokenExpired(AuthError):
-    """A well-signed stream token of this job, past its expiry."""
-
-    status = 403
-    code = "stream_token_expired"
 
 
 def _b64(data: bytes) -> str:

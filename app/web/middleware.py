@@ -19,8 +19,7 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from app.core.errors import FlushlineError, InvalidField, backend_outage
-from app.web.auth import Unauthenticated
+from app.core.errors import FlushlineError, InvalidField, Unauthenticated, backend_outage
 from app.web.keys import STREAM_BYTES
 
 __all__ = [

@@ -108,7 +108,11 @@ def raise_fd_limit() -> FdLimit:
 
 
 def _startup_fields(
-    app: web.Application, settings: Settings, fd_limit: FdLimit, max_connections: int
+    app: web.Application,
+    settings: Settings,
+    fd_limit: FdLimit,
+    max_connections: int,
+    connection_cap: int,
 ) -> dict[str, Any]:
     """The effective settings of a started service, for its one start-up line."""
     from app.web.keys import MANAGER
@@ -131,6 +135,7 @@ def _startup_fields(
             "max_retained_jobs": settings.max_retained_jobs,
             "retry_ms": settings.retry_ms,
             "max_connections": max_connections,
+            "connection_cap": connection_cap,
             "header_timeout_s": settings.header_timeout_s,
         },
         "fd_limit": {
@@ -218,10 +223,12 @@ def _serve(args: argparse.Namespace) -> int:
     address = _address(settings.host, settings.port)
     fd_limit = raise_fd_limit()
     max_connections = settings.max_connections or server.derive_max_connections(fd_limit.soft)
-    if max_connections > fd_limit.soft:
+    cap = server.derive_connection_cap(fd_limit.soft)
+    if max_connections > cap:
         log.warning(
-            "FLUSHLINE_MAX_CONNECTIONS is above the descriptor limit",
+            "FLUSHLINE_MAX_CONNECTIONS is above what the descriptor limit allows",
             max_connections=max_connections,
+            connection_cap=cap,
             fd_limit=fd_limit.soft,
         )
     try:
@@ -230,10 +237,11 @@ def _serve(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             tracker=server.ConnectionTracker(limit=max_connections),
+            cap=cap,
             header_timeout_s=settings.header_timeout_s,
             # Called once the socket listens: the start-up line.
             on_listening=lambda: log.info(
-                "serving", **_startup_fields(app, settings, fd_limit, max_connections)
+                "serving", **_startup_fields(app, settings, fd_limit, max_connections, cap)
             ),
             shutdown_timeout_s=10.0,
         )

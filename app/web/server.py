@@ -11,12 +11,14 @@ open connections, and whose protocol is :class:`FlushlineRequestHandler`:
 - a connection that has not sent a complete request head within ``header_timeout_s`` of
   opening, or of its previous response, is closed (with a ``408`` when it sent part of
   one), so clients that drip headers cannot hold descriptors;
-- past ``max_connections`` a new connection first closes the connection that has waited
-  longest for a head (at least :data:`SHED_GRACE_S`), so the head-room left for
-  ``/healthz`` and the job API is not eaten by idle clients;
 - errors the HTTP parser finds (head too large, bad chunk, unknown method, an encoding
   that cannot be decoded) are answered in the contract's JSON error shape, as are request
   bodies that cannot be read (read here, before the app, within the header timeout).
+
+Connections are accepted by a :class:`Listener` (``loop.connect_accepted_socket``), not by
+asyncio's accept loop, which stops for a second whenever descriptors run out: at its cap
+(the descriptor limit less a reserve) it closes idle connections to make room and
+accepts again at once, so ``/healthz`` is not stuck in the backlog behind idle clients.
 
 The app finds the counts at ``app[CONNECTIONS]``; streams and long-polls ask
 :func:`refuse_if_full` before they start. Under another server (a test client) there is
@@ -53,6 +55,8 @@ __all__ = [
     "FlushlineRequestHandler",
     "FlushlineRunner",
     "FlushlineServer",
+    "Listener",
+    "derive_connection_cap",
     "derive_max_connections",
     "refuse_if_full",
     "run",
@@ -64,6 +68,10 @@ log = structlog.get_logger(__name__)
 #: Under pressure, a connection that has waited this long for a head may be closed to
 #: make room: any real client sends its head at once.
 SHED_GRACE_S = 0.5
+#: Connections accepted at most per wake-up of a listening socket (as asyncio's 100).
+ACCEPT_BATCH = 128
+#: At the cap, accepting resumes this long after idle connections were closed.
+ROOM_RETRY_S = 0.02
 #: ``Retry-After`` of a stream refused because the server is full.
 FULL_RETRY_AFTER_S = 2
 #: Idle keep-alive connections are closed by the header timeout first; this is aiohttp's.
@@ -88,6 +96,16 @@ def derive_max_connections(nofile: int) -> int:
     ``/healthz`` and API requests that arrive while the streams fill the rest.
     """
     return max(16, nofile - max(64, nofile // 8))
+
+
+def derive_connection_cap(nofile: int) -> int:
+    """How many connections may hold a descriptor at once: the limit less a reserve.
+
+    The listener stops accepting there (and makes room by closing idle connections), so
+    ``accept()`` never fails for want of descriptors: asyncio would then stop accepting
+    for a whole second.
+    """
+    return max(8, nofile - max(32, nofile // 16))
 
 
 @attrs.define
@@ -156,34 +174,34 @@ def tune_stream_socket(transport: asyncio.BaseTransport | None, send_timeout_s: 
 
 @attrs.define
 class AcceptErrorLog:
-    """A loop exception handler: accept failures (out of descriptors) once a second at most.
+    """Accept trouble (out of descriptors, at the cap) logged once a second at most.
 
-    asyncio's accept loop logs every failed ``accept()`` and keeps trying up to the
-    backlog each time the socket is readable, which is often: thousands of lines a
-    second, each with a traceback. One line a second, with the count of those suppressed
-    in between, says the same. Anything else goes to the default handler.
+    asyncio's own accept loop logs every failed ``accept()`` with a traceback and retries
+    up to the backlog each time: thousands of lines a second. :class:`Listener` reports
+    here instead; one line a second, with the count suppressed in between, says the same.
+    As the loop's exception handler it also catches asyncio's (other servers in the
+    process); anything else goes to the default handler.
     """
 
     interval_s: float = 1.0
     _last_at: float = float("-inf")
     _suppressed: int = 0
 
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if not (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS and "socket" in context):
-            loop.default_exception_handler(context)
-            return
-        now = loop.time()
+    def report(self, message: str, **fields: Any) -> None:
+        """Log ``message`` unless a line went out less than ``interval_s`` ago."""
+        now = asyncio.get_running_loop().time()
         if now - self._last_at < self.interval_s:
             self._suppressed += 1
             return
-        log.error(
-            "cannot accept connections",
-            reason=os.strerror(exc.errno or 0).lower(),
-            suppressed=self._suppressed,
-            hint="raise the descriptor limit or lower FLUSHLINE_MAX_CONNECTIONS",
-        )
+        log.error(message, suppressed=self._suppressed, **fields)
         self._last_at, self._suppressed = now, 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS and "socket" in context:
+            self.report("cannot accept connections", reason=os.strerror(exc.errno or 0).lower())
+        else:
+            loop.default_exception_handler(context)
 
 
 def _raw_error(status: int, code: str, message: str) -> bytes:
@@ -240,7 +258,9 @@ class FlushlineRequestHandler(RequestHandler):
         # The base class drops its reference to the server when the connection is lost.
         self._owner = manager
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = 0
+        #: Bytes received of a head not complete yet.
+        self.head_bytes = 0
+        self._head_tail = b""  # the last bytes seen, for a blank line split across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Count the connection, then start waiting for its first request head."""
@@ -253,9 +273,18 @@ class FlushlineRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        """Note bytes of a head still incomplete (a timeout then answers ``408``)."""
+        """Note bytes of a head still incomplete (a timeout then answers ``408``).
+
+        A head counts as complete at its blank line, before its handler starts (which
+        may be later under load): a complete head is never cut or shed as a dripping one.
+        """
         if self._head_timer is not None:
-            self._head_bytes += len(data)
+            self.head_bytes += len(data)
+            seen = self._head_tail + data
+            if b"\r\n\r\n" in seen:
+                self.head_received()
+            else:
+                self._head_tail = seen[-3:]
         super().data_received(data)
 
     async def finish_response(
@@ -270,7 +299,8 @@ class FlushlineRequestHandler(RequestHandler):
     def await_head(self) -> None:
         """Start (again) the wait for a request head, bounded by the header timeout."""
         self._stop_head_timer()
-        self._head_bytes = 0
+        self.head_bytes = 0
+        self._head_tail = b""
         self._head_timer = self._owner.loop.call_later(
             self._owner.header_timeout_s, self._head_timed_out
         )
@@ -284,7 +314,7 @@ class FlushlineRequestHandler(RequestHandler):
     def drop_idle(self) -> None:
         """Close a connection that has no complete head (``408`` if it sent part of one)."""
         self.head_received()
-        if self.transport is not None and self._head_bytes:
+        if self.transport is not None and self.head_bytes:
             self.transport.write(
                 _raw_error(408, "request_timeout", "the request head did not arrive in time")
             )
@@ -363,11 +393,9 @@ class FlushlineServer(web.Server):
         return FlushlineRequestHandler(self, loop=self.loop, **self._protocol_kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        """Count it; past the limit, close the connection idle longest to make room."""
+        """Count it."""
         super().connection_made(handler, transport)
         self.tracker.open += 1
-        if self.tracker.full:
-            self._shed_idle()
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         """Uncount it."""
@@ -385,12 +413,26 @@ class FlushlineServer(web.Server):
         """``handler`` no longer waits for a head."""
         self._waiting.pop(handler, None)
 
-    def _shed_idle(self) -> None:
-        for handler, since in self._waiting.items():
-            if self.loop.time() - since >= SHED_GRACE_S:
-                self.tracker.shed += 1
-                handler.drop_idle()
-            return  # the oldest only: one new connection makes room for one
+    def shed_idle(self, count: int) -> int:
+        """Close up to ``count`` connections without a request in progress; how many.
+
+        First those that sent part of a head, longest waiting first (no real client
+        drips its head), then silent ones (idle keep-alive included) that have waited
+        :data:`SHED_GRACE_S`. A connection just accepted whose head is unread yet is
+        never among them.
+        """
+        now = self.loop.time()
+        partial = [h for h in self._waiting if h.head_bytes > 0]
+        silent = [
+            h
+            for h, since in self._waiting.items()
+            if not h.head_bytes and now - since >= SHED_GRACE_S
+        ]
+        chosen = (partial + silent)[:count]
+        for handler in chosen:
+            handler.drop_idle()
+        self.tracker.shed += len(chosen)
+        return len(chosen)
 
     def _wrap(
         self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -445,6 +487,120 @@ class FlushlineServer(web.Server):
         return response
 
 
+@attrs.define
+class Listener:
+    """Accepts connections for a :class:`FlushlineServer`, never past ``cap`` of them.
+
+    asyncio's accept loop (``loop.create_server``) accepts until ``accept()`` fails with
+    ``EMFILE``, then stops accepting for a second: behind a crowd of idle clients the
+    next ``/healthz`` then waits seconds in the backlog. Here, at the cap, the listener
+    closes idle connections to make room (:meth:`FlushlineServer.shed_idle`) and
+    resumes moments later, once their descriptors are free; a failed ``accept()`` is
+    logged once a second at most.
+    """
+
+    server: FlushlineServer
+    cap: int
+    accept_log: AcceptErrorLog
+    backlog: int = 1024
+    _sockets: list[socket.socket] = attrs.field(factory=list)
+    _tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
+    #: Accepted, not yet counted by the server (their transport is being made).
+    _pending: int = 0
+    _resume: asyncio.TimerHandle | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on every address of ``host`` (as ``create_server`` does); ``OSError`` if not."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(self.backlog)
+                sock.setblocking(False)
+        except OSError:
+            self.close()
+            raise
+        self._listen()
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets (open connections stay)."""
+        self._pause()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+
+    async def wait_closed(self) -> None:
+        """Wait for connections accepted before :meth:`close` to reach the server."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _listen(self) -> None:
+        self._resume = None
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _pause(self, resume_after_s: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            loop.remove_reader(sock.fileno())
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if resume_after_s is not None:
+            self._resume = loop.call_later(resume_after_s, self._listen)
+
+    def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            if self.server.tracker.open + self._pending >= self.cap:
+                self._make_room()
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self.accept_log.report(
+                        "cannot accept connections", reason=os.strerror(exc.errno or 0).lower()
+                    )
+                    self._make_room()
+                else:
+                    log.warning("accept failed", error=str(exc))
+                return
+            conn.setblocking(False)
+            self._pending += 1
+            task = loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _make_room(self) -> None:
+        """At the cap: close idle connections, and accept again once they are gone."""
+        if not self.server.shed_idle(max(1, self.cap // 16)):
+            self.accept_log.report(
+                "connection cap reached",
+                open=self.server.tracker.open,
+                cap=self.cap,
+                hint="every connection is busy; raise the descriptor limit",
+            )
+        self._pause(resume_after_s=ROOM_RETRY_S)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self.server, conn)
+        except OSError:
+            conn.close()  # the client left already
+        finally:
+            self._pending -= 1
+
+
 class FlushlineRunner(web.AppRunner):
     """``AppRunner`` serving the app through a :class:`FlushlineServer`."""
 
@@ -484,6 +640,7 @@ def run(
     host: str,
     port: int,
     tracker: ConnectionTracker,
+    cap: int,
     header_timeout_s: float,
     on_listening: Callable[[], None],
     shutdown_timeout_s: float = 10.0,
@@ -491,12 +648,16 @@ def run(
 ) -> None:
     """Serve ``app`` until SIGINT or ``web.GracefulExit``, as ``web.run_app`` does.
 
+    At most ``cap`` connections at once (:class:`Listener`); past ``tracker.limit``
+    new streams are refused.
+
     ``app[CONNECTIONS]`` is set before the app starts (it freezes then). Start-up errors
     and bind errors (``OSError``) propagate, as from ``run_app``.
     """
     app[CONNECTIONS] = tracker
     loop = asyncio.new_event_loop()
-    loop.set_exception_handler(AcceptErrorLog())
+    accept_log = AcceptErrorLog()
+    loop.set_exception_handler(accept_log)
     runner = FlushlineRunner(
         app,
         tracker=tracker,
@@ -506,11 +667,17 @@ def run(
 
     async def serve() -> None:
         await runner.setup()
+        listener: Listener | None = None
         try:
-            await web.TCPSite(runner, host, port, backlog=backlog).start()
+            assert isinstance(runner.server, FlushlineServer)
+            listener = Listener(runner.server, cap, accept_log, backlog)
+            await listener.start(host, port)
             on_listening()
             await asyncio.Event().wait()  # until cancelled
         finally:
+            if listener is not None:
+                listener.close()
+                await listener.wait_closed()
             await runner.cleanup()
 
     main = loop.create_task(serve())

@@ -113,8 +113,8 @@ async def read_answer(reader: asyncio.StreamReader, timeout_s: float = 10.0) -> 
 
 async def open_raw_stream(
     port: int, path: str, timeout_s: float = 10.0
-) -> tuple[RawAnswer, asyncio.StreamWriter]:
-    """GET ``path`` and read the answer's head (and a refusal's body); the writer holds it."""
+) -> tuple[RawAnswer, asyncio.StreamReader, asyncio.StreamWriter]:
+    """GET ``path`` and read the answer's head (and a refusal's body); the rest is unread."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
     try:
@@ -126,7 +126,7 @@ async def open_raw_stream(
     except BaseException:
         writer.close()
         raise
-    return head, writer
+    return head, reader, writer
 
 
 async def drip(

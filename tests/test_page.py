@@ -468,3 +468,33 @@ async def test_cancel_button_cancels_the_job(client: Client, open_page: OpenPage
     assert snapshot["status"] == "cancelled"
     assert await page.text_content("#status-line") == "Job cancelled."
     assert await page.is_hidden("#cancel")
+
+
+#: An API token for the auth-on page tests.
+PAGE_API_TOKEN = "page-token-0123456789"
+
+
+async def test_page_with_auth_on(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    open_page: OpenPage,
+) -> None:
+    """With auth on, the page sends the token of #api_token= and streams with the job's token."""
+    settings = Settings.from_environ({"FLUSHLINE_API_TOKEN": PAGE_API_TOKEN})
+    client = await aiohttp_client(init_app(settings))
+    page, record = await open_page(base_url(client, f"/#api_token={PAGE_API_TOKEN}"))
+    await start_from_form(page, "frequency", QUICK_JOB)
+    await wait_state(page, "succeeded")
+    job_id = await page.evaluate("() => document.body.dataset.jobId")
+    streams = [url for _, url in record.requests if f"/api/jobs/{job_id}/stream" in url]
+    assert streams, record.requests
+    assert all("token=" in url for url in streams)
+    assert all(PAGE_API_TOKEN not in url for _, url in record.requests)
+    record.assert_clean()
+
+    # Without the token the page shows the API's own refusal and starts nothing.
+    page2, _ = await open_page(base_url(client, "/"))
+    await start_from_form(page2, "frequency", QUICK_JOB)
+    await page2.wait_for_selector("#form-error", state="visible")
+    expected = await expect_json_error(await client.post("/api/jobs", json={}), 401)
+    assert await page2.text_content("#form-error") == expected["message"]
+    assert await state_of(page2) == "idle"

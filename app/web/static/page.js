@@ -95,11 +95,21 @@ function jobUrl(jobId, tail = "") {
   return `api/jobs/${encodeURIComponent(jobId)}${tail}`;
 }
 
+/**
+ * With auth on, the API token comes in the page's fragment (`/#api_token=...`): a
+ * fragment is never sent to the server, so the token stays out of every request log.
+ */
+const apiToken = new URLSearchParams(location.hash.slice(1)).get("api_token");
+
 /** Fetch JSON; an error status becomes an ApiError with the API's own message. */
 async function apiJson(url, init = {}) {
   let response;
+  const auth = apiToken ? { Authorization: `Bearer ${apiToken}` } : {};
   try {
-    response = await fetch(url, { ...init, headers: { Accept: "application/json", ...init.headers } });
+    response = await fetch(url, {
+      ...init,
+      headers: { Accept: "application/json", ...auth, ...init.headers },
+    });
   } catch (err) {
     throw new ApiError(`The service could not be reached (${err.message}).`, 0);
   }
@@ -389,7 +399,11 @@ function watch(snapshot) {
   view.snapshotStatus = snapshot.status;
   setText(ui.jobStrategy, snapshot.strategy || "unknown");
   const mine = generation;
-  const watcher = watchJob(jobUrl(snapshot.id, "/stream"), {
+  // The stream link's query carries the job's stream token when auth is on; the path
+  // stays relative, so the page works under a path prefix.
+  const link = (snapshot.links && snapshot.links.stream) || "";
+  const query = link.includes("?") ? link.slice(link.indexOf("?")) : "";
+  const watcher = watchJob(jobUrl(snapshot.id, "/stream") + query, {
     sensing,
     onEvent(data, info) {
       if (mine !== generation) return;

@@ -8,6 +8,11 @@ missed or repeated. A subscriber's "queue" is the distance between the newest se
 its cursor, counted from when it subscribed: past ``queue_limit`` it is cut off (its
 ``on_cut`` callbacks run at once, so a sender stuck writing to a dead socket is
 interrupted), and the producer and other subscribers never wait for it.
+
+History is bounded twice: by count (``history_limit``) and by bytes (``history_bytes``,
+each event costing its frame plus :data:`EVENT_OVERHEAD_BYTES`). Past either, the oldest
+events go (a resume before them is ``HistoryTruncated``, 410), always keeping the newest
+event, and a cursor that had not read them is cut off rather than moved past a gap.
 """
 
 from __future__ import annotations
@@ -21,7 +26,16 @@ from app.bus.base import MAX_BATCH, Batch
 from app.core.errors import BackendUnavailable, HistoryTruncated, SubscriberLagged
 from app.core.events import EncodedEvent
 
-__all__ = ["LocalCursor", "LocalLog"]
+__all__ = ["EVENT_OVERHEAD_BYTES", "LocalCursor", "LocalLog", "event_cost"]
+
+#: What one kept event costs in memory beyond its frame: the event object, its seq, stamp
+#: and type, the list slot (about 180 bytes measured with tracemalloc; rounded up).
+EVENT_OVERHEAD_BYTES = 256
+
+
+def event_cost(event: EncodedEvent) -> int:
+    """The bytes one kept event counts against the history budget."""
+    return len(event.frame) + EVENT_OVERHEAD_BYTES
 
 
 @attrs.define(eq=False)
@@ -31,6 +45,8 @@ class LocalLog:
     events: list[EncodedEvent] = attrs.Factory(list)
     first_seq: int = 1  # seq of events[0]
     next_seq: int = 1
+    #: What ``events`` cost (see :func:`event_cost`).
+    bytes: int = 0
     closed: bool = False
     subscribers: set[LocalCursor] = attrs.Factory(set)
     changed: asyncio.Future[None] | None = None
@@ -47,22 +63,46 @@ class LocalLog:
             self.changed = asyncio.get_running_loop().create_future()
         return self.changed
 
-    def append(self, events: Sequence[EncodedEvent], history_limit: int, queue_limit: int) -> None:
+    def append(
+        self,
+        events: Sequence[EncodedEvent],
+        history_limit: int,
+        queue_limit: int,
+        history_bytes: int,
+    ) -> None:
         """Add events continuing at ``next_seq``; trim, cut laggards and wake readers."""
         if not events:
             return
         self.events.extend(events)
+        self.bytes += sum(event_cost(e) for e in events)
         self.next_seq = events[-1].seq + 1
-        if len(self.events) > history_limit:
-            # Trim in slices of a tenth so trimming stays amortised O(1) per event.
-            drop = len(self.events) - history_limit + history_limit // 10
-            del self.events[:drop]
-            self.first_seq += drop
+        self._trim(history_limit, history_bytes)
         newest = self.next_seq - 1
         for sub in self.subscribers:
             if sub.pending(newest) > queue_limit or sub.cursor < self.first_seq - 1:
                 sub.cut_off()
         self.wake()
+
+    def _trim(self, history_limit: int, history_bytes: int) -> None:
+        """Drop the oldest events past either limit, always keeping the newest one.
+
+        Past a limit, history is trimmed to nine tenths of it, so trimming (a list
+        shift) stays amortised O(1) per event.
+        """
+        drop = 0
+        kept_bytes = self.bytes
+        if len(self.events) > history_limit:
+            drop = len(self.events) - history_limit + history_limit // 10
+            kept_bytes -= sum(event_cost(e) for e in self.events[:drop])
+        if kept_bytes > history_bytes:
+            target = history_bytes - history_bytes // 10
+            while kept_bytes > target and drop < len(self.events) - 1:
+                kept_bytes -= event_cost(self.events[drop])
+                drop += 1
+        if drop:
+            del self.events[:drop]
+            self.first_seq += drop
+            self.bytes = kept_bytes
 
     def end(self) -> None:
         """No more events will come: cursors end once they have read them all."""

@@ -1,7 +1,8 @@
 """MemoryEventBus: each job's history and live fan-out in this process.
 
 The fan-out itself (a shared history list, subscribers as cursors into it, laggards
-cut off at publish) is :mod:`app.bus.local`, which the Redis bus shares.
+cut off at publish, history bounded by count and bytes) is :mod:`app.bus.local`, which
+the Redis bus shares.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class MemoryEventBus:
 
     history_limit: int = 10_000
     queue_limit: int = 1_000
+    #: Bytes of one job's kept events (``FLUSHLINE_MAX_HISTORY_BYTES``; see ``event_cost``).
+    history_bytes: int = 4 << 20
     _logs: dict[str, LocalLog] = attrs.Factory(dict)
 
     def _log(self, job_id: str) -> LocalLog:
@@ -63,7 +66,12 @@ class MemoryEventBus:
             raise RuntimeError(f"the event log of job {job_id} is closed")
         encoded = encode_event(job_id, log.next_seq, event)
         # History keeps the frame only; the event object goes back to the publisher.
-        log.append((attrs.evolve(encoded, event=None),), self.history_limit, self.queue_limit)
+        log.append(
+            (attrs.evolve(encoded, event=None),),
+            self.history_limit,
+            self.queue_limit,
+            self.history_bytes,
+        )
         return encoded
 
     async def close(self, job_id: str) -> None:

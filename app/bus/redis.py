@@ -11,13 +11,16 @@ stream so that a reader sees them in order with the events, in the same read:
   (readers on every instance forget the job, even one whose log had already ended).
 
 Publishing is one ``XADD`` with the explicit id ``<seq>-0``, ``NOMKSTREAM`` and an exact
-``MAXLEN`` (``FLUSHLINE_HISTORY_LIMIT``). Redis refuses an id that is not above the
-stream's top, so the seq is claimed atomically: of two publishers racing for one seq,
-one wins and the other re-reads the top and retries with the next. Because a publisher's
-next seq is always the top it last saw plus one, an accepted id is exactly the top plus
-one: no seq is skipped. The key's TTL (``FLUSHLINE_JOB_TTL``) is set when the job opens,
-renewed with the publish that comes after a quarter of it has passed (the same round
-trip), and set again on close, so finished jobs expire by themselves: nothing sweeps.
+``MAXLEN`` (``FLUSHLINE_HISTORY_LIMIT``); once the job's events pass
+``FLUSHLINE_MAX_HISTORY_BYTES`` (counted as :func:`~app.bus.local.event_cost`, by the
+publishing instance), an exact ``MINID`` instead, which trims by count and by bytes.
+Redis refuses an id that is not above the stream's top, so the seq is claimed
+atomically: of two publishers racing for one seq, one wins and the other re-reads the
+top and retries with the next. Because a publisher's next seq is always the top it last
+saw plus one, an accepted id is exactly the top plus one: no seq is skipped. The key's
+TTL (``FLUSHLINE_JOB_TTL``) is set when the job opens, renewed with the publish that
+comes after a quarter of it has passed (the same round trip), and set again on close, so
+finished jobs expire by themselves: nothing sweeps.
 
 Reading: each instance runs one reader task per job it has subscribers for. The task
 loads the kept history (``XRANGE`` in pages) into a local list, then waits for new entries
@@ -34,19 +37,20 @@ then go.
 
 Redis lost: a job this instance publishes keeps its events (seq assigned here, frames
 encoded as usual) in a bounded buffer, at most ``history_limit`` events and
-:data:`BUFFER_MAX_BYTES`, and a flusher writes them in order, with their ids, once Redis
-answers again; an ``XADD`` whose reply was lost is recognised by the stream's top, so
-nothing is written twice. If Redis is not back within ``grace_s`` (or the buffer fills),
-the job's next publish fails with :class:`BackendUnavailable`, and the buffered events
-are dropped: a later publish continues after the stream's top in Redis (the job's
-``error`` and ``done``, once Redis answers). Feeds never hold an event
-Redis does not: the publisher's own feed is given up when its buffering starts, and a
-reader that loses its connection cuts its subscribers off as ``lost`` (their streams end
-with a short ``retry:``) before it retries.
+``history_bytes`` (never more than :data:`BUFFER_MAX_BYTES`), and a flusher writes them
+in order, with their ids, once Redis answers again; an ``XADD`` whose reply was lost is
+recognised by the stream's top, so nothing is written twice. If Redis is not back within
+``grace_s`` (or the buffer fills), the job's next publish fails with
+:class:`BackendUnavailable`, and the buffered events are dropped: a later publish
+continues after the stream's top in Redis (the job's ``error`` and ``done``, once Redis
+answers). Feeds never hold an event Redis does not: the publisher's own feed is given up
+when its buffering starts, and a reader that loses its connection cuts its subscribers
+off as ``lost`` (their streams end with a short ``retry:``) before it retries.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import time
@@ -60,7 +64,7 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from app.bus.local import LocalCursor, LocalLog
+from app.bus.local import LocalCursor, LocalLog, event_cost
 from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent, encode_event
 
@@ -141,8 +145,9 @@ class _Writer:
     renewed_at: float
     closed: bool = False
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
-    #: Events published while Redis was lost, oldest first, with their XADD fields.
-    pending: deque[tuple[EncodedEvent, dict[bytes, Any]]] = attrs.Factory(deque)
+    #: Events published while Redis was lost, oldest first, with their XADD fields and
+    #: the seq Redis must keep from (see :meth:`keep_from`).
+    pending: deque[tuple[EncodedEvent, dict[bytes, Any], int | None]] = attrs.Factory(deque)
     pending_bytes: int = 0
     #: When the current outage began (monotonic); None while Redis answers.
     lost_at: float | None = None
@@ -151,9 +156,48 @@ class _Writer:
     failed: str | None = None
     #: Set whenever nothing is pending (the buffer was flushed or given up).
     flushed: asyncio.Event = attrs.Factory(asyncio.Event)
+    #: The costs of the job's newest events in Redis, from seq ``window_first`` (at
+    #: ``window_head``): the byte budget's view of the stream.
+    window: array.array[int] = attrs.Factory(lambda: array.array("Q"))
+    window_head: int = 0
+    window_first: int = 1
+    window_bytes: int = 0
+    #: Whether the byte budget has trimmed the stream (then every XADD carries MINID).
+    window_trimmed: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.flushed.set()
+
+    def keep_from(self, seq: int, cost: int, history_limit: int, history_bytes: int) -> int | None:
+        """Count event ``seq`` in the window; the first seq Redis keeps (None: MAXLEN does).
+
+        The window only knows the events this writer published in a row: after a gap
+        (another publisher, a writer made for a job already under way) it starts again,
+        and the older events are trimmed by count until the window trims by bytes.
+        """
+        size = len(self.window) - self.window_head
+        if size and seq == self.window_first + size - 1:  # the same event again (buffered)
+            self.window_bytes += cost - self.window[-1]
+            self.window[-1] = cost
+        elif seq == self.window_first + size:
+            self.window.append(cost)
+            self.window_bytes += cost
+        else:
+            del self.window[:]
+            self.window.append(cost)
+            self.window_head, self.window_first, self.window_bytes = 0, seq, cost
+            self.window_trimmed = False
+        while len(self.window) - self.window_head > 1 and (
+            self.window_bytes > history_bytes or len(self.window) - self.window_head > history_limit
+        ):
+            self.window_trimmed = self.window_trimmed or self.window_bytes > history_bytes
+            self.window_bytes -= self.window[self.window_head]
+            self.window_head += 1
+            self.window_first += 1
+        if self.window_head > len(self.window) // 2:  # amortised compaction
+            del self.window[: self.window_head]
+            self.window_head = 0
+        return self.window_first if self.window_trimmed else None
 
 
 @attrs.define(eq=False)
@@ -187,6 +231,7 @@ class _Feed(LocalLog):
         never silently moved past a gap.
         """
         self.events.clear()
+        self.bytes = 0
         self.first_seq = self.next_seq = seq
         for sub in self.subscribers:
             if sub.cursor < seq - 1:
@@ -239,6 +284,8 @@ class RedisEventBus:
     redis: Redis
     history_limit: int = 10_000
     queue_limit: int = 1_000
+    #: Bytes of one job's kept events, in Redis and in a feed (``FLUSHLINE_MAX_HISTORY_BYTES``).
+    history_bytes: int = 4 << 20
     job_ttl_s: float = 3600.0
     prefix: str = "flushline:"
     owns_client: bool = False
@@ -304,7 +351,7 @@ class RedisEventBus:
             if encoded.seq == feed.next_seq:
                 # History keeps the frame only; the event object goes back to the publisher.
                 event_only = attrs.evolve(encoded, event=None)
-                feed.append([event_only], self.history_limit, self.queue_limit)
+                feed.append([event_only], self.history_limit, self.queue_limit, self.history_bytes)
                 feed.last_id = f"{encoded.seq}-0".encode()
             else:  # the feed is behind (another publisher, or a load under way): read
                 feed.nudge.set()
@@ -314,13 +361,21 @@ class RedisEventBus:
     def _fields(encoded: EncodedEvent) -> dict[bytes, Any]:
         return {_F_TYPE: encoded.type, _F_TS: repr(encoded.ts), _F_FRAME: encoded.frame}
 
-    def _xadd_args(self, seq: int) -> dict[str, Any]:
+    def _xadd_args(self, seq: int, keep_from: int | None) -> dict[str, Any]:
+        trim: dict[str, Any] = {"maxlen": self.history_limit}
+        if keep_from is not None:
+            # MINID trims by bytes (keep_from) and by count (seqs are consecutive).
+            trim = {"minid": f"{max(keep_from, seq - self.history_limit + 1)}-0"}
         return {
             "id": f"{seq}-0",
-            "maxlen": self.history_limit,
+            **trim,
             "approximate": False,  # exact: 410 must mean what the limit says
             "nomkstream": True,  # never resurrect an expired or discarded job
         }
+
+    def _keep_from(self, writer: _Writer, encoded: EncodedEvent) -> int | None:
+        cost = event_cost(encoded)
+        return writer.keep_from(encoded.seq, cost, self.history_limit, self.history_bytes)
 
     async def _xadd(self, job_id: str, writer: _Writer, event: AnyEvent) -> EncodedEvent:
         """Claim the next seq for ``event`` in Redis (under ``writer.lock``)."""
@@ -330,7 +385,7 @@ class RedisEventBus:
                 raise RuntimeError(f"the event log of job {job_id} is closed")
             encoded = encode_event(job_id, writer.next_seq, event)
             fields = self._fields(encoded)
-            xadd = self._xadd_args(encoded.seq)
+            xadd = self._xadd_args(encoded.seq, self._keep_from(writer, encoded))
             now = time.monotonic()
             renew = now - writer.renewed_at >= self.job_ttl_s / 4
             try:
@@ -396,7 +451,8 @@ class RedisEventBus:
             raise BackendUnavailable(reason)
         encoded = encode_event(job_id, writer.next_seq, event)
         writer.next_seq += 1
-        writer.pending.append((attrs.evolve(encoded, event=None), self._fields(encoded)))
+        keep_from = self._keep_from(writer, encoded)
+        writer.pending.append((attrs.evolve(encoded, event=None), self._fields(encoded), keep_from))
         writer.pending_bytes += len(encoded.frame)
         return encoded
 
@@ -406,7 +462,7 @@ class RedisEventBus:
             return f"Redis unreachable for more than {self.grace_s:g} s"
         if len(writer.pending) >= self.history_limit:
             return f"Redis unreachable and {len(writer.pending)} events waiting for it"
-        if writer.pending_bytes >= BUFFER_MAX_BYTES:
+        if writer.pending_bytes >= min(BUFFER_MAX_BYTES, self.history_bytes):
             return f"Redis unreachable and {writer.pending_bytes} bytes waiting for it"
         return None
 
@@ -440,9 +496,10 @@ class RedisEventBus:
         written = 0
         try:
             while writer.pending and writer.failed is None:
-                encoded, fields = writer.pending[0]
+                encoded, fields, keep_from = writer.pending[0]
+                xadd = self._xadd_args(encoded.seq, keep_from)
                 try:
-                    added = await self.redis.xadd(key, fields, **self._xadd_args(encoded.seq))  # type: ignore[arg-type]
+                    added = await self.redis.xadd(key, fields, **xadd)  # type: ignore[arg-type]
                 except _LOST:
                     assert writer.lost_at is not None
                     if time.monotonic() - writer.lost_at > self.grace_s:
@@ -726,11 +783,11 @@ class RedisEventBus:
             if seq < expected:  # published here and already appended
                 continue
             if seq > expected:
-                feed.append(fresh, self.history_limit, self.queue_limit)
+                feed.append(fresh, self.history_limit, self.queue_limit, self.history_bytes)
                 fresh = []
                 feed.skip_to(seq)
             fresh.append(_decode(entry_id, fields))
-        feed.append(fresh, self.history_limit, self.queue_limit)
+        feed.append(fresh, self.history_limit, self.queue_limit, self.history_bytes)
         if gone:
             self._forget(feed)
         elif closed:

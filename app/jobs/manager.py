@@ -4,6 +4,16 @@ Jobs run independently of any stream: a job's task is held here (never by a requ
 so watchers coming and going never affect it. Every event goes through
 :meth:`JobManager._publish`, which publishes it on the bus and folds it into the job's
 snapshot in the store.
+
+Memory is a budget, not only counts. A job's ``input`` and ``options`` are bounded in
+depth and size (:mod:`app.jobs.limits`) before anything reads them. Every job this
+process created and still keeps counts against ``max_retained_bytes``: its input and
+options, a fixed part for its snapshot and steps, and, while it runs, a reservation of
+``max_history_bytes`` (the most its history can hold), replaced when it ends by what it
+keeps (its history, capped as the bus caps it, and its result). A new job that would
+pass the budget first makes the oldest finished jobs forgotten; when only running jobs
+are left it is refused (503 with ``Retry-After``). So what jobs hold stays under the
+budget, whatever clients send.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import attrs
 import structlog
 
 from app.bus import EventBus
+from app.bus.local import event_cost
 from app.core.errors import (
     AtCapacity,
     BackendUnavailable,
@@ -29,6 +40,7 @@ from app.core.errors import (
     backend_outage,
 )
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
+from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
 from app.jobs.store import JobSnapshot, JobStatus, JobStore, StepState, apply_event
@@ -51,6 +63,11 @@ SHUTDOWN_REASON = "shutdown"
 MAINTENANCE_RETRY_S = 1.0
 #: Pause between attempts to write a job's snapshot while Redis is lost.
 SNAPSHOT_RETRY_S = 0.2
+#: What a kept job costs beyond its input, options, history and result: its snapshots,
+#: ids and stamps, its bus log and the manager's records of it.
+JOB_BASE_BYTES = 2_048
+#: What each step adds to a kept job (a ``StepState`` in every snapshot).
+STEP_BYTES = 160
 
 
 class JobControl(Protocol):
@@ -137,6 +154,29 @@ class _Running:
 
 
 @attrs.define(eq=False)
+class _Kept:
+    """What one job this process created counts against the retained-bytes budget."""
+
+    #: The snapshot, steps, input and options: known when the job is created.
+    fixed: int
+    running: bool = True
+    #: The cost of every event published (the bus keeps the newest within its budget).
+    published: int = 0
+    last_event: int = 0
+    result: int = 0
+    #: When it ended (Unix seconds), for expiry.
+    finished_at: float | None = None
+
+    def size(self, history_bytes: int) -> int:
+        """Its bytes now: while running, the most its history can hold (a reservation)."""
+        if self.running:
+            return self.fixed + history_bytes
+        # The bus keeps the newest events within the budget, and always the newest one.
+        history = min(self.published, history_bytes + self.last_event)
+        return self.fixed + history + self.result
+
+
+@attrs.define(eq=False)
 class JobManager:
     """Owns the running jobs of this process."""
 
@@ -153,15 +193,29 @@ class JobManager:
     draining: bool = False
     #: How long a running job's snapshot waits for a lost Redis (``FLUSHLINE_REDIS_GRACE_S``).
     backend_grace_s: float = 8.0
+    #: One job's history, as the bus caps it (``FLUSHLINE_MAX_HISTORY_BYTES``).
+    max_history_bytes: int = 4 << 20
+    #: Every kept job together (``FLUSHLINE_MAX_RETAINED_BYTES``).
+    max_retained_bytes: int = 128 << 20
+    #: Bounds on ``input`` and ``options`` (depth; encoded size, the request body's limit).
+    input_limits: JsonLimits = attrs.Factory(JsonLimits)
     _drain_callbacks: set[Callable[[], None]] = attrs.Factory(set)
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
+    #: Jobs this process created and keeps, oldest first, and their bytes together.
+    _kept: dict[str, _Kept] = attrs.Factory(dict)
+    _retained: int = 0
 
     @property
     def active_jobs(self) -> int:
         """Jobs that have not ended yet (queued, running or being cancelled)."""
         return len(self._running)
+
+    @property
+    def retained_bytes(self) -> int:
+        """What the jobs this process keeps count against ``max_retained_bytes``."""
+        return self._retained
 
     def strategy(self, name: str) -> FlushStrategy:
         """The configured strategy called ``name`` (``InvalidField`` if unknown)."""
@@ -175,14 +229,34 @@ class JobManager:
         """Validate, store and start a job; returns its first snapshot."""
         pipeline = self.pipeline(request.pipeline)
         strategy = self.strategy(request.strategy)
+        # Bounded before the pipeline (or anything else) reads, prints or encodes them.
+        fixed = JOB_BASE_BYTES
+        fixed += measure_json("input", request.input, self.input_limits)
+        fixed += measure_json("options", request.options, self.input_limits)
         plan = pipeline.plan(request.input, request.options)
+        fixed += STEP_BYTES * len(plan.steps)
         if self.draining:
             raise Draining()
         if self.active_jobs >= self.max_active_jobs:
             raise AtCapacity(self.max_active_jobs)
-        await self._make_room()
+        job_id = secrets.token_urlsafe(16)
+        await self._make_room(job_id, _Kept(fixed))
+        try:
+            return await self._start(job_id, request, plan, pipeline, strategy)
+        except BaseException:
+            self._unkeep(job_id)
+            raise
+
+    async def _start(
+        self,
+        job_id: str,
+        request: JobRequest,
+        plan: JobPlan,
+        pipeline: Pipeline,
+        strategy: FlushStrategy,
+    ) -> JobSnapshot:
         job = JobSnapshot(
-            id=secrets.token_urlsafe(16),
+            id=job_id,
             pipeline=pipeline.name,
             strategy=strategy.name,
             steps=tuple(StepState(step.name) for step in plan.steps),
@@ -207,6 +281,12 @@ class JobManager:
         encoded = await self.bus.publish(job_id, event)
         self._events[job_id] = self._events.get(job_id, 0) + 1
         self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
+        kept = self._kept.get(job_id)
+        if kept is not None:
+            kept.last_event = event_cost(encoded)
+            kept.published += kept.last_event
+            if isinstance(encoded.event, DoneEvent):
+                kept.result = len(encoded.frame)  # the result's JSON, and a little more
         run = self._running.get(job_id)
         if run is None:
             await self.store.put(apply_event(await self.store.get(job_id), encoded))
@@ -352,6 +432,7 @@ class JobManager:
                 except Exception as exc:  # the lease expires by itself; sweepers skip ended jobs
                     log.warning("lease not released", error=str(exc))
             self._running.pop(job.id, None)
+            self._settle(job.id)
             run.ended.set()
             log.info(
                 "job finished",
@@ -398,6 +479,8 @@ class JobManager:
         job = await self.store.get(job_id)
         run = self._running.get(job_id)
         if self.control is None:
+            # No await from here to `_cancel_local`, which sets `cancelling`: of concurrent
+            # cancels exactly one passes this check (the claim, as SET NX is with Redis).
             if run is None or run.task is None or run.cancelling or job.status.finished:
                 status = job.status
                 if not status.finished and run is not None and run.cancelling:
@@ -443,24 +526,67 @@ class JobManager:
                     await asyncio.sleep(CANCEL_POLL_S)
         return await self.store.get(job_id)
 
-    async def _make_room(self) -> None:
-        if await self.store.count() < self.max_retained_jobs:
+    async def _make_room(self, job_id: str, kept: _Kept) -> None:
+        """Keep the new job within both budgets (count, bytes), forgetting the oldest
+        finished jobs first; ``AtCapacity`` (503) when only running jobs are left.
+
+        On return the job's bytes are counted (``_unkeep`` takes them back), with no
+        await between the last check and the count: concurrent creates cannot both fit
+        in the same room.
+        """
+        if await self.store.count() >= self.max_retained_jobs:
+            for old in reversed(await self.store.newest(limit=self.max_retained_jobs + 1)):
+                if old.status.finished:
+                    await self._forget(old.id)
+                    break
+        needed = kept.size(self.max_history_bytes)
+        while self._retained + needed > self.max_retained_bytes and self._kept:
+            oldest = next((i for i, k in self._kept.items() if not k.running), None)
+            if oldest is None:
+                log.warning(
+                    "job refused: retained bytes",
+                    retained_bytes=self._retained,
+                    needed_bytes=needed,
+                    max_retained_bytes=self.max_retained_bytes,
+                )
+                raise AtCapacity(self.active_jobs)
+            await self._forget(oldest)
+        # Alone, a job may pass the budget: nothing would ever make room for it.
+        self._kept[job_id] = kept
+        self._retained += needed
+
+    def _unkeep(self, job_id: str) -> None:
+        kept = self._kept.pop(job_id, None)
+        if kept is not None:
+            self._retained -= kept.size(self.max_history_bytes)
+
+    def _settle(self, job_id: str) -> None:
+        """The job has ended: it counts what it keeps instead of its reservation."""
+        kept = self._kept.get(job_id)
+        if kept is None or not kept.running:
             return
-        for old in reversed(await self.store.newest(limit=self.max_retained_jobs + 1)):
-            if old.status.finished:
-                await self._forget(old.id)
-                return
+        before = kept.size(self.max_history_bytes)
+        kept.running = False
+        kept.finished_at = time.time()
+        self._retained += kept.size(self.max_history_bytes) - before
 
     async def _forget(self, job_id: str) -> None:
+        self._unkeep(job_id)
         await self.store.discard(job_id)
         await self.bus.discard(job_id)
 
     async def expire(self, now: float | None = None) -> int:
-        """Forget jobs that finished more than ``job_ttl_s`` ago; returns how many."""
+        """Forget jobs that finished more than ``job_ttl_s`` ago; returns how many.
+
+        With Redis, whose keys expire by themselves, only this process's count of them.
+        """
         cutoff = (time.time() if now is None else now) - self.job_ttl_s
         expired = await self.store.finished_before(cutoff)
         for job_id in expired:
             await self._forget(job_id)
+        for job_id, kept in list(self._kept.items()):
+            if kept.finished_at is not None and kept.finished_at < cutoff:
+                self._unkeep(job_id)
         return len(expired)
 
     @property

@@ -20,6 +20,7 @@ from aiohttp import web
 from app.bus import EventBus, MemoryEventBus
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
+from app.jobs.limits import JsonLimits
 from app.jobs.llm import ChatPipeline, LLMConfig, OpenAIChatSource
 from app.jobs.loader import load_pipelines
 from app.jobs.manager import JobControl, JobManager
@@ -102,6 +103,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
             redis,
             history_limit=settings.history_limit,
             queue_limit=settings.subscriber_queue,
+            history_bytes=settings.max_history_bytes,
             job_ttl_s=settings.job_ttl_s,
             grace_s=settings.redis_grace_s,
         )
@@ -113,7 +115,9 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         app.cleanup_ctx.append(_redis_connection(redis, settings.redis_url))
     else:
         bus = MemoryEventBus(
-            history_limit=settings.history_limit, queue_limit=settings.subscriber_queue
+            history_limit=settings.history_limit,
+            queue_limit=settings.subscriber_queue,
+            history_bytes=settings.max_history_bytes,
         )
         store = MemoryJobStore()
     app[BUS] = bus
@@ -133,6 +137,9 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         max_retained_jobs=settings.max_retained_jobs,
         control=control,
         backend_grace_s=settings.redis_grace_s,
+        max_history_bytes=settings.max_history_bytes,
+        max_retained_bytes=settings.max_retained_bytes,
+        input_limits=JsonLimits(max_bytes=settings.max_body_bytes),
     )
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)

@@ -61,6 +61,7 @@ __all__ = [
     "refuse_if_full",
     "run",
     "tune_stream_socket",
+    "user_timeout_s",
 ]
 
 log = structlog.get_logger(__name__)
@@ -148,12 +149,24 @@ def refuse_if_full(request: web.Request) -> web.Response | None:
     return response
 
 
-def tune_stream_socket(transport: asyncio.BaseTransport | None, send_timeout_s: float) -> None:
-    """Make the kernel drop a stream whose peer vanished, within about ``send_timeout_s``.
+def user_timeout_s(send_timeout_s: float) -> float:
+    """The stream socket's ``TCP_USER_TIMEOUT``: the send timeout and a margin.
 
-    ``TCP_USER_TIMEOUT`` bounds how long written data may stay unacknowledged; the
-    keep-alive probes (after half the timeout of silence, then three more within the rest)
-    catch a dead peer on a stream with nothing in flight. Linux only; elsewhere a no-op.
+    The kernel applies it to a reader that stopped reading too (zero-window probes), and
+    its clock starts when the window closes, before a write blocks. The margin lets the
+    send timeout cut a live, stalled reader first (logged ``send_timeout``, resumable)
+    and leaves the kernel the peers that are gone.
+    """
+    return send_timeout_s + max(2.0, send_timeout_s / 2)
+
+
+def tune_stream_socket(transport: asyncio.BaseTransport | None, send_timeout_s: float) -> None:
+    """Make the kernel drop a stream whose peer vanished, even on a quiet stream.
+
+    ``TCP_USER_TIMEOUT`` (:func:`user_timeout_s`) bounds how long written data (a
+    heartbeat, say) may stay unacknowledged; keep-alive probes (after half the send
+    timeout of silence, then three more within the rest) catch a dead peer with nothing
+    in flight. Linux only; elsewhere only ``SO_KEEPALIVE``.
     """
     sock = None if transport is None else transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -162,7 +175,7 @@ def tune_stream_socket(transport: asyncio.BaseTransport | None, send_timeout_s: 
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
     if sys.platform.startswith("linux"):
         options += [
-            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout_s * 1000)),
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s(timeout_s) * 1000)),
             (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(timeout_s / 2))),
             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(timeout_s / 6))),
             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
@@ -447,13 +460,13 @@ class FlushlineServer(web.Server):
         return handle
 
     async def _read_body(self, request: web.BaseRequest) -> web.Response | None:
-        """Read a request's body before the app, or the JSON error that says why not.
+        """Read an encoded or chunked body before the app, or the JSON error saying why not.
 
         A body that cannot be decoded (``gzip`` that is not), a bad chunk arriving after
         the head, or one longer than the app accepts then gets its 4xx here, never a
-        500 from the handler. The body must arrive within the header timeout too, so a
-        client cannot hold a connection by dripping its body either. Bodies are small
-        (``FLUSHLINE_MAX_BODY_BYTES``); the app reads the same bytes from the cache.
+        500 from the handler; such a body must also arrive within the header timeout.
+        Bodies are small (``FLUSHLINE_MAX_BODY_BYTES``); the app reads the same bytes
+        from the request's cache. A plain ``Content-Length`` body is left to the app.
         """
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding not in DECODED_CODINGS:
@@ -463,8 +476,8 @@ class FlushlineServer(web.Server):
                 f"Content-Encoding {coding[:40]!r} is not supported; "
                 "send gzip, deflate or no encoding",
             )
-        if not request.body_exists:
-            return None
+        if coding == "identity" and "chunked" not in request.headers.get("Transfer-Encoding", ""):
+            return None  # a plain body the app reads itself: nothing to fail before it
         try:
             async with asyncio.timeout(self.header_timeout_s):
                 await request.read()

@@ -65,11 +65,11 @@ class _Readers:
 
     def _run(self) -> None:
         with selectors.DefaultSelector() as selector:
-            for sock in self.sockets:
-                selector.register(sock, selectors.EVENT_READ)
+            for each in self.sockets:
+                selector.register(each, selectors.EVENT_READ, each)
             while not self._stop.is_set():
                 for key, _ in selector.select(0.05):
-                    sock: Any = key.fileobj  # one of ours: a socket
+                    sock: socket.socket = key.data
                     with contextlib.suppress(BlockingIOError):
                         data = sock.recv(65536)
                         self.received[sock.fileno()] += data

@@ -66,10 +66,10 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: Under pressure, a connection that has waited this long for a head may be closed to
+#: At the cap, a silent connection that has waited this long for a head may be closed to
 #: make room: any real client sends its head at once.
 SHED_GRACE_S = 0.5
-#: Connections accepted at most per wake-up of a listening socket (as asyncio's 100).
+#: Connections accepted at most per wake-up of a listening socket (others get a turn).
 ACCEPT_BATCH = 128
 #: At the cap, accepting resumes this long after idle connections were closed.
 ROOM_RETRY_S = 0.02
@@ -120,7 +120,7 @@ class ConnectionTracker:
     refused: int = 0
     #: Connections closed because their request head did not arrive in time.
     header_timeouts: int = 0
-    #: Idle connections closed early to make room past the limit.
+    #: Idle connections closed early to make room at the cap.
     shed: int = 0
 
     @property

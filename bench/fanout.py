@@ -272,6 +272,7 @@ def row(scenario: Scenario, server: ServerSpec, r: dict[str, Any]) -> list[objec
         per_stream,
         f"{r['cpu_s']:.1f}",
         "-" if idle else per_event,
+        f"{r['loadgen_cpu_s']:.1f}",
     ]
 
 
@@ -288,6 +289,7 @@ HEADERS = [
     "KB / idle stream",
     "server CPU s",
     "CPU µs / event",
+    "loadgen CPU s",
 ]
 
 
@@ -368,6 +370,8 @@ async def run(args: argparse.Namespace) -> list[list[object]]:
         for scenario in scenarios(args):
             for server in servers(args):
                 result = await measure(scenario, server, workdir, profile_dir)
+                if args.raw:
+                    print(orjson.dumps(result).decode(), file=sys.stderr)
                 if result["errors"]:
                     print(f"# {scenario.name} {server.name}: {result['errors']}", file=sys.stderr)
                 if result["log_bytes"]:
@@ -392,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", default=["none", "aligned"])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--raw", action="store_true", help="each result's JSON on stderr")
     parser.add_argument("--profile", metavar="DIR", help="py-spy raw profiles here")
     args = parser.parse_args(argv)
     started = time.monotonic()

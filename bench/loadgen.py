@@ -306,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(args.spec, "rb") as f:
         spec = orjson.loads(f.read())
     stats = asyncio.run(run(spec))
-    _emit({"event": "result", **summarise(stats, bool(spec.get("from_seq_1")))})
+    summary = summarise(stats, bool(spec.get("from_seq_1")))
+    _emit({"event": "result", **summary, "loadgen_cpu_s": time.process_time()})
 
 
 if __name__ == "__main__":

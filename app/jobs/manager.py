@@ -444,6 +444,7 @@ class JobManager:
                 events=self._events.pop(job.id, 0),
                 bytes=self._bytes.pop(job.id, 0),
             )
+            await self._shed(keep=job.id)
 
     async def _end_without_events(self, job_id: str, outcome: JobOutcome) -> None:
         """Mark the job finished in the store when its final events could not be published."""
@@ -541,7 +542,7 @@ class JobManager:
                     break
         needed = kept.size(self.max_history_bytes)
         while self._retained + needed > self.max_retained_bytes and self._kept:
-            oldest = next((i for i, k in self._kept.items() if not k.running), None)
+            oldest = self._oldest_finished()
             if oldest is None:
                 log.warning(
                     "job refused: retained bytes",
@@ -554,6 +555,25 @@ class JobManager:
         # Alone, a job may pass the budget: nothing would ever make room for it.
         self._kept[job_id] = kept
         self._retained += needed
+
+    def _oldest_finished(self, keep: str | None = None) -> str | None:
+        return next((i for i, k in self._kept.items() if not k.running and i != keep), None)
+
+    async def _shed(self, keep: str) -> None:
+        """Past the budget (a result larger than its job's reservation), forget the oldest
+        finished jobs but ``keep`` (it has just ended: its result is still to be read).
+        """
+        while self._retained > self.max_retained_bytes:
+            oldest = self._oldest_finished(keep)
+            if oldest is None:
+                return
+            try:
+                await self._forget(oldest)
+            except Exception as exc:
+                if backend_outage(exc) is None:
+                    raise
+                log.warning("finished job not forgotten: redis unreachable", error=str(exc))
+                return
 
     def _unkeep(self, job_id: str) -> None:
         kept = self._kept.pop(job_id, None)

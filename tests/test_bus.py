@@ -21,6 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.bus import EventBus, MemoryEventBus, Subscription
+from app.bus.local import EVENT_OVERHEAD_BYTES, event_cost
 from app.bus.redis import RedisEventBus
 from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
 from app.core.events import AnyEvent, EncodedEvent, InsightEvent
@@ -30,21 +31,26 @@ from tests.support.redis import RedisServer
 
 
 class BusFactory(Protocol):
-    def __call__(self, *, history_limit: int, queue_limit: int) -> Awaitable[EventBus]: ...
+    def __call__(
+        self, *, history_limit: int, queue_limit: int, history_bytes: int
+    ) -> Awaitable[EventBus]: ...
 
 
-async def _memory_bus(*, history_limit: int, queue_limit: int) -> EventBus:
-    return MemoryEventBus(history_limit=history_limit, queue_limit=queue_limit)
+async def _memory_bus(*, history_limit: int, queue_limit: int, history_bytes: int) -> EventBus:
+    return MemoryEventBus(
+        history_limit=history_limit, queue_limit=queue_limit, history_bytes=history_bytes
+    )
 
 
 def _redis_bus(server: RedisServer) -> BusFactory:
     """Buses on the session's throw-away redis-server, each under its own key prefix."""
 
-    async def make(*, history_limit: int, queue_limit: int) -> EventBus:
+    async def make(*, history_limit: int, queue_limit: int, history_bytes: int) -> EventBus:
         return RedisEventBus(
             Redis.from_url(server.url),
             history_limit=history_limit,
             queue_limit=queue_limit,
+            history_bytes=history_bytes,
             prefix=f"test-{uuid.uuid4().hex}:",
             owns_client=True,
         )
@@ -93,13 +99,16 @@ def _redis_two_instances(server: RedisServer) -> BusFactory:
     """A publishing and a subscribing instance sharing the session's redis-server."""
     one_instance = _redis_bus(server)
 
-    async def make(*, history_limit: int, queue_limit: int) -> EventBus:
-        publisher = await one_instance(history_limit=history_limit, queue_limit=queue_limit)
+    async def make(*, history_limit: int, queue_limit: int, history_bytes: int) -> EventBus:
+        publisher = await one_instance(
+            history_limit=history_limit, queue_limit=queue_limit, history_bytes=history_bytes
+        )
         assert isinstance(publisher, RedisEventBus)
         reader = RedisEventBus(
             Redis.from_url(server.url),
             history_limit=history_limit,
             queue_limit=queue_limit,
+            history_bytes=history_bytes,
             prefix=publisher.prefix,
             owns_client=True,
         )
@@ -118,6 +127,7 @@ SERVER_BUS_FACTORIES: dict[str, tuple[str, Callable[[RedisServer], BusFactory]]]
 
 DEFAULT_HISTORY = 10_000
 DEFAULT_QUEUE = 1_000
+DEFAULT_HISTORY_BYTES = 4 << 20
 WAIT_S = 5.0  # upper bound on any single wait; never reached when the bus works
 
 MakeBus = Callable[..., Awaitable[EventBus]]
@@ -135,9 +145,14 @@ async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[MakeBus]:
     made: list[EventBus] = []
 
     async def make(
-        *, history_limit: int = DEFAULT_HISTORY, queue_limit: int = DEFAULT_QUEUE
+        *,
+        history_limit: int = DEFAULT_HISTORY,
+        queue_limit: int = DEFAULT_QUEUE,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
     ) -> EventBus:
-        bus = await factory(history_limit=history_limit, queue_limit=queue_limit)
+        bus = await factory(
+            history_limit=history_limit, queue_limit=queue_limit, history_bytes=history_bytes
+        )
         made.append(bus)
         return bus
 
@@ -541,6 +556,105 @@ class TestHistoryLimit:
             await bus.close(job_id)
             got.extend(await drain(sub))
         assert seqs(got) == list(range(1, 101))
+
+
+class TestHistoryBytes:
+    """The per-job byte budget: each event costs its frame plus EVENT_OVERHEAD_BYTES."""
+
+    #: Events alike in size (``event 100`` to ``event 999``), so the window is easy to bound.
+    FIRST = 100
+    COUNT = 200
+    #: About 20 events' worth.
+    BUDGET = 20 * (EVENT_OVERHEAD_BYTES + 110)
+
+    async def publish_all(self, bus: EventBus, job_id: str) -> list[EncodedEvent]:
+        await bus.open(job_id)
+        published = await publish_n(bus, job_id, self.COUNT, start=self.FIRST)
+        await bus.close(job_id)
+        return published
+
+    async def test_the_oldest_events_go_past_the_byte_budget(
+        self, make_bus: MakeBus, job_id: str
+    ) -> None:
+        """A new subscriber gets a contiguous newest window that fits the byte budget."""
+        bus = await make_bus(history_bytes=self.BUDGET)
+        published = await self.publish_all(bus, job_id)
+        async with bus.subscribe(job_id, 0) as sub:
+            kept = await drain(sub)
+        assert seqs(kept) == list(range(kept[0].seq, self.COUNT + 1))
+        kept_bytes = sum(event_cost(e) for e in kept)
+        assert kept_bytes <= self.BUDGET
+        # Trimmed to at most nine tenths of the budget at a time, never further.
+        biggest = max(event_cost(e) for e in published)
+        assert kept_bytes > self.BUDGET - self.BUDGET // 10 - biggest
+        assert [e.frame for e in kept] == [e.frame for e in published[-len(kept) :]]
+
+    async def test_resume_before_the_byte_window_raises_history_truncated(
+        self, make_bus: MakeBus, job_id: str
+    ) -> None:
+        """Resuming before the oldest event the byte budget kept is HistoryTruncated (410)."""
+        bus = await make_bus(history_bytes=self.BUDGET)
+        await self.publish_all(bus, job_id)
+        async with bus.subscribe(job_id, 0) as sub:
+            first = (await drain(sub))[0].seq
+        assert first > 1
+        for after in (1, first - 2):
+            with pytest.raises(HistoryTruncated):
+                async with bus.subscribe(job_id, after):
+                    pass
+        async with bus.subscribe(job_id, first - 1) as sub:
+            assert seqs(await drain(sub)) == list(range(first, self.COUNT + 1))
+
+    async def test_an_event_larger_than_the_budget_is_still_kept(
+        self, make_bus: MakeBus, job_id: str
+    ) -> None:
+        """The newest event stays even alone past the budget: a subscriber still gets it."""
+        bus = await make_bus(history_bytes=4096)
+        await bus.open(job_id)
+        await publish_n(bus, job_id, 5)
+        big = await bus.publish(job_id, InsightEvent(text="x" * 10_000))
+        await bus.close(job_id)
+        async with bus.subscribe(job_id, 0) as sub:
+            assert [e.frame for e in await drain(sub)] == [big.frame]
+
+    async def test_unread_events_trimmed_by_bytes_cut_the_subscriber(
+        self, make_bus: MakeBus, job_id: str
+    ) -> None:
+        """A subscriber whose unread events the byte budget dropped is cut off, never skipped."""
+        bus = await make_bus(history_bytes=self.BUDGET, queue_limit=1_000)
+        await bus.open(job_id)
+        async with bus.subscribe(job_id) as sub:
+            await publish_n(bus, job_id, self.COUNT, start=self.FIRST)
+            with pytest.raises(SubscriberLagged):
+                await read_n(sub, self.COUNT)
+            assert sub.cut
+
+
+class TestRedisHistoryBytes:
+    """Redis itself keeps a job's stream within the byte budget (exact XADD MINID)."""
+
+    async def test_the_stream_in_redis_fits_the_budget(self, redis_server: RedisServer) -> None:
+        """After 300 events, the stream holds the newest ones, within the budget, nothing else."""
+        budget = 20 * (EVENT_OVERHEAD_BYTES + 110)
+        bus = RedisEventBus(
+            Redis.from_url(redis_server.url),
+            history_bytes=budget,
+            prefix=f"test-{uuid.uuid4().hex}:",
+            owns_client=True,
+        )
+        job_id = f"job-{uuid.uuid4().hex}"
+        try:
+            await bus.open(job_id)
+            published = await publish_n(bus, job_id, 300, start=100)
+            entries = await bus.redis.xrange(bus.key(job_id))
+        finally:
+            await bus.aclose()
+        ids = [int(entry_id.split(b"-")[0]) for entry_id, _ in entries]
+        assert ids == list(range(ids[0], 301))
+        stored = sum(len(fields[b"f"]) + EVENT_OVERHEAD_BYTES for _, fields in entries)
+        assert stored <= budget
+        # Exact: one more event would not have fitted.
+        assert stored + event_cost(published[ids[0] - 2]) > budget
 
 
 # --- lifecycle ---------------------------------------------------------------------

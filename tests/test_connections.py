@@ -14,14 +14,15 @@ import time
 import orjson
 import pytest
 
-from app.web.server import tune_stream_socket
-from tests.support.process import json_lines, read_log
+from app.web.server import tune_stream_socket, user_timeout_s
+from tests.support.process import json_lines, read_log, run_cli
 from tests.support.server_load import (
     RawAnswer,
     drip,
     open_raw_stream,
     parse_answer,
     read_answer,
+    require_netns,
     require_prlimit,
     serve,
 )
@@ -32,6 +33,8 @@ LONG_JOB = {"steps": 1, "tokens_per_step": 1000, "tokens_per_second": 1}
 PER_REQUEST_LINES = frozenset({"request", "stream closed"})
 #: The derived FLUSHLINE_MAX_CONNECTIONS at 256 descriptors.
 MAX_AT_256 = 192
+#: How long the dead-peer test waits for the server to drop the stream.
+DEAD_PEER_WAIT_S = 20
 #: Connections accepted at once at 64 descriptors (the cap keeps 32 in reserve).
 CAP_AT_64 = 32
 
@@ -285,6 +288,26 @@ class TestLoad:
 
 class TestDeadPeers:
     """Stream sockets let the kernel drop a peer that vanished, within the send timeout."""
+
+    @pytest.mark.parametrize("heartbeat_s", ["1", "600"], ids=["heartbeats", "quiet"])
+    async def test_vanished_peer_is_dropped(self, tmp_path: pathlib.Path, heartbeat_s: str) -> None:
+        """A peer whose network went away is dropped in seconds, a stream without writes too."""
+        unshare = require_netns()
+        code, out, err = await run_cli(
+            "dead-peer",
+            str(tmp_path / "server.log"),
+            heartbeat_s,
+            "2",  # FLUSHLINE_SEND_TIMEOUT
+            str(DEAD_PEER_WAIT_S),
+            argv0=(unshare, "-n", sys.executable, "-m", "tests.support.server_load"),
+        )
+        assert code == 0, err
+        result = orjson.loads(out)
+        # Without the socket options the kernel retransmits for ~15 minutes and the
+        # stream stays open (no write blocks: the heartbeats fit in the send buffer).
+        assert result["after_s"] is not None, f"still open {DEAD_PEER_WAIT_S} s after the loss"
+        assert result["after_s"] < user_timeout_s(2.0) + 4.0, result
+        assert result["line"]["outcome"] == "client_gone", result
 
     @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux socket options")
     async def test_stream_socket_options(self) -> None:

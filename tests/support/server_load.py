@@ -26,6 +26,7 @@ from tests.support.process import (
     START_TIMEOUT_S,
     clean_env,
     free_port,
+    read_log,
     require_flushline_script,
     server_process,
     wait_accepting,
@@ -33,11 +34,13 @@ from tests.support.process import (
 
 __all__ = [
     "RawAnswer",
+    "dead_peer",
     "drip",
     "exchange",
     "open_raw_stream",
     "parse_answer",
     "read_answer",
+    "require_netns",
     "require_prlimit",
     "serve",
     "serve_blocking",
@@ -215,3 +218,85 @@ def serve_blocking(log: pathlib.Path, **env: str) -> Iterator[int]:
     finally:
         process.kill()
         process.wait()
+
+
+def require_netns() -> str:
+    """``unshare`` able to make a network namespace with ``ip``, or skip (fail if required)."""
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    reason = None
+    if unshare is None or ip is None:
+        reason = "unshare and ip (util-linux, iproute2) are needed for a private network"
+    elif subprocess.run([unshare, "-n", "true"], capture_output=True).returncode != 0:
+        reason = "cannot make a network namespace here (needs root or user namespaces)"
+    if reason is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{reason} (required because {REQUIRE_ENV}=1)")
+        pytest.skip(reason)
+    assert unshare is not None
+    return unshare
+
+
+async def _ip(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec("ip", *args)
+    assert await process.wait() == 0, args
+
+
+async def dead_peer(
+    log: pathlib.Path, heartbeat_s: str, send_timeout_s: str, wait_s: float
+) -> dict[str, object]:
+    """Inside a private network namespace: a stream whose peer vanishes; when it is dropped.
+
+    Starts ``flushline serve``, opens a stream of a job that stays quiet, then takes the
+    namespace's loopback down: the client neither answers nor closes, as a phone that
+    lost its network. Returns the server's ``stream closed`` line and the seconds from
+    the loss to it (``None`` if it did not come within ``wait_s``).
+    """
+    await _ip("link", "set", "lo", "up")
+    port = free_port()
+    env = clean_env(
+        FLUSHLINE_LOG_FORMAT="json",
+        FLUSHLINE_SEND_TIMEOUT=send_timeout_s,
+        FLUSHLINE_HEARTBEAT_INTERVAL=heartbeat_s,
+    )
+    argv = [require_flushline_script(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    async with server_process(argv, env, log) as process:
+        await wait_accepting(process, port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = orjson.dumps(
+            {"options": {"steps": 1, "tokens_per_step": 1000, "tokens_per_second": 0.1}}
+        )
+        writer.write(
+            b"POST /api/jobs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        job_id = orjson.loads((await reader.read()).partition(b"\r\n\r\n")[2])["id"]
+        writer.close()
+        head, _, writer = await open_raw_stream(port, f"/api/jobs/{job_id}/stream?proxy_buffer=0")
+        assert head.status == 200, head
+        lost_at = time.monotonic()
+        await _ip("link", "set", "lo", "down")
+        while time.monotonic() - lost_at < wait_s:
+            closed = [line for line in read_log(log).splitlines() if '"stream closed"' in line]
+            if closed:
+                return {"after_s": time.monotonic() - lost_at, "line": orjson.loads(closed[0])}
+            await asyncio.sleep(0.1)
+        writer.transport.abort()
+    return {"after_s": None, "line": None}
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m tests.support.server_load dead-peer LOG HEARTBEAT_S SEND_TIMEOUT_S WAIT_S``.
+
+    Run under ``unshare -n``; prints :func:`dead_peer`'s result as JSON.
+    """
+    command, log, heartbeat_s, send_timeout_s, wait_s = argv
+    assert command == "dead-peer", command
+    result = asyncio.run(dead_peer(pathlib.Path(log), heartbeat_s, send_timeout_s, float(wait_s)))
+    print(orjson.dumps(result).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

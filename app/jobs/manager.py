@@ -206,6 +206,8 @@ class JobManager:
     #: Jobs this process created and keeps, oldest first, and their bytes together.
     _kept: dict[str, _Kept] = attrs.Factory(dict)
     _retained: int = 0
+    #: The part of ``_retained`` that running jobs reserve (no eviction can free it).
+    _reserved: int = 0
 
     @property
     def active_jobs(self) -> int:
@@ -542,8 +544,10 @@ class JobManager:
                     break
         needed = kept.size(self.max_history_bytes)
         while self._retained + needed > self.max_retained_bytes and self._kept:
+            # Refused before anything is forgotten when forgetting could not make the room.
+            # Alone, a job may pass the budget: nothing would ever make room for it.
             oldest = self._oldest_finished()
-            if oldest is None:
+            if oldest is None or self._reserved + needed > self.max_retained_bytes:
                 log.warning(
                     "job refused: retained bytes",
                     retained_bytes=self._retained,
@@ -552,9 +556,9 @@ class JobManager:
                 )
                 raise AtCapacity(self.active_jobs)
             await self._forget(oldest)
-        # Alone, a job may pass the budget: nothing would ever make room for it.
         self._kept[job_id] = kept
         self._retained += needed
+        self._reserved += needed
 
     def _oldest_finished(self, keep: str | None = None) -> str | None:
         return next((i for i, k in self._kept.items() if not k.running and i != keep), None)
@@ -578,7 +582,10 @@ class JobManager:
     def _unkeep(self, job_id: str) -> None:
         kept = self._kept.pop(job_id, None)
         if kept is not None:
-            self._retained -= kept.size(self.max_history_bytes)
+            size = kept.size(self.max_history_bytes)
+            self._retained -= size
+            if kept.running:
+                self._reserved -= size
 
     def _settle(self, job_id: str) -> None:
         """The job has ended: it counts what it keeps instead of its reservation."""
@@ -589,6 +596,7 @@ class JobManager:
         kept.running = False
         kept.finished_at = time.time()
         self._retained += kept.size(self.max_history_bytes) - before
+        self._reserved -= before
 
     async def _forget(self, job_id: str) -> None:
         self._unkeep(job_id)

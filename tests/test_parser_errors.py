@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.jobs import Client, expect_json_error
 from tests.support.server_load import exchange, serve_blocking
 
 BIG = b"a" * 9000
@@ -139,3 +140,31 @@ class TestParserErrorsAreJson:
         answer, _ = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert answer.status == 200
         assert answer.json()["status"] == "ok"
+
+
+class TestUnderAnotherServer:
+    """The app alone (a test client's server, an embedding app) refuses bad bodies the same way."""
+
+    async def test_gzip_that_is_not_is_a_400_naming_the_body(self, client: Client) -> None:
+        """A body labelled gzip that is not: 400, field body, never a 500."""
+        response = await client.post(
+            "/api/jobs", data=b"{not gzip at all}", headers={"Content-Encoding": "gzip"}
+        )
+        await expect_json_error(response, 400, field="body")
+
+    async def test_unknown_encoding_is_a_415(self, client: Client) -> None:
+        """A Content-Encoding the service does not decode: 415 unsupported_encoding."""
+        response = await client.post(
+            "/api/jobs", data=b"{}", headers={"Content-Encoding": "compress"}
+        )
+        body = await expect_json_error(response, 415)
+        assert body["code"] == "unsupported_encoding"
+
+    async def test_real_gzip_is_accepted(self, client: Client) -> None:
+        """A gzip body that is one creates the job."""
+        response = await client.post(
+            "/api/jobs",
+            data=gzip.compress(b'{"strategy": "none"}'),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+        assert response.status == 201, await response.text()

@@ -25,7 +25,9 @@ __all__ = [
     "StreamTokenExpired",
     "StreamTokenForOtherJob",
     "SubscriberLagged",
+    "TooManyConnections",
     "Unauthenticated",
+    "UnsupportedEncoding",
     "backend_outage",
 ]
 
@@ -37,6 +39,8 @@ class FlushlineError(Exception):
     code: ClassVar[str] = "internal_error"
     #: Seconds for the ``Retry-After`` header of the answer (``None``: no header).
     retry_after_s: int | None = None
+    #: Whether the answer closes the connection.
+    close_connection: ClassVar[bool] = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -86,6 +90,34 @@ class AtCapacity(FlushlineError):
     def __init__(self, limit: int, retry_after_s: int = 5) -> None:
         super().__init__(f"{limit} jobs are already running; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
+
+
+class TooManyConnections(FlushlineError):
+    """The server holds ``FLUSHLINE_MAX_CONNECTIONS``: no new stream or long-poll."""
+
+    status = 503
+    code = "too_many_connections"
+    #: The answer closes its connection: the descriptor is what is short.
+    close_connection = True
+
+    def __init__(self, open_connections: int, limit: int, retry_after_s: int = 2) -> None:
+        super().__init__(
+            f"this instance holds {open_connections} connections (limit {limit}); "
+            f"retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class UnsupportedEncoding(FlushlineError):
+    """A request body in a ``Content-Encoding`` the service does not decode."""
+
+    status = 415
+    code = "unsupported_encoding"
+
+    def __init__(self, coding: str) -> None:
+        super().__init__(
+            f"Content-Encoding {coding!r} is not supported; send identity, gzip or deflate"
+        )
 
 
 class Draining(FlushlineError):

@@ -12,15 +12,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestPayloadError
 
-from app.core.errors import InvalidField
+from app.core.errors import InvalidField, UnsupportedEncoding
 from app.jobs.manager import JobRequest
 from app.jobs.store import JobSnapshot, JobStatus
 from app.web.auth import STREAM_TOKEN_PARAM
 from app.web.keys import AUTH, MANAGER, OWNER, SETTINGS
 from app.web.middleware import json_response
 from app.web.params import parse_int
+from app.web.server import DECODED_CODINGS
 
 __all__ = ["routes", "snapshot_json"]
 
@@ -31,7 +33,15 @@ MAX_LIST_LIMIT = 1000
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    # `flushline serve` refuses these before the app (app.web.server); under another
+    # server (a test client, an embedding app) the same answers come from here.
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if coding not in DECODED_CODINGS:
+        raise UnsupportedEncoding(coding)
+    try:
+        raw = await request.read()
+    except RequestPayloadError as exc:
+        raise InvalidField("body", f"cannot be read: {exc.__cause__ or exc}") from None
     if not raw.strip():
         return {}
     try:

@@ -46,6 +46,8 @@ _HTTP_CODES = {
     408: "request_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
+    431: "header_too_large",
+    501: "method_not_implemented",
     429: "too_many_requests",
     503: "unavailable",
 }
@@ -189,7 +191,10 @@ def _domain_error(exc: FlushlineError) -> web.Response:
     extra: dict[str, Any] = {}
     if isinstance(exc, InvalidField):
         extra["field"] = exc.field
-    return json_response(_error_body(exc.code, exc.message, **extra), exc.status, headers)
+    response = json_response(_error_body(exc.code, exc.message, **extra), exc.status, headers)
+    if exc.close_connection:
+        response.force_close()
+    return response
 
 
 @web.middleware

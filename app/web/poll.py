@@ -23,7 +23,7 @@ from app.jobs.manager import JobManager
 from app.web.keys import BUS, MANAGER
 from app.web.params import parse_int, parse_seq
 from app.web.resume import check_resume_point
-from app.web.server import refuse_if_full
+from app.web.server import check_room
 
 __all__ = ["DEFAULT_LIMIT", "DEFAULT_WAIT_S", "MAX_LIMIT", "MAX_WAIT_S", "poll_events"]
 
@@ -74,9 +74,7 @@ async def poll_events(request: web.Request) -> web.Response:
     returned (at or before ``after``): nothing more will come. Past
     ``FLUSHLINE_MAX_CONNECTIONS`` the answer is ``503`` with ``Retry-After``.
     """
-    refusal = refuse_if_full(request)
-    if refusal is not None:
-        return refusal
+    check_room(request)
     job_id = request.match_info["job_id"]
     after_seq = parse_seq(request.query.get("after", "0"), "after")
     wait_s = parse_int(request.query.get("wait_s", str(DEFAULT_WAIT_S)), "wait_s", 0, MAX_WAIT_S)

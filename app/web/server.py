@@ -21,7 +21,7 @@ asyncio's accept loop, which stops for a second whenever descriptors run out: at
 accepts again at once, so ``/healthz`` is not stuck in the backlog behind idle clients.
 
 The app finds the counts at ``app[CONNECTIONS]``; streams and long-polls ask
-:func:`refuse_if_full` before they start. Under another server (a test client) there is
+:func:`check_room` before they start. Under another server (a test client) there is
 no tracker and no limit.
 """
 
@@ -45,6 +45,7 @@ import structlog
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from app.core.errors import TooManyConnections
 from app.web.keys import CONNECTIONS
 from app.web.middleware import error_response
 
@@ -56,9 +57,9 @@ __all__ = [
     "FlushlineRunner",
     "FlushlineServer",
     "Listener",
+    "check_room",
     "derive_connection_cap",
     "derive_max_connections",
-    "refuse_if_full",
     "run",
     "tune_stream_socket",
     "user_timeout_s",
@@ -129,24 +130,12 @@ class ConnectionTracker:
         return self.open > self.limit
 
 
-def refuse_if_full(request: web.Request) -> web.Response | None:
-    """A ``503`` for a new stream or long-poll past the limit, else ``None``.
-
-    The answer closes its connection: the descriptor is what is short.
-    """
+def check_room(request: web.Request) -> None:
+    """Raise :class:`TooManyConnections` for a new stream or long-poll past the limit."""
     tracker = request.app.get(CONNECTIONS)
-    if tracker is None or not tracker.full:
-        return None
-    tracker.refused += 1
-    response = error_response(
-        503,
-        "too_many_connections",
-        f"this instance holds {tracker.open} connections (limit {tracker.limit}); "
-        f"retry in {FULL_RETRY_AFTER_S} s",
-        {"Retry-After": str(FULL_RETRY_AFTER_S)},
-    )
-    response.force_close()
-    return response
+    if tracker is not None and tracker.full:
+        tracker.refused += 1
+        raise TooManyConnections(tracker.open, tracker.limit, FULL_RETRY_AFTER_S)
 
 
 def user_timeout_s(send_timeout_s: float) -> float:

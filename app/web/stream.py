@@ -31,7 +31,7 @@ from app.core.sse import retry_line
 from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
 from app.web.params import parse_int
 from app.web.resume import check_resume_point, stream_resume_point
-from app.web.server import refuse_if_full, tune_stream_socket
+from app.web.server import check_room, tune_stream_socket
 from strategies import FlushStrategy, FrameShaper, build_strategy
 
 __all__ = [
@@ -101,9 +101,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
 
     Past ``FLUSHLINE_MAX_CONNECTIONS`` the answer is ``503`` with ``Retry-After``.
     """
-    refusal = refuse_if_full(request)
-    if refusal is not None:
-        return refusal
+    check_room(request)
     job_id = request.match_info["job_id"]
     field, after_seq = stream_resume_point(request)
     manager = request.app[MANAGER]

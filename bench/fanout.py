@@ -33,6 +33,7 @@ import collections
 import contextlib
 import os
 import pathlib
+import re
 import resource
 import signal
 import subprocess
@@ -344,18 +345,30 @@ def servers(args: argparse.Namespace) -> list[ServerSpec]:
     return specs
 
 
-def summarise_profile(path: pathlib.Path, top: int = 12) -> list[tuple[str, float]]:
-    """The functions with the most samples at the top of the stack (self time), in %."""
-    leaves: collections.Counter[str] = collections.Counter()
+_LINE_NUMBER = re.compile(r":\d+\)$")
+
+
+def summarise_profile(path: pathlib.Path, top: int = 12) -> list[tuple[str, float, float]]:
+    """py-spy's raw samples: the functions with the most self time, in % of the samples.
+
+    Each is ``(function (file), self %, total %)``: total counts the samples where it is
+    anywhere on the stack (once per sample), self those where it is at the top.
+    """
+    own: collections.Counter[str] = collections.Counter()
+    anywhere: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frame = stack.rsplit(";", 1)[-1]
-        leaves[frame] += int(count)
+        frames = [_LINE_NUMBER.sub(")", frame) for frame in stack.split(";")]
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            anywhere[frame] += int(count)
         total += int(count)
-    return [(frame, 100 * n / total) for frame, n in leaves.most_common(top)] if total else []
+    if not total:
+        return []
+    return [(f, 100 * n / total, 100 * anywhere[f] / total) for f, n in own.most_common(top)]
 
 
 async def run(args: argparse.Namespace) -> list[list[object]]:
@@ -415,9 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if args.profile:
         for path in sorted(pathlib.Path(args.profile).glob("*.txt")):
-            print(f"\nprofile {path.stem} (self time, % of samples):")
-            for frame, pct in summarise_profile(path):
-                print(f"  {pct:5.1f}%  {frame}")
+            print(f"\nprofile {path.stem} (% of samples: self, total):")
+            for frame, own, anywhere in summarise_profile(path):
+                print(f"  {own:5.1f}%  {anywhere:5.1f}%  {frame}")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ import structlog
 from aiohttp import web
 
 from app.core.errors import BackendUnavailable, SubscriberLagged
-from app.core.events import heartbeat_frame
+from app.core.events import EncodedEvent, heartbeat_frame
 from app.core.sse import retry_line
-from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
+from app.web.keys import BUS, MANAGER, METRICS, SETTINGS, STREAM_BYTES
+from app.web.metrics import Metrics
 from app.web.params import parse_int
 from app.web.resume import check_resume_point, stream_resume_point
 from app.web.server import check_room, tune_stream_socket
@@ -75,16 +76,20 @@ def stream_shaper(request: web.Request, strategy: FlushStrategy) -> FrameShaper:
 
 @attrs.define
 class _StreamWriter:
-    """Writes shaped bytes to one response, counting them for the log line."""
+    """Writes shaped bytes to one response, counting them for the log line and metrics."""
 
     response: web.StreamResponse
     shaper: FrameShaper
     send_timeout_s: float
+    metrics: Metrics
     bytes_written: int = 0
     events_written: int = 0
     last_write_at: float = 0.0
+    #: Live events handed to the shaper and not yet out (a strategy may hold them back).
+    unsent: list[EncodedEvent] = attrs.Factory(list)
 
-    async def send(self, data: bytes, now: float) -> None:
+    async def send(self, data: bytes, now: float, payload: int = 0) -> None:
+        """Write ``data``, of which ``payload`` bytes are frames (the rest padding)."""
         # The timeout bounds a stall, not a long transfer: a resume with megabytes of
         # history goes out in slices, each of which must get through within the timeout.
         view = memoryview(data)
@@ -94,6 +99,12 @@ class _StreamWriter:
         if data:
             self.bytes_written += len(data)
             self.last_write_at = now
+            sent = min(payload, len(data))
+            self.metrics.bytes_written(sent, len(data) - sent)
+            if self.unsent:
+                # Shapers release frames in order: whatever they held went out with this.
+                self.metrics.delivered(self.unsent)
+                self.unsent.clear()
 
 
 async def stream_job(request: web.Request) -> web.StreamResponse:
@@ -130,7 +141,8 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         # timeout, even on a quiet stream (no write to time out).
         tune_stream_socket(request.transport, settings.send_timeout_s)
         await response.prepare(request)
-        writer = _StreamWriter(response, shaper, settings.send_timeout_s)
+        metrics = request.app[METRICS]
+        writer = _StreamWriter(response, shaper, settings.send_timeout_s, metrics)
         outcome = "ended"
         started = time.monotonic()
         drain_guard: asyncio.Timeout | None = None
@@ -140,6 +152,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                 drain_guard.reschedule(loop.time())
 
         unregister = manager.on_drain(drained) if manager.control is not None else None
+        metrics.stream_opened()
         try:
             async with asyncio.timeout(None) as cut_guard:
                 # Being cut off must interrupt even a write blocked on a stalled socket.
@@ -147,12 +160,14 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                 writer.events_written += len(batch.events)
                 now = loop.time()
                 history = b"".join(event.frame for event in batch.events)
-                start = writer.shaper.start(retry_line(settings.retry_ms), now, history)
-                await writer.send(start, now)
+                retry = retry_line(settings.retry_ms)
+                start = writer.shaper.start(retry, now, history)
+                await writer.send(start, now, len(retry) + len(history))
                 while not batch.ended:
                     if manager.handing_off:
                         outcome = "handed_off"
-                        await writer.send(retry_line(HANDOFF_RETRY_MS), loop.time())
+                        handoff = retry_line(HANDOFF_RETRY_MS)
+                        await writer.send(handoff, loop.time(), len(handoff))
                         break
                     due = writer.last_write_at + heartbeat_s
                     flush_at = writer.shaper.deadline()
@@ -173,12 +188,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                     if batch.events:
                         frames = b"".join(event.frame for event in batch.events)
                         writer.events_written += len(batch.events)
-                        await writer.send(writer.shaper.write(frames, now), now)
+                        # Live events only: history replayed at the start is no lag.
+                        writer.unsent.extend(batch.events)
+                        await writer.send(writer.shaper.write(frames, now), now, len(frames))
                     if not batch.events and not batch.ended:
                         if now - writer.last_write_at >= heartbeat_s:
-                            await writer.send(
-                                writer.shaper.write(heartbeat_frame(job_id), now), now
-                            )
+                            beat = heartbeat_frame(job_id)
+                            await writer.send(writer.shaper.write(beat, now), now, len(beat))
                         else:
                             await writer.send(writer.shaper.poll(now), now)
                 async with asyncio.timeout(settings.send_timeout_s):
@@ -190,12 +206,14 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             else:
                 outcome = "cut_off" if subscription.cut else "send_timeout"
                 _abort(request)
+            metrics.subscriber_dropped(outcome)
         except ConnectionError:
             outcome = "client_gone"
         except asyncio.CancelledError:
             outcome = "client_gone"  # aiohttp cancels the handler when the client leaves
             raise
         finally:
+            metrics.stream_closed()
             if unregister is not None:
                 unregister()
             response[STREAM_BYTES] = writer.bytes_written

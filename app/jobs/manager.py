@@ -9,10 +9,13 @@ Memory is a budget, not only counts. A job's ``input`` and ``options`` are bound
 depth and size (:mod:`app.jobs.limits`) before anything reads them. Every job this
 process created and still keeps counts against ``max_retained_bytes``: its input and
 options, a fixed part for its snapshot and steps, and, while it runs, a reservation of
-``max_history_bytes`` (the most its history can hold), replaced when it ends by what it
-keeps (its history, capped as the bus caps it, and its result). A new job that would
-pass the budget first makes the oldest finished jobs forgotten; when only running jobs
-are left it is refused (503 with ``Retry-After``). So what jobs hold stays under the
+``max_history_bytes`` (the most its history can hold) and of the text its plan's tokens
+make (gathered into its result), replaced when it ends by what it keeps (its history,
+capped as the bus caps it, and its result). A new job that would
+pass the budget makes finished jobs forgotten, those that ended first first; when even
+that could not make room (running jobs fill it), it is refused (503 with
+``Retry-After``) and nothing is forgotten. A job whose result passes its reservation
+makes older finished jobs forgotten as it ends. So what jobs hold stays within the
 budget, whatever clients send.
 """
 
@@ -68,6 +71,9 @@ SNAPSHOT_RETRY_S = 0.2
 JOB_BASE_BYTES = 2_048
 #: What each step adds to a kept job (a ``StepState`` in every snapshot).
 STEP_BYTES = 160
+#: What a running job reserves per token its plan expects, for the text it gathers into
+#: its result (the demo's words average under 7 bytes with their space).
+RESULT_BYTES_PER_TOKEN = 8
 
 
 class JobControl(Protocol):
@@ -159,6 +165,8 @@ class _Kept:
 
     #: The snapshot, steps, input and options: known when the job is created.
     fixed: int
+    #: What its result may hold, from the tokens its plan expects (reserved while it runs).
+    expected_result: int = 0
     running: bool = True
     #: The cost of every event published (the bus keeps the newest within its budget).
     published: int = 0
@@ -168,9 +176,9 @@ class _Kept:
     finished_at: float | None = None
 
     def size(self, history_bytes: int) -> int:
-        """Its bytes now: while running, the most its history can hold (a reservation)."""
+        """Its bytes now; while running, a reservation: a full history, the expected result."""
         if self.running:
-            return self.fixed + history_bytes
+            return self.fixed + history_bytes + self.expected_result
         # The bus keeps the newest events within the budget, and always the newest one.
         history = min(self.published, history_bytes + self.last_event)
         return self.fixed + history + self.result
@@ -203,8 +211,10 @@ class JobManager:
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
-    #: Jobs this process created and keeps, oldest first, and their bytes together.
+    #: Jobs this process created and keeps, and their bytes together.
     _kept: dict[str, _Kept] = attrs.Factory(dict)
+    #: The ids of those that have ended, in the order they ended (the eviction order).
+    _finished: dict[str, None] = attrs.Factory(dict)
     _retained: int = 0
     #: The part of ``_retained`` that running jobs reserve (no eviction can free it).
     _reserved: int = 0
@@ -241,8 +251,9 @@ class JobManager:
             raise Draining()
         if self.active_jobs >= self.max_active_jobs:
             raise AtCapacity(self.max_active_jobs)
+        expected = RESULT_BYTES_PER_TOKEN * sum(step.expected_tokens for step in plan.steps)
         job_id = secrets.token_urlsafe(16)
-        await self._make_room(job_id, _Kept(fixed))
+        await self._make_room(job_id, _Kept(fixed, expected))
         try:
             return await self._start(job_id, request, plan, pipeline, strategy)
         except BaseException:
@@ -548,7 +559,8 @@ class JobManager:
             # Alone, a job may pass the budget: nothing would ever make room for it.
             oldest = self._oldest_finished()
             if oldest is None or self._reserved + needed > self.max_retained_bytes:
-                log.warning(
+                # Not a warning: under load it would be one line per refused request.
+                log.debug(
                     "job refused: retained bytes",
                     retained_bytes=self._retained,
                     needed_bytes=needed,
@@ -561,7 +573,8 @@ class JobManager:
         self._reserved += needed
 
     def _oldest_finished(self, keep: str | None = None) -> str | None:
-        return next((i for i, k in self._kept.items() if not k.running and i != keep), None)
+        """The job that ended first (but ``keep``), or None."""
+        return next((job_id for job_id in self._finished if job_id != keep), None)
 
     async def _shed(self, keep: str) -> None:
         """Past the budget (a result larger than its job's reservation), forget the oldest
@@ -581,6 +594,7 @@ class JobManager:
 
     def _unkeep(self, job_id: str) -> None:
         kept = self._kept.pop(job_id, None)
+        self._finished.pop(job_id, None)
         if kept is not None:
             size = kept.size(self.max_history_bytes)
             self._retained -= size
@@ -595,6 +609,7 @@ class JobManager:
         before = kept.size(self.max_history_bytes)
         kept.running = False
         kept.finished_at = time.time()
+        self._finished[job_id] = None
         self._retained += kept.size(self.max_history_bytes) - before
         self._reserved -= before
 
@@ -612,9 +627,11 @@ class JobManager:
         expired = await self.store.finished_before(cutoff)
         for job_id in expired:
             await self._forget(job_id)
-        for job_id, kept in list(self._kept.items()):
-            if kept.finished_at is not None and kept.finished_at < cutoff:
-                self._unkeep(job_id)
+        for job_id in list(self._finished):
+            finished_at = self._kept[job_id].finished_at
+            if finished_at is None or finished_at >= cutoff:
+                break  # in the order they ended: the rest ended later
+            self._unkeep(job_id)
         return len(expired)
 
     @property

@@ -10,8 +10,8 @@ broadcast), and each ``GET /api/jobs/{id}/stream`` handler takes its queue's eve
 ``send``s them through ``aiohttp_sse.EventSourceResponse`` (``sep="\\n"``, the frame
 Flushline writes; its own ping task every 15 s, the same heartbeat interval). No
 history: a stream gets the events published after it joined. No padding, whatever the
-job's strategy. Same ``web.run_app`` options as ``flushline serve`` (default backlog,
-no access log, ``handler_cancellation``).
+job's strategy. The ``web.run_app`` options of ``flushline serve`` (backlog 1024, no access
+log, ``handler_cancellation``).
 """
 
 from __future__ import annotations
@@ -135,6 +135,9 @@ def main() -> None:
         port=args.port,
         handler_cancellation=True,
         access_log=None,
+        # Flushline's listen backlog: aiohttp's default (128) drops the SYNs of thousands
+        # of streams opened at once, and the comparison would be of backlogs.
+        backlog=1024,
         print=None,
         shutdown_timeout=1.0,
     )

@@ -62,6 +62,8 @@ SERVER_ENV = {
     "FLUSHLINE_CHUNK_INTERVAL": "0.3",
     "FLUSHLINE_MAX_ACTIVE_JOBS": "100000",
     "FLUSHLINE_MAX_RETAINED_JOBS": "100000",
+    # Each job reserves its whole history budget (4 MB): 500 jobs need more than 128 MB.
+    "FLUSHLINE_MAX_RETAINED_BYTES": str(8 << 30),
 }
 #: The idle scenario's jobs publish nothing for the duration of the measure.
 IDLE_ENV = {"FLUSHLINE_PROGRESS_INTERVAL": "86400"}
@@ -399,7 +401,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=6000, help="broadcast streams")
     parser.add_argument("--jobs", type=int, default=500, help="jobs of the many scenario")
     parser.add_argument("--idle-streams", type=int, default=10_000)
-    parser.add_argument("--duration", type=float, default=10.0, help="job length, seconds")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=20.0,
+        help="job length, seconds (20: the live "
+        "window stays long after 6,000 streams took seconds to open)",
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -424,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Every server a fresh process, one event loop (asyncio), in-memory bus, "
         + ", ".join(f"{k}={v}" for k, v in SERVER_ENV.items())
         + "; streams without ?proxy_buffer (aligned pads each flush to 4 KB). "
-        "The anchor sends the same events with no padding and no history."
+        "The anchor sends the same events with no padding and no history, and listens "
+        "with Flushline's backlog (1024)."
     )
     if args.profile:
         for path in sorted(pathlib.Path(args.profile).glob("*.txt")):

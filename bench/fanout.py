@@ -123,7 +123,7 @@ async def start_server(
     env = clean_env(**SERVER_ENV, **extra_env)
     if spec.anchor:
         argv = [sys.executable, "-m", "bench.anchor", "--port", str(port)]
-        env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONPATH"] = spec.pythonpath or str(ROOT)
     else:
         argv = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
         env["PYTHONPATH"] = spec.pythonpath or str(ROOT)
@@ -343,7 +343,7 @@ def servers(args: argparse.Namespace) -> list[ServerSpec]:
         name, _, path = variant.partition("=")
         specs += [ServerSpec(f"{name} {s}", s, pythonpath=path) for s in args.strategies]
     if not args.no_anchor:
-        specs.append(ServerSpec("aiohttp-sse", "none", anchor=True))
+        specs.append(ServerSpec("aiohttp-sse", "none", anchor=True, pythonpath=args.anchor_path))
     return specs
 
 
@@ -417,6 +417,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", default=["none", "aligned"])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument(
+        "--anchor-path",
+        metavar="PATH",
+        help="run the anchor from this checkout (its runner and token source drive the job)",
+    )
     parser.add_argument("--raw", action="store_true", help="each result's JSON on stderr")
     parser.add_argument("--profile", metavar="DIR", help="py-spy raw profiles here")
     args = parser.parse_args(argv)

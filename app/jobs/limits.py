@@ -38,16 +38,16 @@ def measure_json(field: str, value: Any, limits: JsonLimits) -> int:
     Raises ``InvalidField`` naming ``field`` when it is nested deeper than ``max_depth``,
     encodes to more than ``max_bytes``, or holds something JSON cannot encode.
     """
-    nodes = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    nodes = 1
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
     while stack:
         item, depth = stack.pop()
-        nodes += 1
-        if isinstance(item, dict | list):
-            if depth > limits.max_depth:
-                raise InvalidField(field, f"is nested more than {limits.max_depth} levels deep")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limits.max_depth:
+            raise InvalidField(field, f"is nested more than {limits.max_depth} levels deep")
+        children = item.values() if isinstance(item, dict) else item
+        nodes += len(children)
+        # Only containers go on the stack: scalars are counted, nothing more.
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     try:
         size = len(orjson.dumps(value))
     except orjson.JSONEncodeError as exc:  # only a caller bypassing the JSON body gets here

@@ -204,6 +204,24 @@ class TestRetainedBudget:
         mine = [job["id"] for job in listed["jobs"] if job["id"] in ids]
         assert mine == [job_id for job_id, k in zip(ids, kept, strict=True) if k][::-1]
 
+    async def test_expired_jobs_stop_counting(
+        self, make_client: MakeClient, bus_env: dict[str, str]
+    ) -> None:
+        """Past the job TTL a finished job counts no more (with Redis too, whose keys expire
+        by themselves): the count cannot leak."""
+        client = await make_client(bus_env)
+        job = await create_job(
+            client, {"steps": 1, "tokens_per_step": 5, "tokens_per_second": 1000}
+        )
+        await wait_finished(client, job["id"])
+        await settled(client)
+        manager = manager_of(client)
+        assert manager.retained_bytes > 0
+        await manager.expire(now=time.time() + manager.job_ttl_s - 60)
+        assert manager.retained_bytes > 0
+        await manager.expire(now=time.time() + manager.job_ttl_s + 1)
+        assert manager.retained_bytes == 0
+
     async def test_no_finished_job_is_forgotten_for_a_job_that_is_refused(
         self, make_client: MakeClient, bus_env: dict[str, str]
     ) -> None:

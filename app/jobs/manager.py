@@ -295,7 +295,7 @@ class JobManager:
         self._events[job_id] = self._events.get(job_id, 0) + 1
         self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
         kept = self._kept.get(job_id)
-        if kept is not None:
+        if kept is not None and kept.running:  # once settled, its size must not move
             kept.last_event = event_cost(encoded)
             kept.published += kept.last_event
             if isinstance(encoded.event, DoneEvent):

@@ -11,12 +11,12 @@ process created and still keeps counts against ``max_retained_bytes``: its input
 options, a fixed part for its snapshot and steps, and, while it runs, a reservation of
 ``max_history_bytes`` (the most its history can hold) and of the text its plan's tokens
 make (gathered into its result), replaced when it ends by what it keeps (its history,
-capped as the bus caps it, and its result). A new job that would
-pass the budget makes finished jobs forgotten, those that ended first first; when even
-that could not make room (running jobs fill it), it is refused (503 with
-``Retry-After``) and nothing is forgotten. A job whose result passes its reservation
-makes older finished jobs forgotten as it ends. So what jobs hold stays within the
-budget, whatever clients send.
+capped as the bus caps it, and its result). A new job that would pass the budget makes
+finished jobs forgotten, those that ended first first; when even that could not make
+room (running jobs fill it), it is refused (503 with ``Retry-After``) and nothing is
+forgotten. A job whose result passes its reservation makes older finished jobs
+forgotten as it ends. So what jobs hold stays within the budget, whatever clients send
+(a single job larger than the whole budget is taken only when no other job is kept).
 """
 
 from __future__ import annotations
@@ -555,10 +555,12 @@ class JobManager:
                     break
         needed = kept.size(self.max_history_bytes)
         while self._retained + needed > self.max_retained_bytes and self._kept:
-            # Refused before anything is forgotten when forgetting could not make the room.
-            # Alone, a job may pass the budget: nothing would ever make room for it.
+            # Refused before anything is forgotten when forgetting could not make the room
+            # (running jobs hold it). Alone, a job may pass the budget: nothing else could
+            # ever make room for it.
             oldest = self._oldest_finished()
-            if oldest is None or self._reserved + needed > self.max_retained_bytes:
+            running_fill = self._reserved > 0 and self._reserved + needed > self.max_retained_bytes
+            if oldest is None or running_fill:
                 # Not a warning: under load it would be one line per refused request.
                 log.debug(
                     "job refused: retained bytes",

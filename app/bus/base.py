@@ -93,9 +93,10 @@ class EventBus(Protocol):
 
         ``after_seq`` 0 means all the history still kept (from seq 1 unless the history
         limits trimmed it: ``history_limit`` events, ``history_bytes`` of them counted as
-        ``app.bus.local.event_cost``; the newest event is always kept). Entering the returned context raises ``JobNotFound`` for an
-        unknown job and ``HistoryTruncated`` when events after a non-zero ``after_seq``
-        are no longer kept.
+        ``app.bus.local.event_cost``; the newest event is always kept). Entering the
+        returned context raises ``JobNotFound`` for an unknown job and
+        ``HistoryTruncated`` when events after a non-zero ``after_seq`` are no longer
+        kept.
         """
         ...
 

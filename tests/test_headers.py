@@ -34,11 +34,9 @@ def route_requests(app: web.Application, job_id: str) -> list[tuple[str, str]]:
         resource = route.resource
         if resource is None:
             continue
-        if isinstance(resource, web.StaticResource):
-            path = f"{resource.canonical}/flushline.js"
-        else:
-            path = resource.canonical.replace("{job_id}", job_id)
-            path = re.sub(r"\{[^}]+\}", "x", path)
+        path = resource.canonical.replace("{job_id}", job_id)
+        path = path.replace("{filename}", "flushline.js")  # a real static file
+        path = re.sub(r"\{[^}]+\}", "x", path)
         requests.append((route.method, path))
     return requests
 

@@ -67,10 +67,7 @@ def router_operations(app: web.Application) -> set[tuple[str, str]]:
     for route in app.router.routes():
         resource = route.resource
         assert resource is not None
-        path = resource.canonical
-        if isinstance(resource, web.StaticResource):
-            path = f"{path}/{{filename}}"
-        served.add((route.method.lower(), path))
+        served.add((route.method.lower(), resource.canonical))
     return served
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "JobAlreadyFinished",
     "JobNotFound",
     "OriginNotAllowed",
+    "OverBudget",
     "StreamTokenExpired",
     "StreamTokenForOtherJob",
     "SubscriberLagged",
@@ -89,6 +90,20 @@ class AtCapacity(FlushlineError):
 
     def __init__(self, limit: int, retry_after_s: int = 5) -> None:
         super().__init__(f"{limit} jobs are already running; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class OverBudget(FlushlineError):
+    """Running jobs hold the whole ``FLUSHLINE_MAX_RETAINED_BYTES``; retry later."""
+
+    status = 503
+    code = "at_capacity"
+
+    def __init__(self, running: int, retry_after_s: int = 5) -> None:
+        super().__init__(
+            f"{running} running jobs hold the memory budget (FLUSHLINE_MAX_RETAINED_BYTES); "
+            f"retry in {retry_after_s} s"
+        )
         self.retry_after_s = retry_after_s
 
 

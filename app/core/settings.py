@@ -100,7 +100,7 @@ class Settings:
     #: How long a signed stream token (in ``links.stream``) stays valid.
     stream_token_ttl_s: float = 3600.0
     #: Encoded bytes of one job's event history kept in memory, at most.
-    max_history_bytes: int = 4 * 1024 * 1024
+    max_history_bytes: int = 1024 * 1024
     #: Bytes of every kept job (history, input, result) together, at most.
     max_retained_bytes: int = 128 * 1024 * 1024
     #: Open connections at most; ``None``: derived from the file-descriptor limit.
@@ -171,7 +171,7 @@ class Settings:
             secret_key=r.secret("FLUSHLINE_SECRET_KEY"),
             stream_token_ttl_s=r.seconds("FLUSHLINE_STREAM_TOKEN_TTL_S", 3600.0),
             max_history_bytes=r.integer(
-                "FLUSHLINE_MAX_HISTORY_BYTES", 4 * 1024 * 1024, low=4096, high=1 << 34
+                "FLUSHLINE_MAX_HISTORY_BYTES", 1024 * 1024, low=4096, high=1 << 34
             ),
             max_retained_bytes=r.integer(
                 "FLUSHLINE_MAX_RETAINED_BYTES", 128 * 1024 * 1024, low=1 << 16, high=1 << 40

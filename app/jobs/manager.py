@@ -40,6 +40,7 @@ from app.core.errors import (
     Draining,
     InvalidField,
     JobAlreadyFinished,
+    OverBudget,
     backend_outage,
 )
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
@@ -202,11 +203,13 @@ class JobManager:
     #: How long a running job's snapshot waits for a lost Redis (``FLUSHLINE_REDIS_GRACE_S``).
     backend_grace_s: float = 8.0
     #: One job's history, as the bus caps it (``FLUSHLINE_MAX_HISTORY_BYTES``).
-    max_history_bytes: int = 4 << 20
+    max_history_bytes: int = 1 << 20
     #: Every kept job together (``FLUSHLINE_MAX_RETAINED_BYTES``).
     max_retained_bytes: int = 128 << 20
     #: Bounds on ``input`` and ``options`` (depth; encoded size, the request body's limit).
     input_limits: JsonLimits = attrs.Factory(JsonLimits)
+    #: Called once per event this instance publishes (the app's metrics count them).
+    on_publish: Callable[[], None] | None = None
     _drain_callbacks: set[Callable[[], None]] = attrs.Factory(set)
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
@@ -292,6 +295,8 @@ class JobManager:
 
     async def _publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
         encoded = await self.bus.publish(job_id, event)
+        if self.on_publish is not None:
+            self.on_publish()
         self._events[job_id] = self._events.get(job_id, 0) + 1
         self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
         kept = self._kept.get(job_id)
@@ -568,7 +573,7 @@ class JobManager:
                     needed_bytes=needed,
                     max_retained_bytes=self.max_retained_bytes,
                 )
-                raise AtCapacity(self.active_jobs)
+                raise OverBudget(self.active_jobs)
             await self._forget(oldest)
         self._kept[job_id] = kept
         self._retained += needed

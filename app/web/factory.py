@@ -146,7 +146,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.router.add_get("/api/jobs/{job_id}/events", poll_events, allow_head=False)
     app.router.add_get("/api/diagnostics/stream", diagnostics_stream, allow_head=False)
     app.router.add_get("/", index_page)
-    app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    app.router.add_get("/static/{filename}", static_file)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(add_request_id)
@@ -214,6 +214,19 @@ def _redis_connection(redis: Redis, url: str) -> Callable[[web.Application], Asy
         await redis.aclose()
 
     return connection
+
+
+#: The files under ``/static/``: any other name is our JSON 404 (aiohttp's static route
+#: finds a missing file only while sending, and answers an empty 404).
+STATIC_FILES = frozenset(path.name for path in STATIC_DIR.iterdir() if path.is_file())
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """``GET /static/{filename}``: the page's files and ``flushline.js``."""
+    name = request.match_info["filename"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name)
 
 
 async def index_page(request: web.Request) -> web.FileResponse:

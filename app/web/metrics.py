@@ -281,5 +281,6 @@ async def _jobs_by_status(app: web.Application) -> dict[str, int] | None:
 
 def install_metrics(app: web.Application) -> None:
     """Give ``app`` its metrics registry and the ``/metrics`` route."""
-    app[METRICS] = Metrics()
+    metrics = app[METRICS] = Metrics()
+    app[MANAGER].on_publish = metrics.event_published
     app.router.add_get("/metrics", metrics_endpoint, allow_head=False)

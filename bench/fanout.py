@@ -1,15 +1,17 @@
 """Fan-out at scale: thousands of SSE streams on 2 cores, Flushline against aiohttp-sse.
 
-Run: ``python -m bench.fanout`` (about 3 minutes at full scale; ``--streams``,
-``--jobs``, ``--only``, ``--duration`` scale it down). Three scenarios, each against
-fresh server processes: ``flushline serve`` with the job strategy ``none`` and with
-``aligned``, and the anchor (``bench/anchor.py``: aiohttp + aiohttp-sse broadcasting
-the same demo job). The load generator (``bench/loadgen.py``) is a separate process on
-the same machine; every stream is opened at once, over loopback.
+Run: ``python -m bench.fanout`` (about 5 minutes at full scale; ``--streams``,
+``--jobs``, ``--idle-streams``, ``--only``, ``--duration`` scale it down). Three
+scenarios, each against fresh server processes: ``flushline serve`` with the job
+strategy ``none`` and with ``aligned``, and the anchor (``bench/anchor.py``: aiohttp +
+aiohttp-sse broadcasting the same demo job). The load generator (``bench/loadgen.py``)
+is a separate process on the same machine; every stream is opened at once, over
+loopback.
 
-* broadcast: one demo job (2 steps x 400 tokens at 80 tokens/s, chunks every 100
-  characters or 0.3 s, about 6.5 events/s with ``none``), 6,000 streams;
-* many: 500 demo jobs at 40 tokens/s, two streams each;
+* broadcast: one demo job (2 steps at 80 tokens/s for ``--duration`` seconds, 20 by
+  default; chunks every 100 characters or 0.3 s, about 6.5 events/s with ``none``, twice
+  that with ``aligned``, whose progress rides with each chunk), 6,000 streams;
+* many: 500 demo jobs at 40 tokens/s for ``--duration`` seconds, two streams each;
 * idle: 10,000 streams of 100 quiet jobs (heartbeats only): the memory each stream adds
   above the idle process (jobs created, no stream).
 
@@ -20,7 +22,8 @@ later. Lag is arrival minus the event's ``ts``, over the live window. Failed str
 no 200 or ended early; gappy ones skipped a seq (or, on Flushline, did not start at
 seq 1). Peak RSS is the server's ``VmHWM``; server CPU is its user + system time
 (``/proc/<pid>/stat``) from before the first job to the end; CPU per delivered event
-divides it by every event the streams received (history included). ``--variant
+divides it by every event the streams received (history included); the load
+generator's own CPU is the last column (it shares the 2 cores). ``--variant
 NAME=PATH`` adds Flushline servers run from another checkout (``PYTHONPATH=PATH``), in
 the same run. ``--profile DIR`` records each Flushline broadcast server with py-spy.
 """

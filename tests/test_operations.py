@@ -151,6 +151,9 @@ class TestStalledWriter:
             {
                 "FLUSHLINE_STRATEGY": "none",
                 "FLUSHLINE_SUBSCRIBER_QUEUE": str(1 << 24),
+                # The whole 10 MB history is kept: no trimming may overtake the cursor.
+                "FLUSHLINE_MAX_HISTORY_BYTES": str(64 << 20),
+                "FLUSHLINE_MAX_RETAINED_BYTES": str(256 << 20),
                 "FLUSHLINE_SEND_TIMEOUT": "2.0",
             },
             pipelines=(big,),

@@ -13,6 +13,7 @@ import pytest
 
 from app.jobs.progress import ProgressEstimator
 from app.jobs.tokens import (
+    MAX_DUE_TOKENS_IN_A_ROW,
     Piece,
     SimulatedTokenSource,
     ThreadedTokenSource,
@@ -86,6 +87,31 @@ class TestSimulatedTokenSource:
         started = time.monotonic()
         assert len(list(source.stream_sync(request(30)))) == 30
         assert 0.1 <= time.monotonic() - started < 1.0
+
+    async def test_late_tokens_come_in_bursts_between_loop_turns(self) -> None:
+        """Tokens already due skip the loop, but at most MAX_DUE_TOKENS_IN_A_ROW at a time."""
+        turns = 0
+        stop = asyncio.Event()
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while not stop.is_set():
+                turns += 1
+                await asyncio.sleep(0)
+
+        source = SimulatedTokenSource(tokens_per_second=1e9)  # every token is due at once
+        ticker = asyncio.create_task(count_turns())
+        await asyncio.sleep(0)
+        tokens = 10 * MAX_DUE_TOKENS_IN_A_ROW
+        turns_before = turns
+        got = 0
+        async for _ in source.stream(request(tokens)):
+            got += 1
+        stop.set()
+        await ticker
+        assert got == tokens
+        # One loop turn per burst: far fewer than one per token, yet never none.
+        assert 5 <= turns - turns_before <= tokens // 10, turns - turns_before
 
 
 # --- ThreadedTokenSource -----------------------------------------------------------

@@ -82,6 +82,8 @@ class SyncTokenSource(Protocol):
         ...
 
 
+#: Tokens already due that the simulated source yields before letting the loop run once.
+MAX_DUE_TOKENS_IN_A_ROW = 256
 _WORDS = [
     "the",
     "candidate",
@@ -196,10 +198,21 @@ class SimulatedTokenSource:
         loop = asyncio.get_running_loop()
         interval_s = 1.0 / self.tokens_per_second
         start = loop.time()
+        due_in_a_row = 0
         for i, token in enumerate(self.tokens(request)):
-            # Pace against an absolute schedule so sleep overshoot does not accumulate.
+            # Pace against an absolute schedule so sleep overshoot does not accumulate;
+            # tokens already due go out together, without a trip through the loop each
+            # (a busy loop would otherwise slow the simulated source to its own pace),
+            # yet never so many that a fast job holds the loop from everything else.
             delay = start + (i + 1) * interval_s - loop.time()
-            await asyncio.sleep(delay if delay > 0 else 0)
+            if delay > 0:
+                due_in_a_row = 0
+                await asyncio.sleep(delay)
+            elif due_in_a_row >= MAX_DUE_TOKENS_IN_A_ROW:
+                due_in_a_row = 0
+                await asyncio.sleep(0)
+            else:
+                due_in_a_row += 1
             yield token
 
     def stream_sync(self, request: TokenRequest) -> Iterator[str]:

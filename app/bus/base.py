@@ -15,7 +15,7 @@ import attrs
 
 from app.core.events import AnyEvent, EncodedEvent
 
-__all__ = ["MAX_BATCH", "Batch", "EventBus", "Subscription"]
+__all__ = ["MAX_BATCH", "Batch", "EventBus", "Push", "Subscription"]
 
 #: Most events one ``next_batch`` call returns.
 MAX_BATCH = 256
@@ -33,6 +33,12 @@ class Batch:
     ended: bool = False
 
 
+class Push(Protocol):
+    """Writes a batch's frames (shared by every subscriber) at once; False if it cannot."""
+
+    def __call__(self, frames: bytes, events: Sequence[EncodedEvent]) -> bool: ...
+
+
 class Subscription(Protocol):
     """One subscriber's view of one job's events; use it as an async context manager."""
 
@@ -46,12 +52,17 @@ class Subscription(Protocol):
         """Whether the bus has cut this subscriber off for falling behind."""
         ...
 
-    async def next_batch(self, timeout_s: float | None) -> Batch:
+    async def next_batch(self, timeout_s: float | None, push: Push | None = None) -> Batch:
         """Wait up to ``timeout_s`` for events after ``last_seq``.
 
         Returns an empty, not-ended batch on timeout; raises ``SubscriberLagged`` once
-        the subscriber has been cut off.
+        the subscriber has been cut off. With ``push``, a caught-up subscriber parks:
+        new events are handed to ``push`` as they are published, until it declines one.
         """
+        ...
+
+    def unpark(self) -> None:
+        """End a parked wait now (its ``next_batch`` returns)."""
         ...
 
     @property

@@ -13,6 +13,13 @@ History is bounded twice: by count (``history_limit``) and by bytes (``history_b
 each event costing its frame plus :data:`EVENT_OVERHEAD_BYTES`). Past either, the oldest
 events go (a resume before them is ``HistoryTruncated``, 410), always keeping the newest
 event, and a cursor that had not read them is cut off rather than moved past a gap.
+
+A reader that is caught up may park with a ``push`` callback (the SSE stream does): the
+log then hands each new batch's frames, joined once and shared by every subscriber, to
+``push`` synchronously as it appends them, and the reader's task is not woken at all. A
+push that cannot go (earlier bytes still wait for the socket) wakes that reader alone,
+which then reads what it missed from its cursor in one batch. So a publish costs each
+parked subscriber one write: no task wake-up, future or timer.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from app.bus.base import MAX_BATCH, Batch
+from app.bus.base import MAX_BATCH, Batch, Push
 from app.core.errors import BackendUnavailable, HistoryTruncated, SubscriberLagged
 from app.core.events import EncodedEvent
 
@@ -50,12 +57,16 @@ class LocalLog:
     closed: bool = False
     subscribers: set[LocalCursor] = attrs.Factory(set)
     changed: asyncio.Future[None] | None = None
+    #: Caught-up readers parked with a push callback (each waits on its own future).
+    parked: set[LocalCursor] = attrs.Factory(set)
 
     def wake(self) -> None:
-        """Wake every cursor waiting for a change."""
+        """Wake every cursor waiting for a change, parked ones included."""
         if self.changed is not None and not self.changed.done():
             self.changed.set_result(None)
         self.changed = None
+        for sub in list(self.parked):
+            sub.unpark()
 
     def wait_future(self) -> asyncio.Future[None]:
         """A future set at the next change."""
@@ -81,7 +92,22 @@ class LocalLog:
         for sub in self.subscribers:
             if sub.pending(newest) > queue_limit or sub.cursor < self.first_seq - 1:
                 sub.cut_off()
-        self.wake()
+        if self.parked:
+            self._push(events, newest)
+        if self.changed is not None and not self.changed.done():
+            self.changed.set_result(None)
+        self.changed = None
+
+    def _push(self, events: Sequence[EncodedEvent], newest: int) -> None:
+        """Hand the new frames to every parked reader that has read all the earlier ones."""
+        frames = events[0].frame if len(events) == 1 else b"".join(e.frame for e in events)
+        before = events[0].seq - 1
+        for sub in list(self.parked):
+            push = sub.push
+            if push is not None and sub.cursor == before and not sub.cut and push(frames, events):
+                sub.cursor = newest
+            else:
+                sub.unpark()
 
     def _trim(self, history_limit: int, history_bytes: int) -> None:
         """Drop the oldest events past either limit, always keeping the newest one.
@@ -122,6 +148,9 @@ class LocalCursor:
     #: Cut off because the bus lost its backend, not for falling behind.
     lost: bool = False
     _callbacks: list[Callable[[], None]] = attrs.Factory(list)
+    #: While parked: how new frames are written, and the future that ends the wait.
+    push: Push | None = None
+    _parked: asyncio.Future[None] | None = None
 
     @property
     def last_seq(self) -> int:
@@ -144,6 +173,7 @@ class LocalCursor:
         if self.cut:
             return
         self.cut = True
+        self.unpark()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -160,13 +190,28 @@ class LocalCursor:
 
     def stop(self) -> LocalLog | None:
         """Stop reading; the log it read, if it had started."""
+        self.unpark()
         log, self.log = self.log, None
         if log is not None:
             log.subscribers.discard(self)
         return log
 
-    async def next_batch(self, timeout_s: float | None) -> Batch:
-        """Wait up to ``timeout_s`` for events after ``last_seq`` (see ``Subscription``)."""
+    def unpark(self) -> None:
+        """End a parked wait (no more pushes); a no-op when not parked."""
+        self.push = None
+        if self.log is not None:
+            self.log.parked.discard(self)
+        waiter, self._parked = self._parked, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_batch(self, timeout_s: float | None, push: Push | None = None) -> Batch:
+        """Wait up to ``timeout_s`` for events after ``last_seq`` (see ``Subscription``).
+
+        With ``push``, a caught-up reader parks instead: new events are written by
+        ``push`` as they are published (and the reader's cursor moves past them) until
+        the timeout, the end of the log, a cut, or a push that cannot go.
+        """
         log = self.log
         if log is None:
             raise RuntimeError("use the subscription as an async context manager")
@@ -192,4 +237,24 @@ class LocalCursor:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return Batch(())
-            await asyncio.wait([log.wait_future()], timeout=remaining)
+            if push is None:
+                await asyncio.wait([log.wait_future()], timeout=remaining)
+                continue
+            await self._park(log, push, deadline)
+            if self.cursor >= log.next_seq - 1 and not log.closed and not self.cut:
+                return Batch(())  # woken by the timeout (or a push that set a deadline)
+
+    async def _park(self, log: LocalLog, push: Push, deadline: float | None) -> None:
+        """Wait parked (one future and at most one timer for the whole wait)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._parked = loop.create_future()
+        self.push = push
+        log.parked.add(self)
+        timer = None if deadline is None else loop.call_at(deadline, self.unpark)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._parked is waiter:
+                self.unpark()

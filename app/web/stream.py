@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 
 import attrs
 import structlog
@@ -74,6 +75,18 @@ def stream_shaper(request: web.Request, strategy: FlushStrategy) -> FrameShaper:
     return build_strategy("aligned", tuning).shaper()
 
 
+#: The last HTTP chunk built by :func:`_chunk` and the data it frames.
+_last_chunk: tuple[bytes, bytes] = (b"", b"")
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk; the last one is reused (every subscriber's is)."""
+    global _last_chunk
+    if _last_chunk[0] is not data:
+        _last_chunk = (data, b"%x\r\n%b\r\n" % (len(data), data))
+    return _last_chunk[1]
+
+
 @attrs.define
 class _StreamWriter:
     """Writes shaped bytes to one response, counting them for the log line and metrics."""
@@ -88,6 +101,35 @@ class _StreamWriter:
     #: Live events handed to the shaper and not yet out (a strategy may hold them back).
     unsent: list[EncodedEvent] = attrs.Factory(list)
 
+    #: Set once the response has started: where :meth:`push` writes, and how.
+    transport: asyncio.Transport | None = None
+    chunked: bool = False
+    #: Called when a push leaves a deferred flush due (the parked reader must wake).
+    on_deadline: Callable[[], None] | None = None
+
+    def push(self, frames: bytes, events: Sequence[EncodedEvent]) -> bool:
+        """Write a batch now, from the publisher (the reader is parked); False if it can't.
+
+        The frames are the same bytes for every subscriber; so is their HTTP chunk when
+        the shaper adds nothing (one chunk encoding per publish, not per subscriber).
+        It declines while earlier bytes still wait for the socket (the client is not
+        keeping up): the reader then wakes and writes what it missed in one write, under
+        the send timeout, so a stalled client is still cut off.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        now = asyncio.get_running_loop().time()
+        data = self.shaper.write(frames, now)
+        self.unsent.extend(events)
+        if data:  # (an empty chunk would end the response)
+            transport.write(_chunk(data) if self.chunked else data)
+        self.events_written += len(events)
+        self._wrote(data, now, len(frames))
+        if self.on_deadline is not None and self.shaper.deadline() is not None:
+            self.on_deadline()
+        return True
+
     async def send(self, data: bytes, now: float, payload: int = 0) -> None:
         """Write ``data``, of which ``payload`` bytes are frames (the rest padding)."""
         # The timeout bounds a stall, not a long transfer: a resume with megabytes of
@@ -96,6 +138,9 @@ class _StreamWriter:
         for start in range(0, len(view), SEND_SLICE_BYTES):
             async with asyncio.timeout(self.send_timeout_s):
                 await self.response.write(view[start : start + SEND_SLICE_BYTES])
+        self._wrote(data, now, payload)
+
+    def _wrote(self, data: bytes, now: float, payload: int) -> None:
         if data:
             self.bytes_written += len(data)
             self.last_write_at = now
@@ -143,6 +188,10 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         metrics = request.app[METRICS]
         writer = _StreamWriter(response, shaper, settings.send_timeout_s, metrics)
+        if isinstance(request.transport, asyncio.Transport):
+            writer.transport = request.transport
+            writer.chunked = response.headers.get("Transfer-Encoding") == "chunked"
+        writer.on_deadline = subscription.unpark
         outcome = "ended"
         started = time.monotonic()
         drain_guard: asyncio.Timeout | None = None
@@ -177,7 +226,9 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                     try:
                         async with guard:
                             drain_guard = guard
-                            batch = await subscription.next_batch(max(due - loop.time(), 0.0))
+                            batch = await subscription.next_batch(
+                                max(due - loop.time(), 0.0), push=writer.push
+                            )
                     except TimeoutError:
                         if guard.expired() and manager.handing_off:
                             continue  # only the wait was interrupted: hand off above

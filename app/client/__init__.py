@@ -102,11 +102,25 @@ def _with_token(headers: Mapping[str, str] | None, token: str | None) -> dict[st
     return merged
 
 
-async def _snapshot(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    if response.status != status:
-        raise await _error(response)
-    snapshot: dict[str, Any] = await response.json()
-    return snapshot
+async def _call(
+    method: str,
+    url: str,
+    status: int,
+    *,
+    session: aiohttp.ClientSession | None,
+    headers: Mapping[str, str] | None,
+    token: str | None,
+    body: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One API request whose answer is a snapshot with ``status``, else :class:`ClientError`."""
+    async with (
+        _session(session) as client,
+        client.request(method, url, json=body, headers=_with_token(headers, token)) as response,
+    ):
+        if response.status != status:
+            raise await _error(response)
+        snapshot: dict[str, Any] = await response.json()
+        return snapshot
 
 
 async def create_job(
@@ -134,13 +148,8 @@ async def create_job(
     ):
         if value is not None:
             body[key] = value
-    async with (
-        _session(session) as client,
-        client.post(
-            base_url.rstrip("/") + "/api/jobs", json=body, headers=_with_token(headers, token)
-        ) as response,
-    ):
-        return await _snapshot(response, 201)
+    url = base_url.rstrip("/") + "/api/jobs"
+    return await _call("POST", url, 201, session=session, headers=headers, token=token, body=body)
 
 
 async def get_job(
@@ -152,13 +161,8 @@ async def get_job(
     token: str | None = None,
 ) -> dict[str, Any]:
     """``GET {base_url}/api/jobs/{job_id}``: the job's snapshot, or :class:`ClientError`."""
-    async with (
-        _session(session) as client,
-        client.get(
-            f"{base_url.rstrip('/')}/api/jobs/{job_id}", headers=_with_token(headers, token)
-        ) as response,
-    ):
-        return await _snapshot(response, 200)
+    url = f"{base_url.rstrip('/')}/api/jobs/{job_id}"
+    return await _call("GET", url, 200, session=session, headers=headers, token=token)
 
 
 async def cancel_job(
@@ -171,14 +175,8 @@ async def cancel_job(
 ) -> dict[str, Any]:
     """``POST {base_url}/api/jobs/{job_id}/cancel``: the snapshot (``202``), else
     :class:`ClientError` (``409`` once the job has ended)."""
-    async with (
-        _session(session) as client,
-        client.post(
-            f"{base_url.rstrip('/')}/api/jobs/{job_id}/cancel",
-            headers=_with_token(headers, token),
-        ) as response,
-    ):
-        return await _snapshot(response, 202)
+    url = f"{base_url.rstrip('/')}/api/jobs/{job_id}/cancel"
+    return await _call("POST", url, 202, session=session, headers=headers, token=token)
 
 
 def stream_url(base_url: str, snapshot: Mapping[str, Any]) -> str:

@@ -68,7 +68,7 @@ from app.bus.local import LocalCursor, LocalLog, event_cost
 from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent, encode_event
 
-__all__ = ["FEED_LINGER_S", "RedisEventBus"]
+__all__ = ["FEED_LINGER_S", "Entry", "RedisEventBus", "decode_entry"]
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +123,8 @@ def _entry_seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
-def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> EncodedEvent:
+def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> EncodedEvent:
+    """The event a stream entry holds (an event entry: id ``<seq>-0``, not a marker)."""
     return EncodedEvent(
         seq=_entry_seq(entry_id),
         type=fields[_F_TYPE].decode(),
@@ -786,7 +787,7 @@ class RedisEventBus:
                 feed.append(fresh, self.history_limit, self.queue_limit, self.history_bytes)
                 fresh = []
                 feed.skip_to(seq)
-            fresh.append(_decode(entry_id, fields))
+            fresh.append(decode_entry(entry_id, fields))
         feed.append(fresh, self.history_limit, self.queue_limit, self.history_bytes)
         if gone:
             self._forget(feed)

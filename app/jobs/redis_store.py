@@ -36,8 +36,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from app.bus.redis import Entry, RedisEventBus
-from app.bus.redis import _decode as _decode_event  # TODO: public in app.bus.redis
+from app.bus.redis import Entry, RedisEventBus, decode_entry
 from app.core.errors import JobNotFound
 from app.core.events import DoneEvent, ErrorEvent, decode_event, encode_event
 from app.jobs.store import JobSnapshot, JobStatus, StepState, StepStatus, apply_event
@@ -296,7 +295,7 @@ def _apply_entries(job: JobSnapshot, entries: list[Entry]) -> JobSnapshot:
     for entry_id, fields in entries:
         if not entry_id.endswith(b"-0"):
             continue  # a marker (open, end)
-        encoded = _decode_event(entry_id, fields)
+        encoded = decode_entry(entry_id, fields)
         if encoded.seq <= job.last_event_id:
             continue
         if encoded.type in _FOLDED_TYPES:

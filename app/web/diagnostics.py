@@ -36,9 +36,16 @@ from app.web.keys import SETTINGS
 from app.web.params import parse_int
 from app.web.stream import STREAM_HEADERS
 
-__all__ = ["DiagnosticsPattern", "ScheduledWrite", "diagnostics_stream", "parse_pattern"]
+__all__ = [
+    "PATTERN_LIMITS",
+    "DiagnosticsPattern",
+    "ScheduledWrite",
+    "diagnostics_stream",
+    "parse_pattern",
+]
 
-_LIMITS = {
+#: Each pattern parameter's (lowest, highest, default).
+PATTERN_LIMITS = {
     "write_bytes": (128, 65_536, 257),
     "interval_ms": (5, 2_000, 25),
     "total_bytes": (1_024, 4 * 1024 * 1024, 41_000),
@@ -110,14 +117,14 @@ class DiagnosticsPattern:
 
     def as_query(self) -> dict[str, str]:
         """The pattern as query parameters."""
-        return {name: str(getattr(self, name)) for name in _LIMITS}
+        return {name: str(getattr(self, name)) for name in PATTERN_LIMITS}
 
 
 def parse_pattern(query: dict[str, str] | web.Request) -> DiagnosticsPattern:
     """Validate the query parameters (``InvalidField`` naming the bad one)."""
     source = query.query if isinstance(query, web.Request) else query
     values: dict[str, int] = {}
-    for name, (low, high, default) in _LIMITS.items():
+    for name, (low, high, default) in PATTERN_LIMITS.items():
         raw = source.get(name)
         if raw is None:
             values[name] = default

@@ -18,7 +18,7 @@ from aiohttp import web
 from app import __version__
 from app.jobs.store import JobStatus, StepStatus
 from app.web.api import MAX_LIST_LIMIT
-from app.web.diagnostics import _LIMITS as DIAGNOSTICS_LIMITS
+from app.web.diagnostics import PATTERN_LIMITS as DIAGNOSTICS_LIMITS
 from app.web.keys import MANAGER, SETTINGS
 from app.web.params import MAX_SEQ
 from app.web.poll import DEFAULT_LIMIT, DEFAULT_WAIT_S, MAX_LIMIT, MAX_WAIT_S

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from app.jobs.manager import REDIS_LOST_REASON
 from tests.support.process import json_lines, read_log
 from tests.support.redis import require_redis_server, run_redis
 from tests.test_redis_instances import (
@@ -104,7 +105,7 @@ class TestRedisLostUnderARunningJob:
     async def test_job_fails_when_redis_outlasts_the_grace_and_nothing_hangs(
         self, tmp_path: pathlib.Path
     ) -> None:
-        """Redis away past the grace: the job ends failed with its log whole; A works again."""
+        """Redis away past the grace (within the lease): the job ends failed saying why."""
         binary = require_redis_server()
         with run_redis(tmp_path / "redis", binary=binary, persistent=True) as redis:
             async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
@@ -113,7 +114,8 @@ class TestRedisLostUnderARunningJob:
                     redis.url,
                     tmp_path,
                     FLUSHLINE_REDIS_GRACE_S="1",
-                    FLUSHLINE_RUNNER_LEASE_S="3",
+                    # Longer than the outage: the runner, not a sweeper, ends the job.
+                    FLUSHLINE_RUNNER_LEASE_S="8",
                 )
                 job = await create(session, a, LONG_JOB)
                 before = await stream(session, a, job["id"], stop_after=3)
@@ -134,7 +136,8 @@ class TestRedisLostUnderARunningJob:
         assert payloads[:3] == before.payloads()
         assert [p["type"] for p in payloads[-2:]] == ["error", "done"]
         assert payloads[-1]["status"] == "failed"
-        assert payloads[-1]["error"] == finished["error"]
+        assert payloads[-1]["error"] == finished["error"] == REDIS_LOST_REASON
+        assert payloads[-2]["message"] == REDIS_LOST_REASON
         assert_whole_log(again_record.payloads(), again["id"])
         given_up = [line for line in a_log if line.get("message") == "job events lost with redis"]
         assert len(given_up) == 1, given_up

@@ -47,7 +47,14 @@ from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
 from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
-from app.jobs.store import JobSnapshot, JobStatus, JobStore, StepState, apply_event
+from app.jobs.store import (
+    JobSnapshot,
+    JobStatus,
+    JobStore,
+    StepState,
+    StepStatus,
+    apply_event,
+)
 from strategies import FlushStrategy
 
 __all__ = ["SHUTDOWN_REASON", "JobControl", "JobManager", "JobRequest"]
@@ -67,6 +74,11 @@ SHUTDOWN_REASON = "shutdown"
 MAINTENANCE_RETRY_S = 1.0
 #: Pause between attempts to write a job's snapshot while Redis is lost.
 SNAPSHOT_RETRY_S = 0.2
+#: Why a job failed when Redis stayed away past ``FLUSHLINE_REDIS_GRACE_S``.
+REDIS_LOST_REASON = (
+    "Redis was unreachable for longer than FLUSHLINE_REDIS_GRACE_S: "
+    "the events the job published meanwhile were dropped"
+)
 #: What a kept job costs beyond its input, options, history and result: its snapshots,
 #: ids and stamps, its bus log and the manager's records of it.
 JOB_BASE_BYTES = 2_048
@@ -156,6 +168,9 @@ class _Running:
     ender: asyncio.Task[None] | None = None
     #: Set when the service stops the job: it ends ``failed`` with this reason.
     stop_reason: str | None = None
+    #: Redis stayed away past the grace: the job's ``error`` and ``done`` (failed with
+    #: this reason) are still to be published, once Redis answers.
+    unpublished_end: str | None = None
     #: When ``job`` (the newest snapshot) could not be written, Redis being lost; or None.
     unsaved_since: float | None = None
 
@@ -380,7 +395,7 @@ class JobManager:
         except Exception as exc:
             # run_job reports step failures itself; this is the backstop for a failure to
             # report one (e.g. the bus refused the final event): the job must still end.
-            outcome = await self._crashed(job.id, exc)
+            outcome = await self._crashed(run, exc)
             return outcome
         finally:
             await self._close(run, outcome, started)
@@ -406,20 +421,24 @@ class JobManager:
                 await self._publish(run.job.id, ErrorEvent(run.stop_reason, None))
                 await self._publish(run.job.id, DoneEvent("failed", 0.0, error=run.stop_reason))
         except Exception as exc:
-            outcome = await self._crashed(run.job.id, exc)
+            outcome = await self._crashed(run, exc)
         finally:
             await self._close(run, outcome, started)
 
-    async def _crashed(self, job_id: str, exc: Exception) -> JobOutcome:
+    async def _crashed(self, run: _Running, exc: Exception) -> JobOutcome:
         outage = backend_outage(exc)
-        if outage is not None:
+        if outage is not None and self.control is not None:
             # Not a bug: Redis stayed away past the grace (logged where it was noticed).
+            # The job's end is published when Redis is back (``_close``).
+            run.unpublished_end = REDIS_LOST_REASON
+            return JobOutcome("failed", REDIS_LOST_REASON)
+        if outage is not None:
             outcome = JobOutcome("failed", outage.message)
         else:
             log.exception("job crashed")
             outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
         try:
-            await self._end_without_events(job_id, outcome)
+            await self._end_without_events(run.job.id, outcome)
         except Exception as end_exc:
             if backend_outage(end_exc) is None:
                 raise
@@ -430,16 +449,21 @@ class JobManager:
         job = run.job
         keep_lease = False
         try:
-            if run.unsaved_since is not None:
-                await self._put_snapshot(run, wait=True)
-            await self.bus.close(job.id)
+            if run.unpublished_end is not None:
+                # Should this instance not publish the end within the lease (it stops,
+                # or Redis stays away longer), the lease is kept, so that the lost-runner
+                # sweeper ends the job and no stream of it waits forever.
+                keep_lease = True  # also if the wait is cancelled
+                keep_lease = not await self._record_end_when_back(run, run.unpublished_end)
+            else:
+                if run.unsaved_since is not None:
+                    await self._put_snapshot(run, wait=True)
+                await self.bus.close(job.id)
         except Exception as exc:
             outage = backend_outage(exc)
             if outage is None:
                 raise
-            # Redis stayed away past the grace: the job's end cannot be recorded here.
-            # Its lease is kept, so that once Redis is back the lost-runner sweeper ends
-            # it (`error`, `done` failed) and no stream of it waits forever.
+            # Redis went away again after the job's `done`: the sweeper closes its log.
             keep_lease = True
             outcome = JobOutcome("failed", outage.message)
             log.error("job end not recorded: redis unreachable", error=outage.message)
@@ -463,6 +487,40 @@ class JobManager:
                 bytes=self._bytes.pop(job.id, 0),
             )
             await self._shed(keep=job.id)
+
+    async def _record_end_when_back(self, run: _Running, reason: str) -> bool:
+        """Publish the job's ``error`` and ``done`` (failed: ``reason``) once Redis is back.
+
+        Tried every :data:`MAINTENANCE_RETRY_S` within the lease (the job stays in
+        ``_running``, so its lease is renewed as soon as Redis answers). False when it did
+        not get through, or another instance ended the job first (its log is closed).
+        """
+        if self.control is None:
+            return False
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.control.lease_s
+        step = next((s.name for s in run.job.steps if s.status is StepStatus.RUNNING), None)
+        pending: list[AnyEvent] = [
+            ErrorEvent(reason, step),
+            DoneEvent("failed", run.job.progress, error=reason),
+        ]
+        while loop.time() < give_up_at:
+            await asyncio.sleep(MAINTENANCE_RETRY_S)
+            try:
+                while pending:
+                    await self._publish(run.job.id, pending[0])
+                    pending.pop(0)
+                if run.unsaved_since is not None:
+                    await self._put_snapshot(run, wait=False)
+                await self.bus.close(run.job.id)
+                log.info("job end recorded after the outage", reason=reason)
+                return True
+            except Exception as exc:
+                if backend_outage(exc) is None:
+                    # Another instance's sweeper ended the job: its log is closed.
+                    log.info("job end recorded elsewhere", error=str(exc))
+                    return False
+        return False
 
     async def _end_without_events(self, job_id: str, outcome: JobOutcome) -> None:
         """Mark the job finished in the store when its final events could not be published."""

@@ -23,8 +23,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from app.jobs.budget import JOB_BASE_BYTES, RESULT_BYTES_PER_TOKEN, STEP_BYTES
 from app.jobs.limits import MAX_JSON_DEPTH, JsonLimits, measure_json
-from app.jobs.manager import JOB_BASE_BYTES, RESULT_BYTES_PER_TOKEN, STEP_BYTES, JobManager
+from app.jobs.manager import JobManager
 from app.jobs.pipelines import MAX_JOB_TOKENS, MAX_STEPS
 from app.web.keys import MANAGER
 from tests.conftest import MakeClient

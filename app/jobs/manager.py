@@ -6,17 +6,13 @@ so watchers coming and going never affect it. Every event goes through
 snapshot in the store.
 
 Memory is a budget, not only counts. A job's ``input`` and ``options`` are bounded in
-depth and size (:mod:`app.jobs.limits`) before anything reads them. Every job this
-process created and still keeps counts against ``max_retained_bytes``: its input and
-options, a fixed part for its snapshot and steps, and, while it runs, a reservation of
-``max_history_bytes`` (the most its history can hold) and of the text its plan's tokens
-make (gathered into its result), replaced when it ends by what it keeps (its history,
-capped as the bus caps it, and its result). A new job that would pass the budget makes
-finished jobs forgotten, those that ended first first; when even that could not make
-room (running jobs fill it), it is refused (503 with ``Retry-After``) and nothing is
-forgotten. A job whose result passes its reservation makes older finished jobs
-forgotten as it ends. So what jobs hold stays within the budget, whatever clients send
-(a single job larger than the whole budget is taken only when no other job is kept).
+depth and size (:mod:`app.jobs.limits`) before anything reads them, and every job this
+process keeps is counted in :mod:`app.jobs.budget`. A new job that would pass the budget
+makes finished jobs forgotten, those that ended first first; when even that could not
+make room (running jobs fill it), it is refused (503 with ``Retry-After``) and nothing is
+forgotten. A job whose result passes its reservation makes older finished jobs forgotten
+as it ends. So what jobs hold stays within the budget, whatever clients send (a single
+job larger than the whole budget is taken only when no other job is kept).
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ import attrs
 import structlog
 
 from app.bus import EventBus
-from app.bus.local import event_cost
 from app.core.errors import (
     AtCapacity,
     BackendUnavailable,
@@ -44,6 +39,13 @@ from app.core.errors import (
     backend_outage,
 )
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
+from app.jobs.budget import (
+    JOB_BASE_BYTES,
+    RESULT_BYTES_PER_TOKEN,
+    STEP_BYTES,
+    KeptJob,
+    RetainedBudget,
+)
 from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
@@ -79,14 +81,6 @@ REDIS_LOST_REASON = (
     "Redis was unreachable for longer than FLUSHLINE_REDIS_GRACE_S: "
     "the events the job published meanwhile were dropped"
 )
-#: What a kept job costs beyond its input, options, history and result: its snapshots,
-#: ids and stamps, its bus log and the manager's records of it.
-JOB_BASE_BYTES = 2_048
-#: What each step adds to a kept job (a ``StepState`` in every snapshot).
-STEP_BYTES = 160
-#: What a running job reserves per token its plan expects, for the text it gathers into
-#: its result (the demo's words average under 7 bytes with their space).
-RESULT_BYTES_PER_TOKEN = 8
 
 
 class JobControl(Protocol):
@@ -176,31 +170,6 @@ class _Running:
 
 
 @attrs.define(eq=False)
-class _Kept:
-    """What one job this process created counts against the retained-bytes budget."""
-
-    #: The snapshot, steps, input and options: known when the job is created.
-    fixed: int
-    #: What its result may hold, from the tokens its plan expects (reserved while it runs).
-    expected_result: int = 0
-    running: bool = True
-    #: The cost of every event published (the bus keeps the newest within its budget).
-    published: int = 0
-    last_event: int = 0
-    result: int = 0
-    #: When it ended (Unix seconds), for expiry.
-    finished_at: float | None = None
-
-    def size(self, history_bytes: int) -> int:
-        """Its bytes now; while running, a reservation: a full history, the expected result."""
-        if self.running:
-            return self.fixed + history_bytes + self.expected_result
-        # The bus keeps the newest events within the budget, and always the newest one.
-        history = min(self.published, history_bytes + self.last_event)
-        return self.fixed + history + self.result
-
-
-@attrs.define(eq=False)
 class JobManager:
     """Owns the running jobs of this process."""
 
@@ -229,13 +198,10 @@ class JobManager:
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
-    #: Jobs this process created and keeps, and their bytes together.
-    _kept: dict[str, _Kept] = attrs.Factory(dict)
-    #: The ids of those that have ended, in the order they ended (the eviction order).
-    _finished: dict[str, None] = attrs.Factory(dict)
-    _retained: int = 0
-    #: The part of ``_retained`` that running jobs reserve (no eviction can free it).
-    _reserved: int = 0
+    _budget: RetainedBudget = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._budget = RetainedBudget(self.max_retained_bytes, self.max_history_bytes)
 
     @property
     def active_jobs(self) -> int:
@@ -245,7 +211,7 @@ class JobManager:
     @property
     def retained_bytes(self) -> int:
         """What the jobs this process keeps count against ``max_retained_bytes``."""
-        return self._retained
+        return self._budget.retained
 
     def strategy(self, name: str) -> FlushStrategy:
         """The configured strategy called ``name`` (``InvalidField`` if unknown)."""
@@ -271,11 +237,11 @@ class JobManager:
             raise AtCapacity(self.max_active_jobs)
         expected = RESULT_BYTES_PER_TOKEN * sum(step.expected_tokens for step in plan.steps)
         job_id = secrets.token_urlsafe(16)
-        await self._make_room(job_id, _Kept(fixed, expected))
+        await self._make_room(job_id, KeptJob(fixed, expected))
         try:
             return await self._start(job_id, request, plan, pipeline, strategy)
         except BaseException:
-            self._unkeep(job_id)
+            self._budget.remove(job_id)
             raise
 
     async def _start(
@@ -314,12 +280,7 @@ class JobManager:
             self.on_publish()
         self._events[job_id] = self._events.get(job_id, 0) + 1
         self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
-        kept = self._kept.get(job_id)
-        if kept is not None and kept.running:  # once settled, its size must not move
-            kept.last_event = event_cost(encoded)
-            kept.published += kept.last_event
-            if isinstance(encoded.event, DoneEvent):
-                kept.result = len(encoded.frame)  # the result's JSON, and a little more
+        self._budget.published(job_id, encoded)
         run = self._running.get(job_id)
         if run is None:
             await self.store.put(apply_event(await self.store.get(job_id), encoded))
@@ -474,7 +435,7 @@ class JobManager:
                 except Exception as exc:  # the lease expires by itself; sweepers skip ended jobs
                     log.warning("lease not released", error=str(exc))
             self._running.pop(job.id, None)
-            self._settle(job.id)
+            self._budget.settle(job.id)
             run.ended.set()
             log.info(
                 "job finished",
@@ -603,11 +564,11 @@ class JobManager:
                     await asyncio.sleep(CANCEL_POLL_S)
         return await self.store.get(job_id)
 
-    async def _make_room(self, job_id: str, kept: _Kept) -> None:
+    async def _make_room(self, job_id: str, kept: KeptJob) -> None:
         """Keep the new job within both budgets (count, bytes), forgetting the oldest
-        finished jobs first; ``AtCapacity`` (503) when only running jobs are left.
+        finished jobs first; ``OverBudget`` (503) when only running jobs are left.
 
-        On return the job's bytes are counted (``_unkeep`` takes them back), with no
+        On return the job's bytes are counted (``remove`` takes them back), with no
         await between the last check and the count: concurrent creates cannot both fit
         in the same room.
         """
@@ -616,37 +577,29 @@ class JobManager:
                 if old.status.finished:
                     await self._forget(old.id)
                     break
-        needed = kept.size(self.max_history_bytes)
-        while self._retained + needed > self.max_retained_bytes and self._kept:
+        budget = self._budget
+        while not budget.fits(kept):
             # Refused before anything is forgotten when forgetting could not make the room
-            # (running jobs hold it). Alone, a job may pass the budget: nothing else could
-            # ever make room for it.
-            oldest = self._oldest_finished()
-            running_fill = self._reserved > 0 and self._reserved + needed > self.max_retained_bytes
-            if oldest is None or running_fill:
+            # (running jobs hold it).
+            oldest = budget.oldest_finished()
+            if oldest is None or budget.running_fill(kept):
                 # Not a warning: under load it would be one line per refused request.
                 log.debug(
                     "job refused: retained bytes",
-                    retained_bytes=self._retained,
-                    needed_bytes=needed,
-                    max_retained_bytes=self.max_retained_bytes,
+                    retained_bytes=budget.retained,
+                    needed_bytes=kept.size(budget.history_bytes),
+                    max_retained_bytes=budget.max_bytes,
                 )
                 raise OverBudget(self.active_jobs)
             await self._forget(oldest)
-        self._kept[job_id] = kept
-        self._retained += needed
-        self._reserved += needed
-
-    def _oldest_finished(self, keep: str | None = None) -> str | None:
-        """The job that ended first (but ``keep``), or None."""
-        return next((job_id for job_id in self._finished if job_id != keep), None)
+        budget.add(job_id, kept)
 
     async def _shed(self, keep: str) -> None:
         """Past the budget (a result larger than its job's reservation), forget the oldest
         finished jobs but ``keep`` (it has just ended: its result is still to be read).
         """
-        while self._retained > self.max_retained_bytes:
-            oldest = self._oldest_finished(keep)
+        while self._budget.over():
+            oldest = self._budget.oldest_finished(keep)
             if oldest is None:
                 return
             try:
@@ -657,29 +610,8 @@ class JobManager:
                 log.warning("finished job not forgotten: redis unreachable", error=str(exc))
                 return
 
-    def _unkeep(self, job_id: str) -> None:
-        kept = self._kept.pop(job_id, None)
-        self._finished.pop(job_id, None)
-        if kept is not None:
-            size = kept.size(self.max_history_bytes)
-            self._retained -= size
-            if kept.running:
-                self._reserved -= size
-
-    def _settle(self, job_id: str) -> None:
-        """The job has ended: it counts what it keeps instead of its reservation."""
-        kept = self._kept.get(job_id)
-        if kept is None or not kept.running:
-            return
-        before = kept.size(self.max_history_bytes)
-        kept.running = False
-        kept.finished_at = time.time()
-        self._finished[job_id] = None
-        self._retained += kept.size(self.max_history_bytes) - before
-        self._reserved -= before
-
     async def _forget(self, job_id: str) -> None:
-        self._unkeep(job_id)
+        self._budget.remove(job_id)
         await self.store.discard(job_id)
         await self.bus.discard(job_id)
 
@@ -692,11 +624,8 @@ class JobManager:
         expired = await self.store.finished_before(cutoff)
         for job_id in expired:
             await self._forget(job_id)
-        for job_id in list(self._finished):
-            finished_at = self._kept[job_id].finished_at
-            if finished_at is None or finished_at >= cutoff:
-                break  # in the order they ended: the rest ended later
-            self._unkeep(job_id)
+        for job_id in self._budget.finished_before(cutoff):
+            self._budget.remove(job_id)
         return len(expired)
 
     @property

@@ -22,8 +22,8 @@ import contextlib
 import functools
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 import structlog
@@ -46,6 +46,7 @@ from app.jobs.budget import (
     KeptJob,
     RetainedBudget,
 )
+from app.jobs.control import JobControl
 from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
@@ -59,7 +60,7 @@ from app.jobs.store import (
 )
 from strategies import FlushStrategy
 
-__all__ = ["SHUTDOWN_REASON", "JobControl", "JobManager", "JobRequest"]
+__all__ = ["REDIS_LOST_REASON", "SHUTDOWN_REASON", "JobManager", "JobRequest"]
 
 log = structlog.get_logger(__name__)
 
@@ -81,51 +82,6 @@ REDIS_LOST_REASON = (
     "Redis was unreachable for longer than FLUSHLINE_REDIS_GRACE_S: "
     "the events the job published meanwhile were dropped"
 )
-
-
-class JobControl(Protocol):
-    """How the instances sharing jobs coordinate (``RedisJobControl``); none for one instance.
-
-    The instance that runs a job holds its lease and renews it; any instance may ask for
-    a job to be cancelled, and one sweeps the jobs whose runner stopped renewing.
-    """
-
-    @property
-    def lease_s(self) -> float:
-        """How long a lease lasts without renewal."""
-        ...
-
-    async def acquire(self, job_id: str) -> None:
-        """This instance runs the job: take its lease."""
-        ...
-
-    async def renew(self, job_ids: Collection[str]) -> set[str]:
-        """Renew the leases (and key TTLs) of these jobs; returns those asked to cancel."""
-        ...
-
-    async def release(self, job_id: str) -> None:
-        """The job has ended here: drop its lease."""
-        ...
-
-    async def claim_cancel(self, job_id: str) -> bool:
-        """Record a cancel request; False if one was already recorded (atomic)."""
-        ...
-
-    async def request_cancel(self, job_id: str) -> None:
-        """Tell every instance (the runner among them) that the job is to be cancelled."""
-        ...
-
-    async def watch_cancels(self, on_cancel: Callable[[str], None]) -> None:
-        """Call ``on_cancel(job_id)`` for every cancel request, until cancelled."""
-        ...
-
-    async def sweep(self) -> list[str]:
-        """End the jobs whose lease expired (``error`` then ``done`` failed); their ids."""
-        ...
-
-    async def ping(self) -> None:
-        """Raise if the shared store cannot be reached right now."""
-        ...
 
 
 def _lookup(registry: Mapping[str, T], field: str, name: str) -> T:

@@ -351,7 +351,7 @@ WATCH_RETRY_S = (0.1, 0.5, 1.0, 2.0)
 
 @attrs.define(eq=False)
 class RedisJobControl:
-    """:class:`~app.jobs.manager.JobControl` on Redis: cancel from anywhere, runner leases.
+    """:class:`~app.jobs.control.JobControl` on Redis: cancel from anywhere, runner leases.
 
     Layout, beside the bus's and the store's keys: ``{prefix}job:{id}:lease`` (the runner
     instance's id, expiring ``lease_s`` after the last renewal), ``{prefix}leases`` (a

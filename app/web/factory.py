@@ -20,10 +20,11 @@ from aiohttp import web
 from app.bus import EventBus, MemoryEventBus
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
+from app.jobs.control import JobControl
 from app.jobs.limits import JsonLimits
 from app.jobs.llm import ChatPipeline, LLMConfig, OpenAIChatSource
 from app.jobs.loader import load_pipelines
-from app.jobs.manager import JobControl, JobManager
+from app.jobs.manager import JobManager
 from app.jobs.pipelines import DemoPipeline, Pipeline
 from app.jobs.steps import bind_source
 from app.jobs.store import JobStore, MemoryJobStore

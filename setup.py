@@ -32,6 +32,8 @@ setup(
             "packaging>=23",
             # Fuzzes the live server from its own /openapi.json (5xx and schema violations).
             "schemathesis>=4",
+            # The fan-out benchmark's anchor, which the suite smoke-runs at tiny scale.
+            "aiohttp-sse>=2.2",
         ],
         "bench": [
             # The fan-out benchmark's anchor: a plain aiohttp + aiohttp-sse server.

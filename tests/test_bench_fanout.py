@@ -14,7 +14,7 @@ from tests.support.process import require_flushline_script, run_cli
 def require_aiohttp_sse() -> None:
     """Skip without the anchor's library (the ``bench`` extra); fail if integration is required."""
     if importlib.util.find_spec("aiohttp_sse") is None:
-        reason = "aiohttp-sse is not installed (pip install -e '.[bench]')"
+        reason = "aiohttp-sse is not installed (pip install -e '.[test]')"
         if os.environ.get("FLUSHLINE_REQUIRE_INTEGRATION") == "1":
             pytest.fail(reason)
         pytest.skip(reason)

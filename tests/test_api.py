@@ -8,8 +8,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
+from app.web import api
 from app.web.keys import MANAGER
 from tests.conftest import QUICK_JOB, MakeClient
 from tests.support.jobs import (
@@ -201,7 +203,8 @@ class TestList:
         response = await client.get("/api/jobs")
         assert response.status == 200
         listing = await response.json()
-        assert set(listing) == {"jobs"}
+        assert set(listing) == {"jobs", "truncated"}
+        assert listing["truncated"] is False
         ids = [job["id"] for job in listing["jobs"]]
         assert ids == [running["id"], cancelled["id"], done["id"]]
         for job in listing["jobs"]:
@@ -222,11 +225,26 @@ class TestList:
             assert [job["id"] for job in filtered["jobs"]] == expected, status
             assert all(job["status"] == status for job in filtered["jobs"])
 
+    async def test_a_listing_stops_at_its_byte_cap(
+        self, client: Client, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Past MAX_LIST_BODY_BYTES the older jobs are left out and truncated is true."""
+        jobs = [await create_job(client, QUICK_JOB) for _ in range(3)]
+        one = len(orjson.dumps((await (await client.get("/api/jobs?limit=1")).json())["jobs"][0]))
+        monkeypatch.setattr(api, "MAX_LIST_BODY_BYTES", 2 * one + 200)
+        listing = await (await client.get("/api/jobs")).json()
+        assert listing["truncated"] is True
+        assert [job["id"] for job in listing["jobs"]] == [jobs[2]["id"], jobs[1]["id"]]
+        monkeypatch.setattr(api, "MAX_LIST_BODY_BYTES", 10)
+        newest_only = await (await client.get("/api/jobs")).json()
+        assert [job["id"] for job in newest_only["jobs"]] == [jobs[2]["id"]]
+        assert newest_only["truncated"] is True
+
     async def test_empty_list(self, client: Client) -> None:
         """With no jobs the list is empty, not an error."""
         response = await client.get("/api/jobs")
         assert response.status == 200
-        assert await response.json() == {"jobs": []}
+        assert await response.json() == {"jobs": [], "truncated": False}
 
 
 class TestCancel:
@@ -377,7 +395,7 @@ class TestBadInput:
         else:
             response = await client.post("/api/jobs", json=body)
         await expect_json_error(response, 400, field=field)
-        assert await (await client.get("/api/jobs")).json() == {"jobs": []}
+        assert await (await client.get("/api/jobs")).json() == {"jobs": [], "truncated": False}
 
     @pytest.mark.parametrize(
         "query",

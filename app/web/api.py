@@ -30,6 +30,10 @@ routes = web.RouteTableDef()
 
 _BODY_FIELDS = ("pipeline", "input", "strategy", "options")
 MAX_LIST_LIMIT = 1000
+#: A listing stops growing past this many bytes: the older jobs are left out and it says
+#: ``"truncated": true``. Kept jobs may hold results of a megabyte; a page of 1,000 of
+#: them would otherwise hold as much as the whole memory budget, per request.
+MAX_LIST_BODY_BYTES = 4 * 1024 * 1024
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -107,7 +111,8 @@ async def create_job(request: web.Request) -> web.Response:
 
 @routes.get("/api/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    """``{"jobs": [...]}`` newest first; ``?limit=`` (1-1000, default 50), ``?status=``."""
+    """``{"jobs": [...], "truncated": bool}`` newest first; ``?limit=`` (1-1000, default
+    50), ``?status=``. At most :data:`MAX_LIST_BODY_BYTES` (the newest job always)."""
     limit = parse_int(request.query.get("limit", "50"), "limit", 1, MAX_LIST_LIMIT)
     status = None
     if "status" in request.query:
@@ -119,7 +124,21 @@ async def list_jobs(request: web.Request) -> web.Response:
     # With auth on the middleware has set the caller's fingerprint: only their jobs.
     owner = request.get(OWNER)
     jobs = await request.app[MANAGER].newest(limit=limit, status=status, owner=owner)
-    return json_response({"jobs": [snapshot_json(request, job) for job in jobs]})
+    encoded: list[bytes] = []
+    size = 0
+    truncated = False
+    for job in jobs:
+        snapshot = orjson.dumps(snapshot_json(request, job))
+        if encoded and size + len(snapshot) > MAX_LIST_BODY_BYTES:
+            truncated = True
+            break
+        encoded.append(snapshot)
+        size += len(snapshot) + 1
+    body = b'{"jobs":[%b],"truncated":%b}' % (
+        b",".join(encoded),
+        b"true" if truncated else b"false",
+    )
+    return web.Response(body=body, content_type="application/json")
 
 
 @routes.get("/api/jobs/{job_id}")

@@ -253,8 +253,14 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
         },
         "JobList": {
             "type": "object",
-            "required": ["jobs"],
-            "properties": {"jobs": {"type": "array", "items": _ref("Job")}},
+            "required": ["jobs", "truncated"],
+            "properties": {
+                "jobs": {"type": "array", "items": _ref("Job")},
+                "truncated": {
+                    "type": "boolean",
+                    "description": "Older jobs were left out: the body reached its size cap.",
+                },
+            },
         },
         "Event": {
             "type": "object",

@@ -331,8 +331,10 @@ class TestSigterm:
                 assert refused.status == 503
                 assert refused.headers["Retry-After"].isdigit()
                 assert (await refused.json())["error"]["code"] == "draining"
-            # The browser's reconnect, landing on B, resumes where A's stream stopped.
-            resumed = await stream(session, b, job["id"], last_event_id=from_a.seqs()[-1])
+            # The browser's reconnect, landing on B, resumes where A's stream stopped (from
+            # the start if the SIGTERM came before A's stream had written an event).
+            last_on_a = from_a.seqs()[-1] if from_a.seqs() else 0
+            resumed = await stream(session, b, job["id"], last_event_id=last_on_a)
             from_b = await on_b
             assert await wait_exit(a, grace_s + 2.0) == 0
         assert handed_off_in_s < 1.0

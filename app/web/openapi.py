@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from app import __version__
+from app.core.events import EVENT_TYPES
 from app.jobs.store import JobStatus, StepStatus
 from app.web.api import MAX_LIST_LIMIT
 from app.web.diagnostics import PATTERN_LIMITS as DIAGNOSTICS_LIMITS
@@ -43,16 +44,7 @@ _ERROR_MEANINGS = {
     503: "At capacity, draining after SIGTERM, over the retained byte budget, or Redis "
     "unreachable; retry after `Retry-After` seconds.",
 }
-_EVENT_TYPES = (
-    "job_started",
-    "step_started",
-    "chunk",
-    "insight",
-    "step_progress",
-    "step_completed",
-    "error",
-    "done",
-)
+_EVENT_TYPES = tuple(EVENT_TYPES)
 
 
 def _ref(name: str) -> Spec:

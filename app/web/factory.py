@@ -35,7 +35,7 @@ from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
 from app.web.keys import BUS, MANAGER, SETTINGS
 from app.web.metrics import install_metrics
-from app.web.middleware import add_request_id, middlewares
+from app.web.middleware import middlewares, response_headers
 from app.web.openapi import install_openapi
 from app.web.poll import poll_events
 from app.web.stream import stream_job
@@ -150,7 +150,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.router.add_get("/static/{filename}", static_file)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(response_headers)
     CorsPolicy(settings.cors_origins).install(app)
     install_auth(app)
     install_metrics(app)

@@ -23,8 +23,7 @@ from app.core.errors import FlushlineError, InvalidField, Unauthenticated, backe
 from app.web.keys import STREAM_BYTES
 
 __all__ = [
-    "SERVER_NAME",
-    "add_request_id",
+    "SERVER_HEADERS",
     "client_gone",
     "error_response",
     "json_response",
@@ -34,8 +33,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: The ``Server`` header: no versions (they tell an attacker which advisories apply).
-SERVER_NAME = "flushline"
+#: Headers of every answer, the server's own parser errors included: a ``Server`` without
+#: versions (they tell an attacker which advisories apply), and no content sniffing.
+SERVER_HEADERS = {"Server": "flushline", "X-Content-Type-Options": "nosniff"}
 #: Answers under this prefix carry job data (or their errors): no cache may keep them.
 _NO_STORE_PREFIX = "/api/jobs"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -172,14 +172,9 @@ async def response_headers(request: web.Request, response: web.StreamResponse) -
     request_id = _current_request_id()
     if request_id:
         headers.setdefault("X-Request-ID", request_id)
-    headers["X-Content-Type-Options"] = "nosniff"
-    headers[hdrs.SERVER] = SERVER_NAME
+    headers.update(SERVER_HEADERS)
     if request.path == _NO_STORE_PREFIX or request.path.startswith(_NO_STORE_PREFIX + "/"):
         headers.setdefault(hdrs.CACHE_CONTROL, "no-store")
-
-
-#: The name the factory installs :func:`response_headers` under.
-add_request_id = response_headers
 
 
 def _domain_error(exc: FlushlineError) -> web.Response:

@@ -36,7 +36,6 @@ from app.web.server.limits import (
 from app.web.server.listener import AcceptErrorLog, Listener
 from app.web.server.protocol import (
     DECODED_CODINGS,
-    SERVER_HEADERS,
     FlushlineRequestHandler,
     FlushlineServer,
 )
@@ -44,7 +43,6 @@ from app.web.server.runner import FlushlineRunner, run
 
 __all__ = [
     "DECODED_CODINGS",
-    "SERVER_HEADERS",
     "AcceptErrorLog",
     "ConnectionTracker",
     "FlushlineRequestHandler",

@@ -14,12 +14,11 @@ import structlog
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from app.web.middleware import error_response
+from app.web.middleware import SERVER_HEADERS, error_response
 from app.web.server.limits import ConnectionTracker
 
 __all__ = [
     "DECODED_CODINGS",
-    "SERVER_HEADERS",
     "SHED_GRACE_S",
     "FlushlineRequestHandler",
     "FlushlineServer",
@@ -30,8 +29,6 @@ log = structlog.get_logger(__name__)
 #: At the cap, a silent connection that has waited this long for a head may be closed to
 #: make room: any real client sends its head at once.
 SHED_GRACE_S = 0.5
-#: Headers every answer built here carries (the app adds them to its own answers).
-SERVER_HEADERS = {"Server": "flushline", "X-Content-Type-Options": "nosniff"}
 #: The codings aiohttp decodes (``br`` and ``zstd`` only with their libraries; without
 #: them the parser refuses the head, see ``handle_error``). Any other is passed through
 #: undecoded, so it is refused here.

@@ -68,3 +68,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     binary = require_redis_server()
     with run_redis(tmp_path_factory.mktemp("redis"), binary=binary) as server:
         yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def bus_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The settings of the parametrised bus (Redis: the session's throw-away server)."""
+    if request.param == "memory":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"FLUSHLINE_BUS": "redis", "FLUSHLINE_REDIS_URL": server.url}

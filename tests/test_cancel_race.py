@@ -11,22 +11,11 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-import pytest
-
 from tests.conftest import MakeClient
 from tests.support.jobs import SLOW_JOB, Client, create_job, expect_json_error, get_job
 from tests.support.redis import RedisServer
 
 CANCELS = 20
-
-
-@pytest.fixture(params=["memory", "redis"])
-def bus_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The settings of the parametrised bus (Redis: the session's throw-away server)."""
-    if request.param == "memory":
-        return {}
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return {"FLUSHLINE_BUS": "redis", "FLUSHLINE_REDIS_URL": server.url}
 
 
 async def cancel_all(

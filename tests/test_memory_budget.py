@@ -46,16 +46,6 @@ from tests.support.process import (
     server_process,
     wait_accepting,
 )
-from tests.support.redis import RedisServer
-
-
-@pytest.fixture(params=["memory", "redis"])
-def bus_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The settings of the parametrised bus (Redis: the session's throw-away server)."""
-    if request.param == "memory":
-        return {}
-    server: RedisServer = request.getfixturevalue("redis_server")
-    return {"FLUSHLINE_BUS": "redis", "FLUSHLINE_REDIS_URL": server.url}
 
 
 def nested(levels: int) -> str:

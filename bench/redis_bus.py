@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 
 from app.bus import EventBus, MemoryEventBus
 from app.bus.redis import RedisEventBus
+from app.bus.redis_client import connect_redis
 from app.core.events import InsightEvent
 from app.jobs.manager import JobManager, JobRequest
 from app.jobs.pipelines import DemoPipeline
@@ -136,8 +137,8 @@ async def lag_row(
 async def publish_row(
     url: str, admin: Redis, on_a: int, on_b: int, events: int
 ) -> tuple[int, dict[str, int], int]:
-    a = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
-    b = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    a = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
+    b = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
     job_id = uuid.uuid4().hex
     await a.open(job_id)
     watchers = [asyncio.create_task(watch(a, job_id)) for _ in range(on_a)]
@@ -169,7 +170,7 @@ def manager(bus: RedisEventBus, store: RedisJobStore) -> JobManager:
 
 
 async def job_row(url: str, admin: Redis, watchers_each: int) -> tuple[int, dict[str, int], str]:
-    client_a, client_b = Redis.from_url(url), Redis.from_url(url)
+    client_a, client_b = connect_redis(url), connect_redis(url)
     a = RedisEventBus(client_a, prefix="bench:")
     b = RedisEventBus(client_b, prefix="bench:")
     store = RedisJobStore(client_a, prefix="bench:")
@@ -196,8 +197,8 @@ async def job_row(url: str, admin: Redis, watchers_each: int) -> tuple[int, dict
 
 
 async def idle_row(url: str, admin: Redis, idle_s: float) -> dict[str, int]:
-    a = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
-    b = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    a = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
+    b = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
     job_id = uuid.uuid4().hex
     await a.open(job_id)
     await a.publish(job_id, InsightEvent(text="started"))
@@ -232,7 +233,7 @@ async def memory_row(url: str, admin: Redis, job_id: str) -> list[tuple[str, obj
 
 
 async def main(url: str, events: int) -> None:
-    admin = Redis.from_url(url)
+    admin = connect_redis(url)
     rows = []
     for on_a, on_b in ((0, 0), (1, 1), (10, 10), (500, 500)):
         published, counts, received = await publish_row(url, admin, on_a, on_b, events)
@@ -257,8 +258,8 @@ async def main(url: str, events: int) -> None:
     job_events, counts, job_id = await job_row(url, admin, 500)
     publish_side = counts.get("xadd", 0) + counts.get("set", 0)
     memory = MemoryEventBus()
-    a = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
-    b = RedisEventBus(Redis.from_url(url), owns_client=True, prefix="bench:")
+    a = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
+    b = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
     lag_rows = [
         await lag_row("memory, one instance", (memory, memory), 500, events),
         await lag_row("redis, two instances", (a, b), 500, events),

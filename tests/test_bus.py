@@ -18,11 +18,11 @@ from typing import Protocol
 import attrs
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from app.bus import EventBus, MemoryEventBus, Subscription
 from app.bus.local import EVENT_OVERHEAD_BYTES, event_cost
 from app.bus.redis import RedisEventBus
+from app.bus.redis_client import connect_redis
 from app.core.errors import HistoryTruncated, JobNotFound, SubscriberLagged
 from app.core.events import AnyEvent, EncodedEvent, InsightEvent
 from tests.support.redis import RedisServer
@@ -47,7 +47,7 @@ def _redis_bus(server: RedisServer) -> BusFactory:
 
     async def make(*, history_limit: int, queue_limit: int, history_bytes: int) -> EventBus:
         return RedisEventBus(
-            Redis.from_url(server.url),
+            connect_redis(server.url),
             history_limit=history_limit,
             queue_limit=queue_limit,
             history_bytes=history_bytes,
@@ -105,7 +105,7 @@ def _redis_two_instances(server: RedisServer) -> BusFactory:
         )
         assert isinstance(publisher, RedisEventBus)
         reader = RedisEventBus(
-            Redis.from_url(server.url),
+            connect_redis(server.url),
             history_limit=history_limit,
             queue_limit=queue_limit,
             history_bytes=history_bytes,
@@ -637,7 +637,7 @@ class TestRedisHistoryBytes:
         """After 300 events, the stream holds the newest ones, within the budget, nothing else."""
         budget = 20 * (EVENT_OVERHEAD_BYTES + 110)
         bus = RedisEventBus(
-            Redis.from_url(redis_server.url),
+            connect_redis(redis_server.url),
             history_bytes=budget,
             prefix=f"test-{uuid.uuid4().hex}:",
             owns_client=True,

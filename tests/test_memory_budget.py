@@ -21,8 +21,8 @@ import aiohttp
 import attrs
 import orjson
 import pytest
-from redis.asyncio import Redis
 
+from app.bus.redis_client import connect_redis
 from app.jobs.budget import JOB_BASE_BYTES, RESULT_BYTES_PER_TOKEN, STEP_BYTES
 from app.jobs.limits import MAX_JSON_DEPTH, JsonLimits, measure_json
 from app.jobs.manager import JobManager
@@ -364,7 +364,7 @@ async def used_memory(redis_url: str | None) -> int:
     """Redis's ``used_memory`` (bytes); 0 without Redis."""
     if redis_url is None:
         return 0
-    client = Redis.from_url(redis_url)
+    client = connect_redis(redis_url)
     try:
         return int((await client.info("memory"))["used_memory"])
     finally:

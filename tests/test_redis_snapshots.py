@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.bus.redis import RedisEventBus
+from app.bus.redis_client import connect_redis
 from app.core.events import (
     AnyEvent,
     ChunkEvent,
@@ -79,7 +80,7 @@ class Instances:
 @pytest.fixture
 async def instances(redis_server: RedisServer) -> AsyncIterator[Instances]:
     prefix = f"test-{uuid.uuid4().hex}:"
-    clients = [Redis.from_url(redis_server.url) for _ in range(3)]
+    clients = [connect_redis(redis_server.url) for _ in range(3)]
     yield Instances(
         bus=RedisEventBus(clients[0], prefix=prefix),
         runner=RedisJobStore(clients[0], prefix=prefix, snapshot_interval_s=INTERVAL_S),

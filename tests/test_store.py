@@ -18,8 +18,8 @@ from typing import Protocol
 
 import attrs
 import pytest
-from redis.asyncio import Redis
 
+from app.bus.redis_client import connect_redis
 from app.core.errors import JobNotFound
 from app.jobs.redis_store import RedisJobStore
 from app.jobs.store import JobSnapshot, JobStatus, JobStore, MemoryJobStore, StepState, StepStatus
@@ -43,7 +43,7 @@ def _redis_store(server: RedisServer, closers: list[CloseStore]) -> StoreFactory
     """Stores on the session's throw-away redis-server, each under its own key prefix."""
 
     async def make(*, job_ttl_s: float) -> JobStore:
-        client = Redis.from_url(server.url)
+        client = connect_redis(server.url)
         closers.append(client.aclose)
         return RedisJobStore(client, job_ttl_s=job_ttl_s, prefix=f"test-{uuid.uuid4().hex}:")
 

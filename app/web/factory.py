@@ -51,12 +51,6 @@ log = structlog.get_logger(__name__)
 EXPIRY_INTERVAL_S = 60.0
 #: How long start-up waits for Redis to answer before giving up.
 REDIS_CONNECT_TIMEOUT_S = 5.0
-#: Redis connections one instance opens at most: one per job it reads (a blocking
-#: ``XREAD``), plus those of requests in flight. redis-py's default (100, failing at once
-#: beyond it) turned a burst of 500 stream connections into 503s.
-REDIS_MAX_CONNECTIONS = 2_000
-#: How long a request waits for a free Redis connection before its 503.
-REDIS_POOL_WAIT_S = 5.0
 #: The page and the browser client (``flushline.js``), served as they are: no build step.
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
 
@@ -76,30 +70,11 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     control: JobControl | None = None
     if settings.bus == "redis":
         # Imported here: a memory-bus service never loads the Redis client.
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
         from app.bus.redis import RedisEventBus
+        from app.bus.redis_client import connect_redis
         from app.jobs.redis_store import RedisJobControl, RedisJobStore
 
-        redis = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=REDIS_MAX_CONNECTIONS,
-                timeout=REDIS_POOL_WAIT_S,
-                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-                socket_keepalive=True,
-                # Once, at once: a pooled connection Redis closed (it restarted) fails
-                # its next command; the retry goes out on a fresh one. A command that
-                # did run before its reply was lost is safe to repeat: XADD ids are
-                # explicit (RedisEventBus recognises its own entry), the scripts check
-                # before they write.
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                retry_on_error=[RedisConnectionError],
-            )
-        )
+        redis = connect_redis(settings.redis_url)
         bus = RedisEventBus(
             redis,
             history_limit=settings.history_limit,

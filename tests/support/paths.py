@@ -402,6 +402,13 @@ class ClientRun:
     #: The full text of each step, from the service's own history (long-poll, direct).
     step_texts: tuple[str, ...]
     record: dict[str, Any]
+    #: The path's first measurement, when this run measured it again (its timing missed).
+    earlier: ClientRun | None = None
+
+    @property
+    def attempts(self) -> tuple[ClientRun, ...]:
+        """Every measurement of the path, the first one first."""
+        return (self,) if self.earlier is None else (*self.earlier.attempts, self)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -465,12 +472,15 @@ class ClientRun:
     def describe(self) -> str:
         """One line for assertion messages."""
         lags = self.lags_ms
-        return (
+        line = (
             f"{self.path}: {self.record.get('outcome')}, {len(self.events)} events of "
             f"{self.last_seq}, chose {self.choice()}, decisions "
             f"{[d['reason'] for d in self.decisions]}, progress {self.progress_changes()}, "
             f"lag max {max(lags, default=0):.0f} ms"
         )
+        if self.earlier is not None:
+            line += f"; measured again after: {self.earlier.describe()}"
+        return line
 
 
 async def job_history(session: aiohttp.ClientSession, service: str, job_id: str) -> list[Any]:

@@ -48,6 +48,7 @@ from app.jobs.budget import (
 )
 from app.jobs.control import JobControl
 from app.jobs.limits import JsonLimits, measure_json
+from app.jobs.maintenance import MAINTENANCE_RETRY_S, LeaseMaintenance
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.runner import JobOutcome, run_job
 from app.jobs.store import (
@@ -73,8 +74,6 @@ CANCEL_WAIT_S = 5.0
 CANCEL_POLL_S = 0.01
 #: Why jobs still running at the end of the shutdown grace end ``failed``.
 SHUTDOWN_REASON = "shutdown"
-#: Pause after a failed renew or sweep before the next attempt.
-MAINTENANCE_RETRY_S = 1.0
 #: Pause between attempts to write a job's snapshot while Redis is lost.
 SNAPSHOT_RETRY_S = 0.2
 #: Why a job failed when Redis stayed away past ``FLUSHLINE_REDIS_GRACE_S``.
@@ -408,9 +407,10 @@ class JobManager:
     async def _record_end_when_back(self, run: _Running, reason: str) -> bool:
         """Publish the job's ``error`` and ``done`` (failed: ``reason``) once Redis is back.
 
-        Tried every :data:`MAINTENANCE_RETRY_S` within the lease (the job stays in
-        ``_running``, so its lease is renewed as soon as Redis answers). False when it did
-        not get through, or another instance ended the job first (its log is closed).
+        Tried every :data:`~app.jobs.maintenance.MAINTENANCE_RETRY_S` within the lease (the
+        job stays in ``_running``, so its lease is renewed as soon as Redis answers). False
+        when it did not get through, or another instance ended the job first (its log is
+        closed).
         """
         if self.control is None:
             return False
@@ -650,40 +650,9 @@ class JobManager:
 
         Runs until cancelled (the app owns the task); returns at once for one instance.
         """
-        control = self.control
-        if control is None:
+        if self.control is None:
             return
-        async with asyncio.TaskGroup() as group:
-            group.create_task(control.watch_cancels(self._cancel_local), name="cancel-watcher")
-            group.create_task(self._renew_forever(control), name="lease-renewer")
-            group.create_task(self._sweep_forever(control), name="lease-sweeper")
-
-    async def _renew_forever(self, control: JobControl) -> None:
-        every_s = control.lease_s / 3
-        delay_s = every_s
-        while True:
-            await asyncio.sleep(delay_s)
-            delay_s = every_s
-            if not self._running:
-                continue
-            try:
-                cancels = await control.renew(list(self._running))
-            except Exception as exc:
-                # Soon again: a Redis that comes back must see the lease before the sweeper.
-                log.warning("lease renewal failed", error=str(exc))
-                delay_s = min(MAINTENANCE_RETRY_S, every_s)
-                continue
-            for job_id in cancels:  # a request whose message this instance missed
-                self._cancel_local(job_id)
-
-    async def _sweep_forever(self, control: JobControl) -> None:
-        while True:
-            await asyncio.sleep(min(control.lease_s / 4, 0.5))
-            try:
-                ended = await control.sweep()
-            except Exception as exc:
-                log.warning("lease sweep failed", error=str(exc))
-                await asyncio.sleep(MAINTENANCE_RETRY_S)
-                continue
-            for job_id in ended:
-                log.warning("job failed: runner lost", job_id=job_id)
+        maintenance = LeaseMaintenance(
+            self.control, running_jobs=lambda: list(self._running), cancel=self._cancel_local
+        )
+        await maintenance.run()

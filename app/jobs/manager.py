@@ -5,14 +5,9 @@ so watchers coming and going never affect it. Every event goes through
 :meth:`JobManager._publish`, which publishes it on the bus and folds it into the job's
 snapshot in the store.
 
-Memory is a budget, not only counts. A job's ``input`` and ``options`` are bounded in
-depth and size (:mod:`app.jobs.limits`) before anything reads them, and every job this
-process keeps is counted in :mod:`app.jobs.budget`. A new job that would pass the budget
-makes finished jobs forgotten, those that ended first first; when even that could not
-make room (running jobs fill it), it is refused (503 with ``Retry-After``) and nothing is
-forgotten. A job whose result passes its reservation makes older finished jobs forgotten
-as it ends. So what jobs hold stays within the budget, whatever clients send (a single
-job larger than the whole budget is taken only when no other job is kept).
+A job's ``input`` and ``options`` are bounded in depth and size (:mod:`app.jobs.limits`)
+before anything reads them, and room is made for it in the retention budget
+(:mod:`app.jobs.retention`) before it starts.
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ from app.core.errors import (
     Draining,
     InvalidField,
     JobAlreadyFinished,
-    OverBudget,
     backend_outage,
 )
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
@@ -50,6 +44,7 @@ from app.jobs.control import JobControl
 from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.maintenance import MAINTENANCE_RETRY_S, LeaseMaintenance
 from app.jobs.pipelines import JobPlan, Pipeline
+from app.jobs.retention import Retention
 from app.jobs.runner import JobOutcome, run_job
 from app.jobs.store import (
     JobSnapshot,
@@ -153,10 +148,16 @@ class JobManager:
     _running: dict[str, _Running] = attrs.Factory(dict)
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
-    _budget: RetainedBudget = attrs.field(init=False)
+    _retention: Retention = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._budget = RetainedBudget(self.max_retained_bytes, self.max_history_bytes)
+        self._retention = Retention(
+            self.store,
+            self.bus,
+            RetainedBudget(self.max_retained_bytes, self.max_history_bytes),
+            self.max_retained_jobs,
+            running_jobs=lambda: self.active_jobs,
+        )
 
     @property
     def active_jobs(self) -> int:
@@ -166,7 +167,7 @@ class JobManager:
     @property
     def retained_bytes(self) -> int:
         """What the jobs this process keeps count against ``max_retained_bytes``."""
-        return self._budget.retained
+        return self._retention.retained_bytes
 
     def strategy(self, name: str) -> FlushStrategy:
         """The configured strategy called ``name`` (``InvalidField`` if unknown)."""
@@ -192,11 +193,11 @@ class JobManager:
             raise AtCapacity(self.max_active_jobs)
         expected = RESULT_BYTES_PER_TOKEN * sum(step.expected_tokens for step in plan.steps)
         job_id = secrets.token_urlsafe(16)
-        await self._make_room(job_id, KeptJob(fixed, expected))
+        await self._retention.make_room(job_id, KeptJob(fixed, expected))
         try:
             return await self._start(job_id, request, plan, pipeline, strategy)
         except BaseException:
-            self._budget.remove(job_id)
+            self._retention.release(job_id)
             raise
 
     async def _start(
@@ -235,7 +236,7 @@ class JobManager:
             self.on_publish()
         self._events[job_id] = self._events.get(job_id, 0) + 1
         self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
-        self._budget.published(job_id, encoded)
+        self._retention.published(job_id, encoded)
         run = self._running.get(job_id)
         if run is None:
             await self.store.put(apply_event(await self.store.get(job_id), encoded))
@@ -390,7 +391,7 @@ class JobManager:
                 except Exception as exc:  # the lease expires by itself; sweepers skip ended jobs
                     log.warning("lease not released", error=str(exc))
             self._running.pop(job.id, None)
-            self._budget.settle(job.id)
+            self._retention.settle(job.id)
             run.ended.set()
             log.info(
                 "job finished",
@@ -402,7 +403,7 @@ class JobManager:
                 events=self._events.pop(job.id, 0),
                 bytes=self._bytes.pop(job.id, 0),
             )
-            await self._shed(keep=job.id)
+            await self._retention.shed(keep=job.id)
 
     async def _record_end_when_back(self, run: _Running, reason: str) -> bool:
         """Publish the job's ``error`` and ``done`` (failed: ``reason``) once Redis is back.
@@ -520,69 +521,13 @@ class JobManager:
                     await asyncio.sleep(CANCEL_POLL_S)
         return await self.store.get(job_id)
 
-    async def _make_room(self, job_id: str, kept: KeptJob) -> None:
-        """Keep the new job within both budgets (count, bytes), forgetting the oldest
-        finished jobs first; ``OverBudget`` (503) when only running jobs are left.
-
-        On return the job's bytes are counted (``remove`` takes them back), with no
-        await between the last check and the count: concurrent creates cannot both fit
-        in the same room.
-        """
-        if await self.store.count() >= self.max_retained_jobs:
-            for old in reversed(await self.store.newest(limit=self.max_retained_jobs + 1)):
-                if old.status.finished:
-                    await self._forget(old.id)
-                    break
-        budget = self._budget
-        while not budget.fits(kept):
-            # Refused before anything is forgotten when forgetting could not make the room
-            # (running jobs hold it).
-            oldest = budget.oldest_finished()
-            if oldest is None or budget.running_fill(kept):
-                # Not a warning: under load it would be one line per refused request.
-                log.debug(
-                    "job refused: retained bytes",
-                    retained_bytes=budget.retained,
-                    needed_bytes=kept.size(budget.history_bytes),
-                    max_retained_bytes=budget.max_bytes,
-                )
-                raise OverBudget(self.active_jobs)
-            await self._forget(oldest)
-        budget.add(job_id, kept)
-
-    async def _shed(self, keep: str) -> None:
-        """Past the budget (a result larger than its job's reservation), forget the oldest
-        finished jobs but ``keep`` (it has just ended: its result is still to be read).
-        """
-        while self._budget.over():
-            oldest = self._budget.oldest_finished(keep)
-            if oldest is None:
-                return
-            try:
-                await self._forget(oldest)
-            except Exception as exc:
-                if backend_outage(exc) is None:
-                    raise
-                log.warning("finished job not forgotten: redis unreachable", error=str(exc))
-                return
-
-    async def _forget(self, job_id: str) -> None:
-        self._budget.remove(job_id)
-        await self.store.discard(job_id)
-        await self.bus.discard(job_id)
-
     async def expire(self, now: float | None = None) -> int:
         """Forget jobs that finished more than ``job_ttl_s`` ago; returns how many.
 
         With Redis, whose keys expire by themselves, only this process's count of them.
         """
         cutoff = (time.time() if now is None else now) - self.job_ttl_s
-        expired = await self.store.finished_before(cutoff)
-        for job_id in expired:
-            await self._forget(job_id)
-        for job_id in self._budget.finished_before(cutoff):
-            self._budget.remove(job_id)
-        return len(expired)
+        return await self._retention.expire(cutoff)
 
     @property
     def handing_off(self) -> bool:

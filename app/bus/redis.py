@@ -46,9 +46,9 @@ from app.bus.redis_writer import (
     Entry,
     JobWriter,
     WriterHooks,
-    WriterLimits,
     decode_entry,
     stream_top,
+    ttl_ms,
 )
 from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent
@@ -125,7 +125,6 @@ class RedisEventBus:
     grace_s: float = 8.0
     _writers: dict[str, JobWriter] = attrs.Factory(dict)
     _feeds: JobFeeds = attrs.field(init=False)
-    _limits: WriterLimits = attrs.field(init=False)
     _hooks: WriterHooks = attrs.field(init=False)
     _open_script: Any = None
     _close_script: Any = None
@@ -137,15 +136,7 @@ class RedisEventBus:
             self.redis,
             key=self.key,
             published_next_seq=self._published_next_seq,
-            history_limit=self.history_limit,
-            queue_limit=self.queue_limit,
-            history_bytes=self.history_bytes,
-        )
-        self._limits = WriterLimits(
-            history_limit=self.history_limit,
-            history_bytes=self.history_bytes,
-            job_ttl_s=self.job_ttl_s,
-            grace_s=self.grace_s,
+            limits=self,
         )
         self._hooks = WriterHooks(
             buffering=self._feeds.lose,
@@ -156,7 +147,7 @@ class RedisEventBus:
 
     @property
     def _ttl_ms(self) -> int:
-        return self._limits.ttl_ms
+        return ttl_ms(self.job_ttl_s)
 
     def key(self, job_id: str) -> str:
         """The Redis key of the job's stream."""
@@ -169,8 +160,8 @@ class RedisEventBus:
             job_id,
             self.key(job_id),
             self.redis,
-            self._limits,
-            self._hooks,
+            limits=self,
+            hooks=self._hooks,
             next_seq=next_seq,
             renewed_at=renewed_at,
         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import attrs
 import structlog
@@ -58,6 +58,14 @@ READ_RETRY_S = (0.05, 0.2, 0.5, 1.0)
 #: Stopping a reader: ``CLIENT UNBLOCK`` attempts, and the wait after each.
 HALT_UNBLOCK_TRIES = 10
 HALT_WAIT_S = 0.1
+
+
+class FeedLimits(Protocol):
+    """The bus's settings the feeds follow (read at each use, as the bus holds them)."""
+
+    history_limit: int
+    queue_limit: int
+    history_bytes: int
 
 
 @attrs.define(eq=False)
@@ -115,9 +123,7 @@ class JobFeeds:
     key: Callable[[str], str]
     #: The next seq this instance will publish for a job; None when it does not publish it.
     published_next_seq: Callable[[str], int | None]
-    history_limit: int
-    queue_limit: int
-    history_bytes: int
+    limits: FeedLimits
     _feeds: dict[str, JobFeed] = attrs.Factory(dict)
     _stopping: set[asyncio.Task[None]] = attrs.Factory(set)
 
@@ -126,7 +132,7 @@ class JobFeeds:
         feed = self._feeds.get(job_id)
         return 0 if feed is None else len(feed.subscribers)
 
-    # --- what the publishing side tells the feeds ----------------------------------------
+    # --- what the publishing side tells the feeds ------------------------------------
 
     def add_published(self, job_id: str, encoded: EncodedEvent) -> None:
         """An event this instance has just written to Redis: append it without a read."""
@@ -135,8 +141,7 @@ class JobFeeds:
             return
         if encoded.seq == feed.next_seq:
             # History keeps the frame only; the event object goes back to the publisher.
-            event_only = attrs.evolve(encoded, event=None)
-            feed.append([event_only], self.history_limit, self.queue_limit, self.history_bytes)
+            self._append(feed, [attrs.evolve(encoded, event=None)])
             feed.last_id = f"{encoded.seq}-0".encode()
         else:  # the feed is behind (another publisher, or a load under way): read
             feed.nudge.set()
@@ -354,6 +359,10 @@ class JobFeeds:
                 return
             start = b"(" + feed.last_id
 
+    def _append(self, feed: JobFeed, events: Sequence[EncodedEvent]) -> None:
+        limits = self.limits
+        feed.append(events, limits.history_limit, limits.queue_limit, limits.history_bytes)
+
     def _apply(self, feed: JobFeed, entries: Sequence[Entry]) -> None:
         """Add entries read from Redis to the feed, skipping those it already has."""
         fresh: list[EncodedEvent] = []
@@ -371,11 +380,11 @@ class JobFeeds:
             if seq < expected:  # published here and already appended
                 continue
             if seq > expected:
-                feed.append(fresh, self.history_limit, self.queue_limit, self.history_bytes)
+                self._append(feed, fresh)
                 fresh = []
                 feed.skip_to(seq)
             fresh.append(decode_entry(entry_id, fields))
-        feed.append(fresh, self.history_limit, self.queue_limit, self.history_bytes)
+        self._append(feed, fresh)
         if gone:
             self._forget(feed)
         elif closed:

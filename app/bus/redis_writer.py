@@ -31,7 +31,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import attrs
 import structlog
@@ -98,19 +98,18 @@ def _id_taken(exc: redis_errors.ResponseError) -> bool:
     return "equal or smaller than the target stream top item" in str(exc)
 
 
-@attrs.frozen
-class WriterLimits:
-    """The bus's settings a writer follows."""
+def ttl_ms(job_ttl_s: float) -> int:
+    """A job's TTL as ``PEXPIRE`` takes it: milliseconds, at least 1."""
+    return max(1, round(job_ttl_s * 1000))
+
+
+class WriterLimits(Protocol):
+    """The bus's settings a writer follows (read at each use, as the bus holds them)."""
 
     history_limit: int
     history_bytes: int
     job_ttl_s: float
     grace_s: float
-
-    @property
-    def ttl_ms(self) -> int:
-        """The key's TTL in milliseconds (at least 1)."""
-        return max(1, round(self.job_ttl_s * 1000))
 
 
 @attrs.frozen
@@ -242,7 +241,7 @@ class JobWriter:
                 if renew:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         pipe.xadd(self.key, fields, **xadd)  # type: ignore[arg-type]
-                        pipe.pexpire(self.key, self.limits.ttl_ms)
+                        pipe.pexpire(self.key, ttl_ms(self.limits.job_ttl_s))
                         added, _ = await pipe.execute()
                     self.renewed_at = now
                 else:
@@ -333,7 +332,6 @@ class JobWriter:
     async def _flush(self) -> None:
         """Write the buffered events in order once Redis answers; give up past the grace."""
         written = 0
-        grace_s = self.limits.grace_s
         try:
             while self.pending and self.failed is None:
                 encoded, fields, keep_from = self.pending[0]
@@ -342,6 +340,7 @@ class JobWriter:
                     added = await self.redis.xadd(self.key, fields, **xadd)  # type: ignore[arg-type]
                 except REDIS_LOST:
                     assert self.lost_at is not None
+                    grace_s = self.limits.grace_s
                     if time.monotonic() - self.lost_at > grace_s:
                         self.give_up(f"Redis unreachable for more than {grace_s:g} s")
                         return
@@ -364,7 +363,7 @@ class JobWriter:
                 self.pending_bytes -= len(encoded.frame)
                 written += 1
             if self.failed is None:
-                await self.redis.pexpire(self.key, self.limits.ttl_ms)
+                await self.redis.pexpire(self.key, ttl_ms(self.limits.job_ttl_s))
                 self.renewed_at = time.monotonic()
                 log.info(
                     "redis back; buffered events written",

@@ -3,7 +3,7 @@
 Jobs run independently of any stream: a job's task is held here (never by a request),
 so watchers coming and going never affect it. Every event goes through
 :meth:`JobManager._publish`, which publishes it on the bus and folds it into the job's
-snapshot in the store.
+snapshot in the store (kept here while Redis is lost: :mod:`app.jobs.snapshot_keeper`).
 
 A job's ``input`` and ``options`` are bounded in depth and size (:mod:`app.jobs.limits`)
 before anything reads them, and room is made for it in the retention budget
@@ -42,16 +42,16 @@ from app.jobs.budget import (
 )
 from app.jobs.control import JobControl
 from app.jobs.limits import JsonLimits, measure_json
-from app.jobs.maintenance import MAINTENANCE_RETRY_S, LeaseMaintenance
+from app.jobs.maintenance import LeaseMaintenance
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.retention import Retention
 from app.jobs.runner import JobOutcome, run_job
+from app.jobs.snapshot_keeper import REDIS_LOST_REASON, SnapshotKeeper
 from app.jobs.store import (
     JobSnapshot,
     JobStatus,
     JobStore,
     StepState,
-    StepStatus,
     apply_event,
 )
 from strategies import FlushStrategy
@@ -69,13 +69,6 @@ CANCEL_WAIT_S = 5.0
 CANCEL_POLL_S = 0.01
 #: Why jobs still running at the end of the shutdown grace end ``failed``.
 SHUTDOWN_REASON = "shutdown"
-#: Pause between attempts to write a job's snapshot while Redis is lost.
-SNAPSHOT_RETRY_S = 0.2
-#: Why a job failed when Redis stayed away past ``FLUSHLINE_REDIS_GRACE_S``.
-REDIS_LOST_REASON = (
-    "Redis was unreachable for longer than FLUSHLINE_REDIS_GRACE_S: "
-    "the events the job published meanwhile were dropped"
-)
 
 
 def _lookup(registry: Mapping[str, T], field: str, name: str) -> T:
@@ -149,6 +142,7 @@ class JobManager:
     _events: dict[str, int] = attrs.Factory(dict)
     _bytes: dict[str, int] = attrs.Factory(dict)
     _retention: Retention = attrs.field(init=False)
+    _snapshots: SnapshotKeeper = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._retention = Retention(
@@ -158,6 +152,7 @@ class JobManager:
             self.max_retained_jobs,
             running_jobs=lambda: self.active_jobs,
         )
+        self._snapshots = SnapshotKeeper(self.store, self.bus, self.control, self.backend_grace_s)
 
     @property
     def active_jobs(self) -> int:
@@ -241,51 +236,8 @@ class JobManager:
         if run is None:
             await self.store.put(apply_event(await self.store.get(job_id), encoded))
         else:
-            await self._save_snapshot(run, encoded)
+            await self._snapshots.save(run, encoded)
         return encoded
-
-    async def _save_snapshot(self, run: _Running, encoded: EncodedEvent) -> None:
-        """Fold ``encoded`` into the job's snapshot; while Redis is lost, keep it here.
-
-        The runner is the snapshot's only writer, so its last snapshot is the base when
-        the store cannot be read; the newest one is written as soon as Redis answers
-        (here, or at the job's end), or the job fails past ``backend_grace_s``.
-        """
-        try:
-            base = run.job if run.unsaved_since is not None else await self.store.get(run.job.id)
-        except Exception as exc:
-            if backend_outage(exc) is None:
-                raise
-            base = run.job
-        run.job = apply_event(base, encoded)
-        await self._put_snapshot(run, wait=False)
-
-    async def _put_snapshot(self, run: _Running, *, wait: bool) -> None:
-        """Write ``run.job``; on a lost Redis, keep it for later (or, with ``wait``, retry).
-
-        Raises ``BackendUnavailable`` once Redis has been lost for ``backend_grace_s``.
-        """
-        while True:
-            try:
-                await self.store.put(run.job)
-            except Exception as exc:
-                outage = backend_outage(exc)
-                if outage is None:
-                    raise
-                now = time.monotonic()
-                if run.unsaved_since is None:
-                    run.unsaved_since = now
-                    log.warning("redis lost; the job's snapshot waits for it", error=str(exc))
-                if now - run.unsaved_since > self.backend_grace_s:
-                    raise BackendUnavailable(
-                        f"Redis unreachable for more than {self.backend_grace_s:g} s"
-                    ) from None
-                if not wait:
-                    return
-                await asyncio.sleep(SNAPSHOT_RETRY_S)
-                continue
-            run.unsaved_since = None
-            return
 
     async def _run(
         self, run: _Running, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
@@ -355,7 +307,7 @@ class JobManager:
             log.exception("job crashed")
             outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
         try:
-            await self._end_without_events(run.job.id, outcome)
+            await self._snapshots.end_without_events(run.job.id, outcome)
         except Exception as end_exc:
             if backend_outage(end_exc) is None:
                 raise
@@ -371,10 +323,12 @@ class JobManager:
                 # or Redis stays away longer), the lease is kept, so that the lost-runner
                 # sweeper ends the job and no stream of it waits forever.
                 keep_lease = True  # also if the wait is cancelled
-                keep_lease = not await self._record_end_when_back(run, run.unpublished_end)
+                keep_lease = not await self._snapshots.record_end_when_back(
+                    run, run.unpublished_end, functools.partial(self._publish, job.id)
+                )
             else:
                 if run.unsaved_since is not None:
-                    await self._put_snapshot(run, wait=True)
+                    await self._snapshots.put(run, wait=True)
                 await self.bus.close(job.id)
         except Exception as exc:
             outage = backend_outage(exc)
@@ -404,54 +358,6 @@ class JobManager:
                 bytes=self._bytes.pop(job.id, 0),
             )
             await self._retention.shed(keep=job.id)
-
-    async def _record_end_when_back(self, run: _Running, reason: str) -> bool:
-        """Publish the job's ``error`` and ``done`` (failed: ``reason``) once Redis is back.
-
-        Tried every :data:`~app.jobs.maintenance.MAINTENANCE_RETRY_S` within the lease (the
-        job stays in ``_running``, so its lease is renewed as soon as Redis answers). False
-        when it did not get through, or another instance ended the job first (its log is
-        closed).
-        """
-        if self.control is None:
-            return False
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.control.lease_s
-        step = next((s.name for s in run.job.steps if s.status is StepStatus.RUNNING), None)
-        pending: list[AnyEvent] = [
-            ErrorEvent(reason, step),
-            DoneEvent("failed", run.job.progress, error=reason),
-        ]
-        while loop.time() < give_up_at:
-            await asyncio.sleep(MAINTENANCE_RETRY_S)
-            try:
-                while pending:
-                    await self._publish(run.job.id, pending[0])
-                    pending.pop(0)
-                if run.unsaved_since is not None:
-                    await self._put_snapshot(run, wait=False)
-                await self.bus.close(run.job.id)
-                log.info("job end recorded after the outage", reason=reason)
-                return True
-            except Exception as exc:
-                if backend_outage(exc) is None:
-                    # Another instance's sweeper ended the job: its log is closed.
-                    log.info("job end recorded elsewhere", error=str(exc))
-                    return False
-        return False
-
-    async def _end_without_events(self, job_id: str, outcome: JobOutcome) -> None:
-        """Mark the job finished in the store when its final events could not be published."""
-        job = await self.store.get(job_id)
-        if not job.status.finished:
-            await self.store.put(
-                attrs.evolve(
-                    job,
-                    status=JobStatus(outcome.status),
-                    error=outcome.error,
-                    finished_at=time.time(),
-                )
-            )
 
     async def get(self, job_id: str) -> JobSnapshot:
         """The job's snapshot (``JobNotFound`` if unknown)."""

@@ -3,10 +3,12 @@
 Run: ``python -m bench.fanout`` (about 5 minutes at full scale; ``--streams``,
 ``--jobs``, ``--idle-streams``, ``--only``, ``--duration`` scale it down). Three
 scenarios, each against fresh server processes: ``flushline serve`` with the job
-strategy ``none`` and with ``aligned``, and the anchor (``bench/anchor.py``: aiohttp +
-aiohttp-sse broadcasting the same demo job). The load generator (``bench/loadgen.py``)
-is a separate process on the same machine; every stream is opened at once, over
-loopback.
+strategy ``none`` and with ``aligned``, the anchor (``bench/anchor.py``: aiohttp +
+aiohttp-sse broadcasting the same demo job), and the floor (``bench/floor.py``: a bare
+asyncio protocol writing the same frames to every stream, no framework, no guarantees:
+what the machine and the load generator allow any server). The load generator
+(``bench/loadgen.py``) is a separate process on the same machine; every stream is opened
+at once, over loopback.
 
 * broadcast: one demo job (2 steps at 80 tokens/s for ``--duration`` seconds, 20 by
   default; chunks every 100 characters or 0.3 s, about 6.5 events/s with ``none``, twice
@@ -77,11 +79,13 @@ IDLE_STREAMS_PER_JOB = 100
 
 @attrs.frozen
 class ServerSpec:
-    """One server of a run: Flushline (from a checkout) with a job strategy, or the anchor."""
+    """One server of a run: Flushline (from a checkout) with a job strategy, the anchor
+    (``bench.anchor``) or the floor (``bench.floor``)."""
 
     name: str
     strategy: str
-    anchor: bool = False
+    #: The bench module that serves (``bench.anchor``, ``bench.floor``); Flushline if None.
+    module: str | None = None
     pythonpath: str | None = None
 
 
@@ -124,8 +128,8 @@ async def start_server(
     """A fresh server process on a free port; killed on the way out."""
     port = free_port()
     env = clean_env(**SERVER_ENV, **extra_env)
-    if spec.anchor:
-        argv = [sys.executable, "-m", "bench.anchor", "--port", str(port)]
+    if spec.module is not None:
+        argv = [sys.executable, "-m", spec.module, "--port", str(port)]
         env["PYTHONPATH"] = spec.pythonpath or str(ROOT)
     else:
         argv = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -223,10 +227,11 @@ async def measure(
             "groups": groups,
             "limit_s": scenario.limit_s,
             "hold_s": scenario.hold_s,
-            "from_seq_1": not server.anchor,
+            "from_seq_1": server.module is None,  # the others keep no history
         }
         spy = None
-        if profile_dir is not None and not server.anchor and scenario.name == "broadcast":
+        profiled = server.module is None and scenario.name == "broadcast"
+        if profile_dir is not None and profiled:
             out = profile_dir / f"{server.name.replace(' ', '_')}.txt"
             argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "-o", str(out)]
             spy = await asyncio.create_subprocess_exec(
@@ -340,13 +345,15 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
 
 
 def servers(args: argparse.Namespace) -> list[ServerSpec]:
-    """Flushline (``none``, ``aligned``), its variants, then the anchor."""
+    """Flushline (``none``, ``aligned``), its variants, the anchor, then the floor."""
     specs = [ServerSpec(f"flushline {s}", s) for s in args.strategies]
     for variant in args.variant:
         name, _, path = variant.partition("=")
         specs += [ServerSpec(f"{name} {s}", s, pythonpath=path) for s in args.strategies]
     if not args.no_anchor:
-        specs.append(ServerSpec("aiohttp-sse", "none", anchor=True, pythonpath=args.anchor_path))
+        specs.append(ServerSpec("aiohttp-sse", "none", "bench.anchor", args.anchor_path))
+    if not args.no_floor:
+        specs.append(ServerSpec("floor", "none", "bench.floor"))
     return specs
 
 
@@ -420,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--strategies", nargs="+", default=["none", "aligned"])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--no-anchor", action="store_true")
+    parser.add_argument("--no-floor", action="store_true", help="leave out bench.floor")
     parser.add_argument(
         "--anchor-path",
         metavar="PATH",
@@ -441,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         + ", ".join(f"{k}={v}" for k, v in SERVER_ENV.items())
         + "; streams without ?proxy_buffer (aligned pads each flush to 4 KB). "
         "The anchor sends the same events with no padding and no history, and listens "
-        "with Flushline's backlog (1024)."
+        "with Flushline's backlog (1024); so does the floor, with no framework at all."
     )
     if args.profile:
         for path in sorted(pathlib.Path(args.profile).glob("*.txt")):

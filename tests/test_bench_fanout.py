@@ -24,7 +24,7 @@ class TestFanoutCommand:
     """The fan-out benchmark runs end to end against real processes."""
 
     async def test_tiny_run_prints_a_full_table(self) -> None:
-        """Every scenario against Flushline and the anchor: all streams open, none failed."""
+        """Every scenario against Flushline, the anchor and the floor: all open, none failed."""
         require_flushline_script()
         require_aiohttp_sse()
         code, out, err = await run_cli(
@@ -38,7 +38,7 @@ class TestFanoutCommand:
         assert "delivered ev/s" in header
         assert "CPU µs / event" in header
         cells = [[c.strip() for c in row.strip("|").split("|")] for row in body]
-        servers = {"flushline none", "flushline aligned", "aiohttp-sse"}
+        servers = {"flushline none", "flushline aligned", "aiohttp-sse", "floor"}
         assert {(c[0], c[1]) for c in cells} == {
             (scenario, server) for scenario in ("broadcast", "many", "idle") for server in servers
         }

@@ -1,20 +1,19 @@
 """The job manager: creates jobs, runs them as tasks the app owns, cancels and expires them.
 
-Jobs run independently of any stream: a job's task is held here (never by a request),
-so watchers coming and going never affect it. Every event goes through
-:meth:`JobManager._publish`, which publishes it on the bus and folds it into the job's
-snapshot in the store (kept here while Redis is lost: :mod:`app.jobs.snapshot_keeper`).
-
-A job's ``input`` and ``options`` are bounded in depth and size (:mod:`app.jobs.limits`)
-before anything reads them, and room is made for it in the retention budget
-(:mod:`app.jobs.retention`) before it starts.
+:class:`JobManager` is the service's entry point to jobs. A job's ``input`` and
+``options`` are bounded in depth and size (:mod:`app.jobs.limits`) before anything reads
+them, and room is made for it in the retention budget (:mod:`app.jobs.retention`) before
+it starts. The manager then hands it to :mod:`app.jobs.running`, which owns its task,
+publishes its events and ends it, riding out a lost Redis (:mod:`app.jobs.snapshot_keeper`).
+It also answers cancels (here or on the instance that runs the job), drains and shuts
+down; with other instances, :mod:`app.jobs.maintenance` watches cancels, renews this
+instance's leases and sweeps lost runners.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -30,9 +29,7 @@ from app.core.errors import (
     Draining,
     InvalidField,
     JobAlreadyFinished,
-    backend_outage,
 )
-from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
 from app.jobs.budget import (
     JOB_BASE_BYTES,
     RESULT_BYTES_PER_TOKEN,
@@ -45,18 +42,12 @@ from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.maintenance import LeaseMaintenance
 from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.retention import Retention
-from app.jobs.runner import JobOutcome, run_job
+from app.jobs.running import RunningJobs
 from app.jobs.snapshot_keeper import REDIS_LOST_REASON, SnapshotKeeper
-from app.jobs.store import (
-    JobSnapshot,
-    JobStatus,
-    JobStore,
-    StepState,
-    apply_event,
-)
+from app.jobs.store import JobSnapshot, JobStatus, JobStore, StepState
 from strategies import FlushStrategy
 
-__all__ = ["REDIS_LOST_REASON", "SHUTDOWN_REASON", "JobManager", "JobRequest"]
+__all__ = ["CANCEL_WAIT_S", "REDIS_LOST_REASON", "SHUTDOWN_REASON", "JobManager", "JobRequest"]
 
 log = structlog.get_logger(__name__)
 
@@ -92,27 +83,6 @@ class JobRequest:
 
 
 @attrs.define(eq=False)
-class _Running:
-    """A job this process runs: its task, and how far its ending has got."""
-
-    job: JobSnapshot
-    task: asyncio.Task[JobOutcome] | None = None
-    #: A cancel has been asked for (by ``cancel`` or ``shutdown``): a second one is a 409.
-    cancelling: bool = False
-    #: Set once the job has published its last event, closed its topic and logged its end.
-    ended: asyncio.Event = attrs.Factory(asyncio.Event)
-    #: Ends a job whose task was cancelled before it first ran (see ``_task_done``).
-    ender: asyncio.Task[None] | None = None
-    #: Set when the service stops the job: it ends ``failed`` with this reason.
-    stop_reason: str | None = None
-    #: Redis stayed away past the grace: the job's ``error`` and ``done`` (failed with
-    #: this reason) are still to be published, once Redis answers.
-    unpublished_end: str | None = None
-    #: When ``job`` (the newest snapshot) could not be written, Redis being lost; or None.
-    unsaved_since: float | None = None
-
-
-@attrs.define(eq=False)
 class JobManager:
     """Owns the running jobs of this process."""
 
@@ -138,11 +108,8 @@ class JobManager:
     #: Called once per event this instance publishes (the app's metrics count them).
     on_publish: Callable[[], None] | None = None
     _drain_callbacks: set[Callable[[], None]] = attrs.Factory(set)
-    _running: dict[str, _Running] = attrs.Factory(dict)
-    _events: dict[str, int] = attrs.Factory(dict)
-    _bytes: dict[str, int] = attrs.Factory(dict)
     _retention: Retention = attrs.field(init=False)
-    _snapshots: SnapshotKeeper = attrs.field(init=False)
+    _running: RunningJobs = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._retention = Retention(
@@ -152,7 +119,19 @@ class JobManager:
             self.max_retained_jobs,
             running_jobs=lambda: self.active_jobs,
         )
-        self._snapshots = SnapshotKeeper(self.store, self.bus, self.control, self.backend_grace_s)
+        self._running = RunningJobs(
+            self.bus,
+            self.store,
+            self.control,
+            SnapshotKeeper(self.store, self.bus, self.control, self.backend_grace_s),
+            self._retention,
+            on_publish=self._published,
+        )
+
+    def _published(self) -> None:
+        # Read at each event: the app's metrics set `on_publish` after construction.
+        if self.on_publish is not None:
+            self.on_publish()
 
     @property
     def active_jobs(self) -> int:
@@ -213,151 +192,8 @@ class JobManager:
             options=request.options,
             owner=request.owner,
         )
-        await self.store.add(job)
-        await self.bus.open(job.id)
-        if self.control is not None:
-            await self.control.acquire(job.id)
-        run = _Running(job)
-        self._running[job.id] = run
-        run.task = asyncio.create_task(
-            self._run(run, plan, pipeline, strategy), name=f"job:{job.id}"
-        )
-        run.task.add_done_callback(functools.partial(self._task_done, run))
+        await self._running.start(job, plan, pipeline, strategy)
         return job
-
-    async def _publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
-        encoded = await self.bus.publish(job_id, event)
-        if self.on_publish is not None:
-            self.on_publish()
-        self._events[job_id] = self._events.get(job_id, 0) + 1
-        self._bytes[job_id] = self._bytes.get(job_id, 0) + len(encoded.frame)
-        self._retention.published(job_id, encoded)
-        run = self._running.get(job_id)
-        if run is None:
-            await self.store.put(apply_event(await self.store.get(job_id), encoded))
-        else:
-            await self._snapshots.save(run, encoded)
-        return encoded
-
-    async def _run(
-        self, run: _Running, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
-    ) -> JobOutcome:
-        job = run.job
-        # The task inherited the creating request's context; its logs are the job's, not it.
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(job_id=job.id)
-        started = time.monotonic()
-        outcome = JobOutcome("cancelled")
-
-        async def publish(event: AnyEvent) -> EncodedEvent:
-            return await self._publish(job.id, event)
-
-        try:
-            outcome = await run_job(
-                plan, pipeline, strategy.name, strategy.cadence, publish, lambda: run.stop_reason
-            )
-            return outcome
-        except asyncio.CancelledError:
-            if run.stop_reason is not None:
-                outcome = JobOutcome("failed", run.stop_reason)
-            raise
-        except Exception as exc:
-            # run_job reports step failures itself; this is the backstop for a failure to
-            # report one (e.g. the bus refused the final event): the job must still end.
-            outcome = await self._crashed(run, exc)
-            return outcome
-        finally:
-            await self._close(run, outcome, started)
-
-    def _task_done(self, run: _Running, task: asyncio.Task[JobOutcome]) -> None:
-        if run.ended.is_set():
-            return
-        # asyncio cancels a task that has not started yet without running any of its
-        # body, so nothing published this job's `done` (its streams would wait forever),
-        # closed its topic or logged its end: a task of its own does that now.
-        run.ender = asyncio.create_task(self._end_unstarted(run), name=f"job-end:{run.job.id}")
-
-    async def _end_unstarted(self, run: _Running) -> None:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(job_id=run.job.id)
-        started = time.monotonic()
-        outcome = JobOutcome("cancelled")
-        try:
-            if run.stop_reason is None:
-                await self._publish(run.job.id, DoneEvent("cancelled", 0.0, error="cancelled"))
-            else:
-                outcome = JobOutcome("failed", run.stop_reason)
-                await self._publish(run.job.id, ErrorEvent(run.stop_reason, None))
-                await self._publish(run.job.id, DoneEvent("failed", 0.0, error=run.stop_reason))
-        except Exception as exc:
-            outcome = await self._crashed(run, exc)
-        finally:
-            await self._close(run, outcome, started)
-
-    async def _crashed(self, run: _Running, exc: Exception) -> JobOutcome:
-        outage = backend_outage(exc)
-        if outage is not None and self.control is not None:
-            # Not a bug: Redis stayed away past the grace (logged where it was noticed).
-            # The job's end is published when Redis is back (``_close``).
-            run.unpublished_end = REDIS_LOST_REASON
-            return JobOutcome("failed", REDIS_LOST_REASON)
-        if outage is not None:
-            outcome = JobOutcome("failed", outage.message)
-        else:
-            log.exception("job crashed")
-            outcome = JobOutcome("failed", f"internal error: {type(exc).__name__}")
-        try:
-            await self._snapshots.end_without_events(run.job.id, outcome)
-        except Exception as end_exc:
-            if backend_outage(end_exc) is None:
-                raise
-        return outcome
-
-    async def _close(self, run: _Running, outcome: JobOutcome, started: float) -> None:
-        """Close the job's topic and log its end; whatever happens, the job has ended."""
-        job = run.job
-        keep_lease = False
-        try:
-            if run.unpublished_end is not None:
-                # Should this instance not publish the end within the lease (it stops,
-                # or Redis stays away longer), the lease is kept, so that the lost-runner
-                # sweeper ends the job and no stream of it waits forever.
-                keep_lease = True  # also if the wait is cancelled
-                keep_lease = not await self._snapshots.record_end_when_back(
-                    run, run.unpublished_end, functools.partial(self._publish, job.id)
-                )
-            else:
-                if run.unsaved_since is not None:
-                    await self._snapshots.put(run, wait=True)
-                await self.bus.close(job.id)
-        except Exception as exc:
-            outage = backend_outage(exc)
-            if outage is None:
-                raise
-            # Redis went away again after the job's `done`: the sweeper closes its log.
-            keep_lease = True
-            outcome = JobOutcome("failed", outage.message)
-            log.error("job end not recorded: redis unreachable", error=outage.message)
-        finally:
-            if self.control is not None and not keep_lease:
-                try:
-                    await self.control.release(job.id)
-                except Exception as exc:  # the lease expires by itself; sweepers skip ended jobs
-                    log.warning("lease not released", error=str(exc))
-            self._running.pop(job.id, None)
-            self._retention.settle(job.id)
-            run.ended.set()
-            log.info(
-                "job finished",
-                pipeline=job.pipeline,
-                strategy=job.strategy,
-                status=outcome.status,
-                error=outcome.error,
-                duration_s=round(time.monotonic() - started, 3),
-                events=self._events.pop(job.id, 0),
-                bytes=self._bytes.pop(job.id, 0),
-            )
-            await self._retention.shed(keep=job.id)
 
     async def get(self, job_id: str) -> JobSnapshot:
         """The job's snapshot (``JobNotFound`` if unknown)."""
@@ -380,7 +216,7 @@ class JobManager:
         job = await self.store.get(job_id)
         run = self._running.get(job_id)
         if self.control is None:
-            # No await from here to `_cancel_local`, which sets `cancelling`: of concurrent
+            # No await from here to `RunningJobs.cancel`, which sets `cancelling`: of concurrent
             # cancels exactly one passes this check (the claim, as SET NX is with Redis).
             if run is None or run.task is None or run.cancelling or job.status.finished:
                 status = job.status
@@ -393,7 +229,7 @@ class JobManager:
             if not await self.control.claim_cancel(job_id):
                 raise JobAlreadyFinished(job_id, JobStatus.CANCELLED.value)
         if run is not None and run.task is not None:
-            self._cancel_local(job_id)
+            self._running.cancel(job_id)
             # Let the job publish its final event, so the answer shows the cancelled job.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CANCEL_WAIT_S):
@@ -402,14 +238,6 @@ class JobManager:
         assert self.control is not None
         await self.control.request_cancel(job_id)
         return await self._wait_ended_elsewhere(job_id)
-
-    def _cancel_local(self, job_id: str) -> None:
-        """Cancel the task of a job this instance runs (once)."""
-        run = self._running.get(job_id)
-        if run is None or run.task is None or run.cancelling:
-            return
-        run.cancelling = True
-        run.task.cancel()
 
     async def _wait_ended_elsewhere(self, job_id: str) -> JobSnapshot:
         """Wait (up to ``CANCEL_WAIT_S``) for another instance's job to end; its snapshot."""
@@ -471,7 +299,7 @@ class JobManager:
             callbacks, self._drain_callbacks = self._drain_callbacks, set()
             for callback in callbacks:
                 callback()
-        runs = list(self._running.values())
+        runs = self._running.all()
         log.info("draining", running_jobs=len(runs), grace_s=grace_s)
         if runs:
             waits = [asyncio.ensure_future(run.ended.wait()) for run in runs]
@@ -486,13 +314,10 @@ class JobManager:
         Alone, a job ends ``cancelled``; with other instances (Redis), ``failed`` with
         reason ``shutdown`` (its watchers are elsewhere and must not read it as a cancel).
         """
-        runs = list(self._running.values())
+        runs = self._running.all()
+        stop_reason = SHUTDOWN_REASON if self.control is not None else None
         for run in runs:
-            if not run.cancelling and run.task is not None:
-                run.cancelling = True
-                if self.control is not None:
-                    run.stop_reason = SHUTDOWN_REASON
-                run.task.cancel()
+            run.cancel(stop_reason)
         if runs:
             await asyncio.gather(*(run.ended.wait() for run in runs))
 
@@ -504,6 +329,6 @@ class JobManager:
         if self.control is None:
             return
         maintenance = LeaseMaintenance(
-            self.control, running_jobs=lambda: list(self._running), cancel=self._cancel_local
+            self.control, running_jobs=self._running.ids, cancel=self._running.cancel
         )
         await maintenance.run()

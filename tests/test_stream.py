@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import itertools
 import time
+import tracemalloc
 from typing import Any
 
 import orjson
 import pytest
 import structlog.testing
 
+from app.core.events import ChunkEvent
+from app.core.tasks import cancel_and_wait
 from tests.conftest import QUICK_JOB, MakeClient
 from tests.support.jobs import (
     FAST_JOB,
+    SLOW_JOB,
     Client,
     bus_of,
     create_job,
@@ -340,6 +344,46 @@ class TestLiveSubscribers:
             assert record.status == 200
             assert record.payloads() == first
         await wait_until(lambda: bus_of(client).subscriber_count(job["id"]) == 0, 2)
+
+    async def test_late_joiners_keep_no_copy_of_the_history_they_replayed(
+        self, client: Client
+    ) -> None:
+        """20 streams that replayed 640 KB each hold no copy of it once caught up."""
+        job = await create_job(client, SLOW_JOB)
+        text = "x" * 16_384
+        for _ in range(40):
+            await bus_of(client).publish(job["id"], ChunkEvent("step-1", text, 1))
+        history_bytes = 40 * len(text)
+        replayed = [asyncio.Event() for _ in range(20)]
+
+        async def follow(done: asyncio.Event) -> None:
+            url = client.make_url(f"/api/jobs/{job['id']}/stream")
+            async with client.session.get(url) as response:
+                received = 0
+                async for data in response.content.iter_any():
+                    received += len(data)
+                    if received > history_bytes:
+                        done.set()
+
+        tracemalloc.start(32)
+        try:
+            before = tracemalloc.take_snapshot()
+            readers = [asyncio.create_task(follow(done)) for done in replayed]
+            async with asyncio.timeout(20):
+                for done in replayed:
+                    await done.wait()
+            await asyncio.sleep(0.2)  # every stream back at its wait for the next event
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        for reader in readers:
+            await cancel_and_wait(reader)
+        in_streams = [tracemalloc.Filter(True, "*/app/web/stream.py", all_frames=True)]
+        held = after.filter_traces(in_streams).compare_to(
+            before.filter_traces(in_streams), "filename"
+        )
+        held_per_stream = sum(stat.size_diff for stat in held) / len(replayed)
+        assert held_per_stream < history_bytes / 10, (held_per_stream, held[:5])
 
     async def test_stalled_subscriber_is_cut_off(self, make_client: MakeClient) -> None:
         """A socket that never reads is cut off; the others get every event and the job its pace."""

@@ -130,6 +130,26 @@ class _StreamWriter:
             self.on_deadline()
         return True
 
+    async def send_start(self, retry: bytes, history: Sequence[EncodedEvent]) -> None:
+        """Write the stream's first bytes: ``retry``, then the ``history`` to replay.
+
+        The joined history is this stream's own copy (up to twice the job's history
+        budget with the shaper's), so it lives only as long as this write, not as long
+        as the stream.
+        """
+        self.events_written += len(history)
+        now = asyncio.get_running_loop().time()
+        frames = b"".join(event.frame for event in history)
+        await self.send(self.shaper.start(retry, now, frames), now, len(retry) + len(frames))
+
+    async def send_live(self, events: Sequence[EncodedEvent], now: float) -> None:
+        """Write live ``events`` the reader woke to (the joined frames die with the write)."""
+        frames = b"".join(event.frame for event in events)
+        self.events_written += len(events)
+        # Live events only count towards the delivery lag: history replayed is no lag.
+        self.unsent.extend(events)
+        await self.send(self.shaper.write(frames, now), now, len(frames))
+
     async def send(self, data: bytes, now: float, payload: int = 0) -> None:
         """Write ``data``, of which ``payload`` bytes are frames (the rest padding)."""
         # The timeout bounds a stall, not a long transfer: a resume with megabytes of
@@ -206,12 +226,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
             async with asyncio.timeout(None) as cut_guard:
                 # Being cut off must interrupt even a write blocked on a stalled socket.
                 subscription.on_cut(lambda: cut_guard.reschedule(loop.time()))
-                writer.events_written += len(batch.events)
-                now = loop.time()
-                history = b"".join(event.frame for event in batch.events)
-                retry = retry_line(settings.retry_ms)
-                start = writer.shaper.start(retry, now, history)
-                await writer.send(start, now, len(retry) + len(history))
+                await writer.send_start(retry_line(settings.retry_ms), batch.events)
                 while not batch.ended:
                     if manager.handing_off:
                         outcome = "handed_off"
@@ -237,11 +252,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                         drain_guard = None
                     now = loop.time()
                     if batch.events:
-                        frames = b"".join(event.frame for event in batch.events)
-                        writer.events_written += len(batch.events)
-                        # Live events only: history replayed at the start is no lag.
-                        writer.unsent.extend(batch.events)
-                        await writer.send(writer.shaper.write(frames, now), now, len(frames))
+                        await writer.send_live(batch.events, now)
                     if not batch.events and not batch.ended:
                         if now - writer.last_write_at >= heartbeat_s:
                             beat = heartbeat_frame(job_id)

@@ -7,7 +7,7 @@ can hold, ``FLUSHLINE_MAX_HISTORY_BYTES``) and of the text its plan's tokens mak
 (gathered into its result), replaced when it ends by what it keeps (its history, capped
 as the bus caps it, and its result). Finished jobs are forgotten in the order they ended.
 
-The budget only counts; :class:`~app.jobs.manager.JobManager` decides, forgets (in the
+The budget only counts; :class:`~app.jobs.retention.Retention` decides, forgets (in the
 store and the bus) and refuses.
 """
 

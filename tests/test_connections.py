@@ -14,6 +14,7 @@ import time
 import orjson
 import pytest
 
+from app.core.tasks import cancel_and_wait
 from app.web.server import tune_stream_socket, user_timeout_s
 from tests.support.process import json_lines, read_log, run_cli
 from tests.support.server_load import (
@@ -132,6 +133,35 @@ class TestHeaderTimeout:
         parsed = parse_answer(raw)
         assert parsed.status == 408, parsed
         error = parsed.json()["error"]
+        assert isinstance(error, dict)
+        assert error["code"] == "request_timeout"
+
+    async def test_dripping_body_gets_408_and_is_closed(self, tmp_path: pathlib.Path) -> None:
+        """A whole head, then a Content-Length body dripped a byte every 0.2 s: a JSON 408."""
+        async with serve(tmp_path / "server.log", FLUSHLINE_HEADER_TIMEOUT_S="1") as (_, port):
+            body = orjson.dumps({"options": {"steps": 1}})
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /api/jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body)
+            )
+            started = time.monotonic()
+
+            async def drip_body() -> None:
+                for byte in body:
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.2)
+
+            dripping = asyncio.create_task(drip_body())
+            async with asyncio.timeout(5):
+                raw = await reader.read()
+            elapsed = time.monotonic() - started
+            await cancel_and_wait(dripping)
+            writer.close()
+        assert 0.8 < elapsed < 5.0, elapsed
+        answer = parse_answer(raw)
+        assert answer.status == 408, answer
+        error = answer.json()["error"]
         assert isinstance(error, dict)
         assert error["code"] == "request_timeout"
 

@@ -13,11 +13,15 @@ import contextlib
 import selectors
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import pytest
+
 from app.bus import MemoryEventBus
-from app.core.events import InsightEvent
+from app.bus.local import LocalCursor
+from app.core.events import EncodedEvent, InsightEvent
+from app.core.tasks import cancel_and_wait
 from tests.conftest import MakeClient
 from tests.support.jobs import Client, ScriptedPipeline, bus_of, create_job, wait_until
 
@@ -163,3 +167,41 @@ class TestCoalescing:
                 await bus.publish("job", InsightEvent(f"event {i}"))
             batch = await asyncio.wait_for(reader, 5)
         assert [event.seq for event in batch.events] == [1, 2, 3, 4, 5]
+
+
+class TestLagCheckCost:
+    """The queue-limit check of a publish costs the readers that can fall behind only."""
+
+    async def test_parked_readers_are_not_checked_and_laggards_still_cut(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """200 parked readers, 1 that never reads: each publish checks 1; it is cut at 6."""
+        checked: collections.Counter[int] = collections.Counter()
+        pending = LocalCursor.pending
+
+        def counted(self: LocalCursor, newest_seq: int) -> int:
+            checked[newest_seq] += 1
+            return pending(self, newest_seq)
+
+        monkeypatch.setattr(LocalCursor, "pending", counted)
+        bus = MemoryEventBus(queue_limit=5)
+        await bus.open("job")
+        pushed: collections.Counter[int] = collections.Counter()
+
+        def push(frames: bytes, events: Sequence[EncodedEvent]) -> bool:
+            pushed[events[-1].seq] += 1
+            return True
+
+        async with contextlib.AsyncExitStack() as stack:
+            parked = [await stack.enter_async_context(bus.subscribe("job")) for _ in range(200)]
+            idle = await stack.enter_async_context(bus.subscribe("job"))
+            waits = [asyncio.create_task(s.next_batch(None, push=push)) for s in parked]
+            await asyncio.sleep(0)  # every reader parks
+            for i in range(6):
+                await bus.publish("job", InsightEvent(f"event {i}"))
+            assert all(pushed[seq] == 200 for seq in range(1, 7)), pushed
+            assert all(checked[seq] == 1 for seq in range(1, 7)), checked
+            assert idle.cut
+            assert not any(s.cut for s in parked)
+            for wait in waits:
+                await cancel_and_wait(wait)

@@ -59,6 +59,8 @@ class LocalLog:
     changed: asyncio.Future[None] | None = None
     #: Caught-up readers parked with a push callback (each waits on its own future).
     parked: set[LocalCursor] = attrs.Factory(set)
+    #: The other subscribers: the only ones an append can leave behind the queue limit.
+    awake: set[LocalCursor] = attrs.Factory(set)
 
     def wake(self) -> None:
         """Wake every cursor waiting for a change, parked ones included."""
@@ -89,7 +91,12 @@ class LocalLog:
         self.next_seq = events[-1].seq + 1
         self._trim(history_limit, history_bytes)
         newest = self.next_seq - 1
-        for sub in self.subscribers:
+        # A parked reader has read everything before this batch: it falls behind only a
+        # batch longer than its queue, or one whose trim passed it (both rare: then check
+        # everyone). Otherwise the check costs the awake readers only, not the thousands
+        # parked on a broadcast.
+        rare = len(events) > queue_limit or self.first_seq > events[0].seq
+        for sub in list(self.subscribers if rare else self.awake):
             if sub.pending(newest) > queue_limit or sub.cursor < self.first_seq - 1:
                 sub.cut_off()
         if self.parked:
@@ -187,6 +194,7 @@ class LocalCursor:
         self.log = log
         self.live_from = log.next_seq - 1
         log.subscribers.add(self)
+        log.awake.add(self)
 
     def stop(self) -> LocalLog | None:
         """Stop reading; the log it read, if it had started."""
@@ -194,13 +202,16 @@ class LocalCursor:
         log, self.log = self.log, None
         if log is not None:
             log.subscribers.discard(self)
+            log.awake.discard(self)
         return log
 
     def unpark(self) -> None:
         """End a parked wait (no more pushes); a no-op when not parked."""
         self.push = None
-        if self.log is not None:
-            self.log.parked.discard(self)
+        log = self.log
+        if log is not None and self in log.parked:
+            log.parked.discard(self)
+            log.awake.add(self)
         waiter, self._parked = self._parked, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -250,6 +261,7 @@ class LocalCursor:
         waiter = self._parked = loop.create_future()
         self.push = push
         log.parked.add(self)
+        log.awake.discard(self)
         timer = None if deadline is None else loop.call_at(deadline, self.unpark)
         try:
             await waiter

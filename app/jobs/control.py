@@ -1,7 +1,7 @@
 """The seam between instances that share jobs: runner leases and cancels from anywhere.
 
 One instance alone needs none (``JobManager.control`` is ``None``); on Redis,
-:class:`~app.jobs.redis_store.RedisJobControl` implements it.
+:class:`~app.jobs.redis_control.RedisJobControl` implements it.
 """
 
 from __future__ import annotations

@@ -22,34 +22,21 @@ same snapshot as the runner, and the lost-runner sweeper ends a job from the fol
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import secrets
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import attrs
 import orjson
-import structlog
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from app.bus.redis import Entry, RedisEventBus, decode_entry
+from app.bus.redis import Entry, decode_entry
 from app.core.errors import JobNotFound
-from app.core.events import DoneEvent, ErrorEvent, decode_event, encode_event
+from app.core.events import decode_event
 from app.jobs.store import JobSnapshot, JobStatus, StepState, StepStatus, apply_event
 
-__all__ = [
-    "RUNNER_LOST",
-    "RedisJobControl",
-    "RedisJobStore",
-    "snapshot_from_json",
-    "snapshot_to_json",
-]
-
-log = structlog.get_logger(__name__)
+__all__ = ["RedisJobStore", "snapshot_from_json", "snapshot_to_json"]
 
 #: Ids read per page while listing.
 LIST_PAGE = 200
@@ -302,217 +289,3 @@ def _apply_entries(job: JobSnapshot, entries: list[Entry]) -> JobSnapshot:
             encoded = attrs.evolve(encoded, event=decode_event(encoded.payload))
         job = apply_event(job, encoded)
     return job
-
-
-# Ends a job whose runner's lease expired: appends `error` and `done` (seqs after the
-# top the caller read, which must still be the top), the `closed` marker, and the final
-# snapshot, in one step, so that of several sweepers exactly one ends the job, and the
-# lost runner, should it come back, finds its log closed (its next XADD is refused).
-# 1 ended, 0 the lease is held again, -1 nothing to end (already ended; a `done`
-# without its marker gets it), -2 the log moved on since it was read (read again).
-_TAKEOVER_SCRIPT = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #top == 0 then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  return -1
-end
-local id, f = top[1][1], top[1][2]
-if f[1] == 'end' or (f[1] == 't' and f[2] == 'done') then
-  if f[1] ~= 'end' then
-    redis.call('XADD', KEYS[1], string.match(id, '^(%d+)-') .. '-*', 'end', 'closed')
-  end
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  return -1
-end
-if id ~= ARGV[2] then return -2 end
-for i = 6, 10, 4 do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[4], ARGV[i],
-             't', ARGV[i + 1], 'ts', ARGV[i + 2], 'f', ARGV[i + 3])
-end
-redis.call('XADD', KEYS[1], string.match(ARGV[10], '^(%d+)-') .. '-*', 'end', 'closed')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[3])
-end
-redis.call('ZREM', KEYS[4], ARGV[1])
-return 1
-"""
-
-#: Why a job whose runner stopped renewing its lease failed.
-RUNNER_LOST = "runner lost: the instance running the job stopped renewing its lease"
-#: Expired leases one sweep ends at most (the next sweep takes the rest).
-SWEEP_BATCH = 100
-#: Tries to end one job when its log keeps moving (a runner still publishing).
-TAKEOVER_TRIES = 3
-#: Pause before the cancel watcher subscribes again after losing Redis.
-WATCH_RETRY_S = (0.1, 0.5, 1.0, 2.0)
-
-
-@attrs.define(eq=False)
-class RedisJobControl:
-    """:class:`~app.jobs.control.JobControl` on Redis: cancel from anywhere, runner leases.
-
-    Layout, beside the bus's and the store's keys: ``{prefix}job:{id}:lease`` (the runner
-    instance's id, expiring ``lease_s`` after the last renewal), ``{prefix}leases`` (a
-    sorted set of running job ids by lease deadline, so a sweep reads only the expired
-    ones), ``{prefix}job:{id}:cancel`` (set once, with ``SET NX``: the first cancel
-    anywhere wins) and the pub/sub channel ``{prefix}cancels`` that every instance's one
-    watcher listens on. A renewal also checks the cancel keys of the jobs it renews, so a
-    request whose message was missed (a reconnect) still lands within ``lease_s / 3``.
-    """
-
-    redis: Redis
-    bus: RedisEventBus
-    store: RedisJobStore
-    lease_s: float = 15.0
-    job_ttl_s: float = 3600.0
-    prefix: str = "flushline:"
-    instance: str = attrs.Factory(lambda: secrets.token_hex(8))
-    _takeover: AsyncScript = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._takeover = self.redis.register_script(_TAKEOVER_SCRIPT)
-
-    @property
-    def _lease_ms(self) -> int:
-        return max(1, round(self.lease_s * 1000))
-
-    @property
-    def _ttl_ms(self) -> int:
-        return max(1, round(self.job_ttl_s * 1000))
-
-    @property
-    def _leases(self) -> str:
-        return f"{self.prefix}leases"
-
-    @property
-    def channel(self) -> str:
-        """The pub/sub channel of cancel requests."""
-        return f"{self.prefix}cancels"
-
-    def _lease_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:lease"
-
-    def _cancel_key(self, job_id: str) -> str:
-        return f"{self.prefix}job:{job_id}:cancel"
-
-    def _deadline_ms(self) -> float:
-        return (time.time() + self.lease_s) * 1000
-
-    async def acquire(self, job_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._lease_key(job_id), self.instance, px=self._lease_ms)
-            pipe.zadd(self._leases, {job_id: self._deadline_ms()})
-            await pipe.execute()
-
-    async def renew(self, job_ids: Collection[str]) -> set[str]:
-        ids = list(job_ids)
-        deadline = self._deadline_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.set(self._lease_key(job_id), self.instance, px=self._lease_ms)
-                pipe.zadd(self._leases, {job_id: deadline})
-                # A quiet job (a model thinking) publishes nothing: its keys must not expire.
-                pipe.pexpire(self.store.key(job_id), self._ttl_ms)
-                pipe.pexpire(self.bus.key(job_id), self._ttl_ms)
-                pipe.exists(self._cancel_key(job_id))
-            results = await pipe.execute()
-        return {job_id for job_id, asked in zip(ids, results[4::5], strict=True) if asked}
-
-    async def release(self, job_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(self._lease_key(job_id))
-            pipe.zrem(self._leases, job_id)
-            await pipe.execute()
-
-    async def claim_cancel(self, job_id: str) -> bool:
-        return bool(await self.redis.set(self._cancel_key(job_id), b"1", nx=True, px=self._ttl_ms))
-
-    async def request_cancel(self, job_id: str) -> None:
-        await self.redis.publish(self.channel, job_id)
-
-    async def watch_cancels(self, on_cancel: Callable[[str], None]) -> None:
-        failures = 0
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                failures = 0
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is not None and message["type"] == "message":
-                        on_cancel(cast(bytes, message["data"]).decode())
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-                delay = WATCH_RETRY_S[min(failures, len(WATCH_RETRY_S) - 1)]
-                failures += 1
-                log.warning("cancel watcher lost Redis; retrying", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-            finally:
-                with contextlib.suppress(redis_errors.RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def ping(self) -> None:
-        await self.redis.ping()
-
-    async def sweep(self) -> list[str]:
-        now_ms = time.time() * 1000
-        expired = cast(
-            list[bytes],
-            await self.redis.zrangebyscore(self._leases, "-inf", now_ms, start=0, num=SWEEP_BATCH),
-        )
-        ended = []
-        for raw in expired:
-            job_id = raw.decode()
-            if await self._end_lost(job_id):
-                ended.append(job_id)
-        return ended
-
-    async def _end_lost(self, job_id: str) -> bool:
-        """End a job whose runner is gone, unless someone (or something) else did."""
-        keys = [
-            self.bus.key(job_id),
-            self.store.key(job_id),
-            self._lease_key(job_id),
-            self._leases,
-        ]
-        for _ in range(TAKEOVER_TRIES):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xrevrange(self.bus.key(job_id), count=1)
-                pipe.get(self.store.key(job_id))
-                top, raw = await pipe.execute()
-            seq = 0
-            top_id = b"0-0"
-            if top:
-                top_id = top[0][0]
-                seq = int(top_id.split(b"-", 1)[0])
-            # The stored snapshot may be up to a second behind the log: fold up to the top.
-            job = None if raw is None else await self.store.fold(snapshot_from_json(raw), top_id)
-            step = None
-            progress = 0.0
-            if job is not None:
-                progress = job.progress
-                step = next((s.name for s in job.steps if s.status is StepStatus.RUNNING), None)
-            error = encode_event(job_id, seq + 1, ErrorEvent(RUNNER_LOST, step))
-            done = encode_event(job_id, seq + 2, DoneEvent("failed", progress, error=RUNNER_LOST))
-            final = b""
-            if job is not None:
-                final = snapshot_to_json(apply_event(apply_event(job, error), done))
-            result = await self._takeover(
-                keys=keys,
-                args=[
-                    job_id,
-                    top_id,
-                    self._ttl_ms,
-                    self.bus.history_limit,
-                    final,
-                    *(
-                        part
-                        for event in (error, done)
-                        for part in (f"{event.seq}-0", event.type, repr(event.ts), event.frame)
-                    ),
-                ],
-            )
-            if result != -2:
-                return bool(result == 1)
-        return False

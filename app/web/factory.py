@@ -72,7 +72,8 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         # Imported here: a memory-bus service never loads the Redis client.
         from app.bus.redis import RedisEventBus
         from app.bus.redis_client import connect_redis
-        from app.jobs.redis_store import RedisJobControl, RedisJobStore
+        from app.jobs.redis_control import RedisJobControl
+        from app.jobs.redis_store import RedisJobStore
 
         redis = connect_redis(settings.redis_url)
         bus = RedisEventBus(

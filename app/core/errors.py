@@ -13,6 +13,7 @@ __all__ = [
     "AtCapacity",
     "AuthError",
     "BackendUnavailable",
+    "BodyTooSlow",
     "Draining",
     "FlushlineError",
     "HistoryTruncated",
@@ -121,6 +122,18 @@ class TooManyConnections(FlushlineError):
             f"retry in {retry_after_s} s"
         )
         self.retry_after_s = retry_after_s
+
+
+class BodyTooSlow(FlushlineError):
+    """A request body that did not arrive within ``FLUSHLINE_HEADER_TIMEOUT_S``."""
+
+    status = 408
+    code = "request_timeout"
+    #: What is left of the body is not read: the connection cannot carry another request.
+    close_connection = True
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s")
 
 
 class UnsupportedEncoding(FlushlineError):

@@ -8,6 +8,7 @@ stream token for that job.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
-from app.core.errors import InvalidField, UnsupportedEncoding
+from app.core.errors import BodyTooSlow, InvalidField, UnsupportedEncoding
 from app.jobs.manager import JobRequest
 from app.jobs.store import JobSnapshot, JobStatus
 from app.web.auth import STREAM_TOKEN_PARAM
@@ -42,8 +43,13 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
     if coding not in DECODED_CODINGS:
         raise UnsupportedEncoding(coding)
+    timeout_s = request.app[SETTINGS].header_timeout_s
     try:
-        raw = await request.read()
+        # A body dripped a byte at a time must not hold the connection for ever.
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise BodyTooSlow(timeout_s) from None
     except RequestPayloadError as exc:
         raise InvalidField("body", f"cannot be read: {exc.__cause__ or exc}") from None
     if not raw.strip():

@@ -100,7 +100,7 @@ def build_spec(app: web.Application) -> Spec:
                         "The job's first snapshot.",
                         {"Location": {"required": True, "schema": {"type": "string"}}},
                     ),
-                    **error_refs(400, *auth_errors, 403, 413, 415, 503),
+                    **error_refs(400, *auth_errors, 403, 408, 413, 415, 503),
                 },
                 requestBody={
                     "required": False,

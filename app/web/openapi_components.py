@@ -32,6 +32,8 @@ _ERROR_MEANINGS = {
     "badly signed; or a state-changing request from an origin that is not allowed (CORS).",
     404: "No such job (it expired, or with auth on it is another token's), or no such route.",
     405: "The method is not allowed on this path (`Allow` lists those that are).",
+    408: "The request body did not arrive within `FLUSHLINE_HEADER_TIMEOUT_S` (the "
+    "connection is closed).",
     409: "Cancel of a job that has already ended, or that another cancel is ending.",
     410: "The resume point is older than the history still kept (`FLUSHLINE_HISTORY_LIMIT`).",
     413: "The body is too large (`FLUSHLINE_MAX_BODY_BYTES`).",

@@ -281,14 +281,15 @@ class FlushlineServer(web.Server):
         return handle
 
     async def _read_body(self, request: web.BaseRequest) -> web.Response | None:
-        """Read a request's body before the app, or the JSON error saying why not.
+        """Read an encoded or chunked body before the app, or the JSON error saying why not.
 
         A body that cannot be decoded (``gzip`` that is not), a bad chunk arriving after
         the head, or one longer than the app accepts then gets its 4xx here, never a
-        500 from the handler; every body must arrive within the header timeout, so a
-        client dripping its body cannot hold a connection (and a descriptor) longer than
-        one dripping its head. Bodies are small (``FLUSHLINE_MAX_BODY_BYTES``); the app
-        reads the same bytes from the request's cache.
+        500 from the handler; such a body must also arrive within the header timeout.
+        Bodies are small (``FLUSHLINE_MAX_BODY_BYTES``); the app reads the same bytes
+        from the request's cache. A plain ``Content-Length`` body is left to the app,
+        which reads it under the same timeout (``app.web.api``), inside its request
+        log line (a client that leaves mid-body is a ``client_gone`` there).
         """
         coding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if coding not in DECODED_CODINGS:
@@ -298,8 +299,8 @@ class FlushlineServer(web.Server):
                 f"Content-Encoding {coding[:40]!r} is not supported; "
                 "send gzip, deflate or no encoding",
             )
-        if not request.body_exists:
-            return None
+        if coding == "identity" and "chunked" not in request.headers.get("Transfer-Encoding", ""):
+            return None  # a plain body the app reads itself, under the same timeout
         try:
             async with asyncio.timeout(self.header_timeout_s):
                 await request.read()

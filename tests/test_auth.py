@@ -23,6 +23,8 @@ from app.client import ClientError, stream_url, watch_job
 from app.client import cancel_job as client_cancel_job
 from app.client import create_job as client_create_job
 from app.client import get_job as client_get_job
+from app.jobs.manager import JobManager
+from app.jobs.store import JobSnapshot
 from app.web.auth import STREAM_TOKEN_ROUTES, guarded
 from tests.conftest import MakeClient
 from tests.support.jobs import (
@@ -222,6 +224,28 @@ class TestBearer:
         assert record.payloads()[-1]["type"] == "done"
         poll = await auth_client.get(f"{base}/events?after=0&wait_s=0", headers=bearer(TOKEN_A))
         assert poll.status == 200
+
+    async def test_a_job_route_reads_the_job_once(
+        self, auth_client: Client, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a bearer, GET job, stream and long-poll each read the job once, not twice."""
+        job = await create(auth_client, TOKEN_A)
+        await wait_done(auth_client, job["id"], TOKEN_A)
+        reads: list[str] = []
+        get = JobManager.get
+
+        async def counted(self: JobManager, job_id: str) -> JobSnapshot:
+            reads.append(job_id)
+            return await get(self, job_id)
+
+        monkeypatch.setattr(JobManager, "get", counted)
+        base = f"/api/jobs/{job['id']}"
+        for path in (base, f"{base}/stream", f"{base}/events?after=0&wait_s=0"):
+            reads.clear()
+            async with auth_client.get(path, headers=bearer(TOKEN_A)) as response:
+                assert response.status == 200, path
+                await response.read()
+            assert reads == [job["id"]], path
 
     async def test_preflight_is_not_blocked(self, make_client: MakeClient) -> None:
         """A CORS preflight (which never carries credentials) is answered, not 401."""

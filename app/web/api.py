@@ -19,7 +19,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from app.core.errors import BodyTooSlow, InvalidField, UnsupportedEncoding
 from app.jobs.manager import JobRequest
 from app.jobs.store import JobSnapshot, JobStatus
-from app.web.auth import STREAM_TOKEN_PARAM
+from app.web.auth import STREAM_TOKEN_PARAM, requested_job
 from app.web.keys import AUTH, MANAGER, OWNER, SETTINGS
 from app.web.middleware import json_response
 from app.web.params import parse_int
@@ -150,7 +150,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 @routes.get("/api/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     """The job's snapshot."""
-    job = await request.app[MANAGER].get(request.match_info["job_id"])
+    job = await requested_job(request)
     return json_response(snapshot_json(request, job))
 
 

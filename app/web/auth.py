@@ -43,7 +43,8 @@ from app.core.errors import (
     Unauthenticated,
 )
 from app.core.settings import Settings
-from app.web.keys import AUTH, MANAGER, OWNER, SETTINGS
+from app.jobs.store import JobSnapshot
+from app.web.keys import AUTH, JOB, MANAGER, OWNER, SETTINGS
 
 __all__ = [
     "API_PATH",
@@ -52,6 +53,7 @@ __all__ = [
     "Authenticator",
     "guarded",
     "install_auth",
+    "requested_job",
 ]
 
 #: The query parameter carrying a stream token.
@@ -215,7 +217,20 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         job = await request.app[MANAGER].get(job_id)
         if job.owner != owner:
             raise JobNotFound(job_id)  # another token's job: its existence is not told
+        request[JOB] = job
     return await handler(request)
+
+
+async def requested_job(request: web.Request) -> JobSnapshot:
+    """The job of a ``{job_id}`` route: as the auth middleware read it, else from the manager.
+
+    ``JobNotFound`` if there is none. With Redis a read is a round trip (and a fold of
+    the events since the last snapshot write): a request pays for one, not two.
+    """
+    job = request.get(JOB)
+    if job is None:
+        job = await request.app[MANAGER].get(request.match_info["job_id"])
+    return job
 
 
 def install_auth(app: web.Application) -> None:

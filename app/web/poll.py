@@ -20,6 +20,7 @@ from aiohttp import web
 from app.bus.base import Batch, Subscription
 from app.core.events import EncodedEvent
 from app.jobs.manager import JobManager
+from app.web.auth import requested_job
 from app.web.keys import BUS, MANAGER
 from app.web.params import parse_int, parse_seq
 from app.web.resume import check_resume_point
@@ -80,7 +81,7 @@ async def poll_events(request: web.Request) -> web.Response:
     wait_s = parse_int(request.query.get("wait_s", str(DEFAULT_WAIT_S)), "wait_s", 0, MAX_WAIT_S)
     limit = parse_int(request.query.get("limit", str(DEFAULT_LIMIT)), "limit", 1, MAX_LIMIT)
     manager = request.app[MANAGER]
-    await manager.get(job_id)
+    await requested_job(request)  # 404 for an unknown job
     structlog.contextvars.bind_contextvars(job_id=job_id)
     bus = request.app[BUS]
     await check_resume_point(bus, job_id, after_seq, "after")

@@ -29,6 +29,7 @@ from aiohttp import web
 from app.core.errors import BackendUnavailable, SubscriberLagged
 from app.core.events import EncodedEvent, heartbeat_frame
 from app.core.sse import retry_line
+from app.web.auth import requested_job
 from app.web.keys import BUS, MANAGER, METRICS, SETTINGS, STREAM_BYTES
 from app.web.metrics import Metrics
 from app.web.params import parse_int
@@ -182,7 +183,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     field, after_seq = stream_resume_point(request)
     manager = request.app[MANAGER]
     settings = request.app[SETTINGS]
-    job = await manager.get(job_id)
+    job = await requested_job(request)
     strategy = manager.strategy(job.strategy)
     shaper = stream_shaper(request, strategy)
     heartbeat_s = strategy.cadence.heartbeat_interval_s

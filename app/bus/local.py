@@ -64,11 +64,15 @@ class LocalLog:
 
     def wake(self) -> None:
         """Wake every cursor waiting for a change, parked ones included."""
+        self._wake_waiting()
+        for sub in list(self.parked):
+            sub.unpark()
+
+    def _wake_waiting(self) -> None:
+        """Wake the cursors waiting on :meth:`wait_future` (not the parked ones)."""
         if self.changed is not None and not self.changed.done():
             self.changed.set_result(None)
         self.changed = None
-        for sub in list(self.parked):
-            sub.unpark()
 
     def wait_future(self) -> asyncio.Future[None]:
         """A future set at the next change."""
@@ -101,9 +105,7 @@ class LocalLog:
                 sub.cut_off()
         if self.parked:
             self._push(events, newest)
-        if self.changed is not None and not self.changed.done():
-            self.changed.set_result(None)
-        self.changed = None
+        self._wake_waiting()
 
     def _push(self, events: Sequence[EncodedEvent], newest: int) -> None:
         """Hand the new frames to every parked reader that has read all the earlier ones."""

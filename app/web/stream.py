@@ -19,6 +19,7 @@ back when Redis may have, and resumes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -76,16 +77,10 @@ def stream_shaper(request: web.Request, strategy: FlushStrategy) -> FrameShaper:
     return build_strategy("aligned", tuning).shaper()
 
 
-#: The last HTTP chunk built by :func:`_chunk` and the data it frames.
-_last_chunk: tuple[bytes, bytes] = (b"", b"")
-
-
+@functools.lru_cache(maxsize=1)
 def _chunk(data: bytes) -> bytes:
     """``data`` as one HTTP/1.1 chunk; the last one is reused (every subscriber's is)."""
-    global _last_chunk
-    if _last_chunk[0] is not data:
-        _last_chunk = (data, b"%x\r\n%b\r\n" % (len(data), data))
-    return _last_chunk[1]
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 @attrs.define

@@ -29,9 +29,7 @@ from aiohttp_sse import EventSourceResponse
 from app.core.events import AnyEvent, encode_event
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
-from app.jobs.pipelines import DemoPipeline
-from app.jobs.runner import run_job
-from strategies import build_strategy
+from bench.demo import start_demo_job
 
 __all__ = ["AnchorJob", "make_app"]
 
@@ -65,15 +63,8 @@ SETTINGS = web.AppKey("settings", Settings)
 
 async def create_job(request: web.Request) -> web.Response:
     """``POST /api/jobs``: start a demo job now; its stream link in the answer."""
-    body = await request.json()
-    settings = request.app[SETTINGS]
-    strategy = build_strategy(body.get("strategy", "none"), settings.tuning())
-    pipeline = DemoPipeline()
-    plan = pipeline.plan({}, body.get("options", {}))
     job = AnchorJob(uuid.uuid4().hex)
-    job.task = asyncio.create_task(
-        run_job(plan, pipeline, strategy.name, strategy.cadence, job.publish)
-    )
+    job.task = start_demo_job(await request.json(), request.app[SETTINGS], job.publish)
     request.app[JOBS][job.id] = job
     stream = f"/api/jobs/{job.id}/stream"
     return web.json_response({"id": job.id, "links": {"stream": stream}}, status=201)

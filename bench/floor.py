@@ -26,9 +26,7 @@ import orjson
 from app.core.events import AnyEvent, encode_event
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
-from app.jobs.pipelines import DemoPipeline
-from app.jobs.runner import run_job
-from strategies import build_strategy
+from bench.demo import start_demo_job
 
 __all__ = ["FloorJob", "FloorServer", "main"]
 
@@ -86,14 +84,8 @@ class FloorServer:
 
     def create_job(self, body: bytes) -> bytes:
         """``POST /api/jobs``: start a demo job now; its stream link in the answer."""
-        request = orjson.loads(body or b"{}")
-        strategy = build_strategy(request.get("strategy", "none"), self.settings.tuning())
-        pipeline = DemoPipeline()
-        plan = pipeline.plan({}, request.get("options", {}))
         job = FloorJob(uuid.uuid4().hex)
-        job.task = asyncio.create_task(
-            run_job(plan, pipeline, strategy.name, strategy.cadence, job.publish)
-        )
+        job.task = start_demo_job(orjson.loads(body or b"{}"), self.settings, job.publish)
         self.jobs[job.id] = job
         answer = {"id": job.id, "links": {"stream": f"/api/jobs/{job.id}/stream"}}
         return _answer("201 Created", orjson.dumps(answer))

@@ -41,6 +41,7 @@ import attrs
 from redis.asyncio import Redis
 
 from app.bus.local import LocalCursor
+from app.bus.redis_client import milliseconds
 from app.bus.redis_feed import FEED_LINGER_S, JobFeed, JobFeeds
 from app.bus.redis_writer import (
     Entry,
@@ -48,7 +49,6 @@ from app.bus.redis_writer import (
     WriterHooks,
     decode_entry,
     stream_top,
-    ttl_ms,
 )
 from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent
@@ -147,7 +147,7 @@ class RedisEventBus:
 
     @property
     def _ttl_ms(self) -> int:
-        return ttl_ms(self.job_ttl_s)
+        return milliseconds(self.job_ttl_s)
 
     def key(self, job_id: str) -> str:
         """The Redis key of the job's stream."""

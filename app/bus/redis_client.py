@@ -19,7 +19,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["CONNECT_TIMEOUT_S", "MAX_CONNECTIONS", "POOL_WAIT_S", "cancel_safe", "connect_redis"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "MAX_CONNECTIONS",
+    "POOL_WAIT_S",
+    "cancel_safe",
+    "connect_redis",
+    "milliseconds",
+]
 
 #: How long opening a connection to Redis may take (start-up's check included).
 CONNECT_TIMEOUT_S = 5.0
@@ -29,6 +36,11 @@ CONNECT_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 2_000
 #: How long a request waits for a free Redis connection before its 503.
 POOL_WAIT_S = 5.0
+
+
+def milliseconds(seconds: float) -> int:
+    """A duration as Redis expiries take it (``PX``, ``PEXPIRE``): milliseconds, at least 1."""
+    return max(1, round(seconds * 1000))
 
 
 class _CancelSafeSend:

@@ -39,6 +39,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from app.bus.local import event_cost
+from app.bus.redis_client import milliseconds
 from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent, encode_event
 
@@ -96,11 +97,6 @@ async def stream_top(redis: Redis, key: str, job_id: str) -> tuple[int, bool]:
 def _id_taken(exc: redis_errors.ResponseError) -> bool:
     """Whether XADD refused the id because another publisher got there first."""
     return "equal or smaller than the target stream top item" in str(exc)
-
-
-def ttl_ms(job_ttl_s: float) -> int:
-    """A job's TTL as ``PEXPIRE`` takes it: milliseconds, at least 1."""
-    return max(1, round(job_ttl_s * 1000))
 
 
 class WriterLimits(Protocol):
@@ -241,7 +237,7 @@ class JobWriter:
                 if renew:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         pipe.xadd(self.key, fields, **xadd)  # type: ignore[arg-type]
-                        pipe.pexpire(self.key, ttl_ms(self.limits.job_ttl_s))
+                        pipe.pexpire(self.key, milliseconds(self.limits.job_ttl_s))
                         added, _ = await pipe.execute()
                     self.renewed_at = now
                 else:
@@ -363,7 +359,7 @@ class JobWriter:
                 self.pending_bytes -= len(encoded.frame)
                 written += 1
             if self.failed is None:
-                await self.redis.pexpire(self.key, ttl_ms(self.limits.job_ttl_s))
+                await self.redis.pexpire(self.key, milliseconds(self.limits.job_ttl_s))
                 self.renewed_at = time.monotonic()
                 log.info(
                     "redis back; buffered events written",

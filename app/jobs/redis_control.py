@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from app.bus.redis import RedisEventBus
+from app.bus.redis_client import milliseconds
 from app.core.events import DoneEvent, ErrorEvent, encode_event
 from app.jobs.redis_store import RedisJobStore, snapshot_from_json, snapshot_to_json
 from app.jobs.store import StepStatus, apply_event
@@ -104,11 +105,11 @@ class RedisJobControl:
 
     @property
     def _lease_ms(self) -> int:
-        return max(1, round(self.lease_s * 1000))
+        return milliseconds(self.lease_s)
 
     @property
     def _ttl_ms(self) -> int:
-        return max(1, round(self.job_ttl_s * 1000))
+        return milliseconds(self.job_ttl_s)
 
     @property
     def _leases(self) -> str:

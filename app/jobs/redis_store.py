@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from app.bus.redis import Entry, decode_entry
+from app.bus.redis_client import milliseconds
 from app.core.errors import JobNotFound
 from app.core.events import decode_event
 from app.jobs.store import JobSnapshot, JobStatus, StepState, StepStatus, apply_event
@@ -131,7 +132,7 @@ class RedisJobStore:
 
     @property
     def _ttl_ms(self) -> int:
-        return max(1, round(self.job_ttl_s * 1000))
+        return milliseconds(self.job_ttl_s)
 
     @property
     def _index(self) -> str:

@@ -41,6 +41,10 @@ setup(
             # Profiles the server under the benchmark's load (sampling, no code change).
             "py-spy>=0.3",
         ],
+        "docs": [
+            # The manual in docs/: built (and link-checked) with mkdocs build --strict.
+            "mkdocs>=1.6",
+        ],
         "dev": [
             "mypy>=1.10",
             "ruff>=0.5",

@@ -44,9 +44,9 @@ def load(**env: str) -> Settings:
 
 class TestDefaults:
     def test_empty_environment_gives_contract_defaults(self) -> None:
-        """With no variables set: 0.0.0.0:8080, memory bus, demo pipeline, info logs."""
+        """With no variables set: 127.0.0.1:8080, memory bus, demo pipeline, info logs."""
         s = load()
-        assert (s.host, s.port, s.bus, s.pipeline) == ("0.0.0.0", 8080, "memory", "demo")
+        assert (s.host, s.port, s.bus, s.pipeline) == ("127.0.0.1", 8080, "memory", "demo")
         assert s.strategy == DEFAULT_STRATEGY
         assert s.strategy in STRATEGIES
         assert (s.log_level, s.log_format) == ("info", "auto")
@@ -104,7 +104,7 @@ class TestPort:
 # --- every variable ----------------------------------------------------------------
 
 PARSED: list[tuple[str, str, str, Any]] = [
-    ("FLUSHLINE_HOST", "127.0.0.1", "host", "127.0.0.1"),
+    ("FLUSHLINE_HOST", "0.0.0.0", "host", "0.0.0.0"),
     ("FLUSHLINE_STRATEGY", "padding", "strategy", "padding"),
     ("FLUSHLINE_STRATEGY", "Frequency", "strategy", "frequency"),
     ("FLUSHLINE_PIPELINE", "scripted", "pipeline", "scripted"),
@@ -137,6 +137,19 @@ PARSED: list[tuple[str, str, str, Any]] = [
     ("FLUSHLINE_MAX_RETAINED_BYTES", "1073741824", "max_retained_bytes", 1 << 30),
     ("FLUSHLINE_MAX_CONNECTIONS", "900", "max_connections", 900),
     ("FLUSHLINE_HEADER_TIMEOUT_S", "2.5", "header_timeout_s", 2.5),
+    ("FLUSHLINE_AUTH", "OFF", "auth", "off"),
+    (
+        "FLUSHLINE_ALLOWED_HOSTS",
+        "App.example.com, [::2]",
+        "allowed_hosts",
+        ("app.example.com", "::2"),
+    ),
+    ("FLUSHLINE_ALLOWED_HOSTS", "*", "allowed_hosts", ("*",)),
+    ("FLUSHLINE_PRODUCER_TIMEOUT_S", "5", "producer_timeout_s", 5.0),
+    ("FLUSHLINE_PUBLISH_MAX_EVENTS", "50", "publish_max_events", 50),
+    ("FLUSHLINE_PUBLISH_MAX_TEXT_BYTES", "1024", "publish_max_text_bytes", 1024),
+    ("FLUSHLINE_PUBLISH_MAX_JOB_BYTES", "65536", "publish_max_job_bytes", 65536),
+    ("FLUSHLINE_PUBLISH_RATE", "100", "publish_rate_per_s", 100.0),
 ]
 
 

@@ -12,6 +12,7 @@ misspelt ``FLUSHLINE_*`` variable (with the closest known name) without a second
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_AUTH_MODES = ("on", "off")
 _PREFIX = "FLUSHLINE_"
 #: The shortest API token or secret key accepted.
 MIN_SECRET_CHARS = 16
@@ -54,7 +56,8 @@ class Settings:
     Tuning fields that are ``None`` were not set: the job's strategy picks its own default.
     """
 
-    host: str = "0.0.0.0"
+    #: Loopback by default: any other address needs an API token or ``auth="off"``.
+    host: str = "127.0.0.1"
     port: int = 8080
     strategy: str = "aligned"
     bus: str = "memory"
@@ -107,6 +110,21 @@ class Settings:
     max_connections: int | None = None
     #: How long a client may take to send a request's headers.
     header_timeout_s: float = 10.0
+    #: ``FLUSHLINE_AUTH``: ``None`` (unset: auth is on when there is an API token),
+    #: ``"on"`` (an API token is required) or ``"off"`` (explicitly no auth, any address).
+    auth: str | None = None
+    #: With auth off: the ``Host`` names the service answers (DNS rebinding); ``("*",)`` any.
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    #: An external job with no publish (a heartbeat counts) for this long ends failed.
+    producer_timeout_s: float = 60.0
+    #: Events in one publish batch, at most.
+    publish_max_events: int = 1000
+    #: Bytes of one published event's text (a chunk's, an insight's, an error's), at most.
+    publish_max_text_bytes: int = 64 * 1024
+    #: Bytes one external job's producer may publish in all, at most.
+    publish_max_job_bytes: int = 16 * 1024 * 1024
+    #: Producer events per second one job may publish (a burst of one second's worth).
+    publish_rate_per_s: float = 20_000.0
 
     def tuning(self) -> Tuning:
         """The operator's strategy overrides (unset ones stay None)."""
@@ -131,7 +149,7 @@ class Settings:
         port_var = "PORT" if r.is_set("PORT") else "FLUSHLINE_PORT"
         llm_base_url, llm_model, llm_api_key = r.llm()
         return cls(
-            host=r.text("FLUSHLINE_HOST", "0.0.0.0"),
+            host=r.text("FLUSHLINE_HOST", "127.0.0.1"),
             port=r.integer(port_var, 8080, low=1, high=65535),
             strategy=r.choice("FLUSHLINE_STRATEGY", "aligned", tuple(STRATEGIES)),
             bus=r.choice("FLUSHLINE_BUS", "memory", _BUSES),
@@ -178,6 +196,21 @@ class Settings:
             ),
             max_connections=r.optional_integer("FLUSHLINE_MAX_CONNECTIONS", low=16, high=1 << 24),
             header_timeout_s=r.seconds("FLUSHLINE_HEADER_TIMEOUT_S", 10.0),
+            auth=r.optional_choice("FLUSHLINE_AUTH", _AUTH_MODES),
+            allowed_hosts=r.hosts("FLUSHLINE_ALLOWED_HOSTS", ("localhost", "127.0.0.1", "::1")),
+            producer_timeout_s=r.seconds("FLUSHLINE_PRODUCER_TIMEOUT_S", 60.0),
+            publish_max_events=r.integer(
+                "FLUSHLINE_PUBLISH_MAX_EVENTS", 1000, low=1, high=1_000_000
+            ),
+            publish_max_text_bytes=r.integer(
+                "FLUSHLINE_PUBLISH_MAX_TEXT_BYTES", 64 * 1024, low=64, high=1 << 30
+            ),
+            publish_max_job_bytes=r.integer(
+                "FLUSHLINE_PUBLISH_MAX_JOB_BYTES", 16 * 1024 * 1024, low=4096, high=1 << 40
+            ),
+            publish_rate_per_s=r.number(
+                "FLUSHLINE_PUBLISH_RATE", 20_000.0, low=1.0, high=10_000_000.0
+            ),
         )._checked()
 
     def _checked(self) -> Settings:
@@ -197,7 +230,43 @@ class Settings:
                 "required when FLUSHLINE_API_TOKEN is set with FLUSHLINE_BUS=redis "
                 "(every instance must sign stream tokens with the same key)",
             )
+        if self.auth == "on" and not self.api_tokens:
+            raise SettingsError("FLUSHLINE_API_TOKEN", "", "required when FLUSHLINE_AUTH=on")
+        if self.auth == "off" and self.api_tokens:
+            raise SettingsError(
+                "FLUSHLINE_AUTH", "off", "on or unset when FLUSHLINE_API_TOKEN is set"
+            )
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether the job API asks for an API token."""
+        return bool(self.api_tokens)
+
+    def exposure_error(self) -> SettingsError | None:
+        """Why this configuration must not start: auth off on a non-loopback address.
+
+        Checked by ``flushline serve`` after its ``--host`` flag is applied (the flag wins
+        over ``FLUSHLINE_HOST``), not by the loader, so the message names both.
+        """
+        if self.api_tokens or self.auth == "off" or is_loopback(self.host):
+            return None
+        return SettingsError(
+            "FLUSHLINE_HOST",
+            self.host,
+            "a loopback address (127.0.0.1, ::1, localhost) unless FLUSHLINE_API_TOKEN is "
+            "set or FLUSHLINE_AUTH=off says to serve every address without auth",
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only listens on this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @attrs.frozen
@@ -273,6 +342,27 @@ class _Reader:
             raise SettingsError(name, raw, f"allowed: {', '.join(allowed)}")
         return raw.lower()
 
+    def optional_choice(self, name: str, allowed: tuple[str, ...]) -> str | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        return self.choice(name, raw, allowed)
+
+    def hosts(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """A comma list of host names or addresses (no port), or ``*`` for any."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        items = tuple(item.strip().lower() for item in raw.split(",") if item.strip())
+        if items == ("*",):
+            return items
+        for item in items:
+            if not item or "/" in item or "@" in item or any(c.isspace() for c in item):
+                raise SettingsError(
+                    name, raw, "'*' or a comma list of host names like app.example.com"
+                )
+        return tuple(item.strip("[]") for item in items)
+
     def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
         allowed = f"an integer from {low} to {high}"
 
@@ -298,6 +388,10 @@ class _Reader:
             return value
 
         return self._parse(name, parse, allowed)
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        value = self.optional_number(name, low=low, high=high)
+        return default if value is None else value
 
     def optional_seconds(self, name: str) -> float | None:
         allowed = "a number of seconds greater than 0 and at most 86400 (e.g. 1.5)"

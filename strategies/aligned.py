@@ -32,8 +32,8 @@ from typing import ClassVar
 
 import attrs
 
-from app.core.sse import padding_comment
 from strategies.base import Cadence, Tuning
+from strategies.padding import padding_comment
 
 __all__ = ["AlignedShaper", "AlignedStrategy"]
 

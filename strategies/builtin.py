@@ -6,8 +6,8 @@ from typing import ClassVar, Self
 
 import attrs
 
-from app.core.sse import padding_comment
 from strategies.base import Cadence, Tuning
+from strategies.padding import padding_comment
 
 __all__ = [
     "CombinedStrategy",

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import attrs
 
+from strategies.padding import padding_comment
+
 __all__ = [
     "SSEMessage",
     "SSEParser",
@@ -24,7 +26,6 @@ __all__ = [
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _BYTE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_PAD_UNIT = b"." * 64
 
 
 def encode_frame(
@@ -55,23 +56,6 @@ def comment(text: str = "") -> bytes:
     return b"".join(
         b": " + line.encode() + b"\n" if line else b":\n" for line in _LINE_BREAK.split(text)
     )
-
-
-def padding_comment(size: int) -> bytes:
-    """Return exactly ``size`` bytes of SSE comment lines (``size`` 0 gives ``b""``).
-
-    Any size from 2 up is possible (``:\\n`` is the shortest comment line); 1 is not, so
-    callers that must reach a byte boundary pad to the next one instead.
-    """
-    if size == 0:
-        return b""
-    if size < 2:
-        raise ValueError("an SSE comment line needs at least 2 bytes")
-    # One line: ':' + filler + '\n'. A long single line is fine for EventSource, and
-    # proxies that care about line length see far longer data lines in practice.
-    filler = size - 2
-    reps, rest = divmod(filler, len(_PAD_UNIT))
-    return b":" + _PAD_UNIT * reps + _PAD_UNIT[:rest] + b"\n"
 
 
 def retry_line(retry_ms: int) -> bytes:

@@ -13,10 +13,10 @@ findings and renders them, ``advice`` the fixes and each proxy's configuration l
 """
 
 from app.pathtools.probe.advice import COMPRESSION_SETTINGS, STREAMING_SETTINGS, Fix
-from app.pathtools.probe.analysis import analyse
+from app.pathtools.probe.analysis import Read, analyse
 from app.pathtools.probe.command import configure_parser, run_from_args
 from app.pathtools.probe.pattern import MIN_FIRST_WRITE_BYTES, probe_pattern
-from app.pathtools.probe.reader import ProbeError, Read, run_probe
+from app.pathtools.probe.reader import ProbeError, run_probe
 from app.pathtools.probe.report import DEFAULT_LATENCY_BUDGET_MS, PathKind, ProbeReport, report_json
 
 __all__ = [

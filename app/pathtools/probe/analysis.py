@@ -26,16 +26,22 @@ import itertools
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+
+import attrs
 
 from app.pathtools.probe.report import DEFAULT_LATENCY_BUDGET_MS, PathKind, ProbeReport
 from app.web.diagnostics import DiagnosticsPattern
 
-if TYPE_CHECKING:
-    # Only the annotations name Read: the reader imports this module to analyse its reads.
-    from app.pathtools.probe.reader import Read
+__all__ = ["Read", "analyse"]
 
-__all__ = ["analyse"]
+
+@attrs.frozen
+class Read:
+    """One read from the socket: when (seconds after the request) and how many body bytes
+    had arrived in total by then."""
+
+    at_s: float
+    total: int
 
 
 def _power_of_two_in(low: int, high: int) -> int | None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import aiohttp
-import attrs
 
-from app.pathtools.probe.analysis import analyse
+from app.pathtools.probe.analysis import Read, analyse
 from app.pathtools.probe.pattern import probe_pattern
 from app.pathtools.probe.report import DEFAULT_LATENCY_BUDGET_MS, ProbeReport
 from app.web.diagnostics import DiagnosticsPattern
@@ -16,15 +15,6 @@ from app.web.diagnostics import DiagnosticsPattern
 __all__ = ["DIAGNOSTICS_PATH", "ProbeError", "Read", "run_probe"]
 
 DIAGNOSTICS_PATH = "/api/diagnostics/stream"
-
-
-@attrs.frozen
-class Read:
-    """One read from the socket: when (seconds after the request) and how many body bytes
-    had arrived in total by then."""
-
-    at_s: float
-    total: int
 
 
 class ProbeError(Exception):

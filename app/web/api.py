@@ -19,8 +19,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from app.core.errors import BodyTooSlow, InvalidField, UnsupportedEncoding
 from app.jobs.manager import JobRequest
 from app.jobs.store import JobSnapshot, JobStatus
-from app.web.auth import STREAM_TOKEN_PARAM, requested_job
-from app.web.keys import AUTH, MANAGER, OWNER, SETTINGS
+from app.web.auth import AUTH, STREAM_TOKEN_PARAM, requested_job
+from app.web.keys import MANAGER, OWNER, SETTINGS
 from app.web.middleware import json_response
 from app.web.params import parse_int
 from app.web.server import DECODED_CODINGS

@@ -44,10 +44,11 @@ from app.core.errors import (
 )
 from app.core.settings import Settings
 from app.jobs.store import JobSnapshot
-from app.web.keys import AUTH, JOB, MANAGER, OWNER, SETTINGS
+from app.web.keys import JOB, MANAGER, OWNER, SETTINGS
 
 __all__ = [
     "API_PATH",
+    "AUTH",
     "STREAM_TOKEN_PARAM",
     "STREAM_TOKEN_ROUTES",
     "Authenticator",
@@ -176,6 +177,10 @@ class Authenticator:
     def _sign(self, payload: str) -> str:
         mac = hmac.new(self.secret_key, _STREAM_CONTEXT + payload.encode(), hashlib.sha256)
         return _b64(mac.digest())
+
+
+#: API and stream tokens.
+AUTH = web.AppKey("auth", Authenticator)
 
 
 def guarded(canonical: str) -> bool:

@@ -34,11 +34,13 @@ from prometheus_client.process_collector import ProcessCollector
 from app.core.errors import backend_outage
 from app.core.events import EncodedEvent
 from app.jobs.store import JobStatus
-from app.web.keys import CONNECTIONS, MANAGER, METRICS
+from app.web.keys import MANAGER
+from app.web.server.limits import CONNECTIONS
 
 __all__ = [
     "DROP_REASONS",
     "LAG_BUCKETS_S",
+    "METRICS",
     "METRICS_CONTENT_TYPE",
     "REFUSAL_REASONS",
     "Metrics",
@@ -150,6 +152,10 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+#: The Prometheus registry and metrics.
+METRICS = web.AppKey("metrics", Metrics)
 
 
 @attrs.define(eq=False)

@@ -31,8 +31,8 @@ from app.core.errors import BackendUnavailable, SubscriberLagged
 from app.core.events import EncodedEvent, heartbeat_frame
 from app.core.sse import retry_line
 from app.web.auth import requested_job
-from app.web.keys import BUS, MANAGER, METRICS, SETTINGS, STREAM_BYTES
-from app.web.metrics import Metrics
+from app.web.keys import BUS, MANAGER, SETTINGS, STREAM_BYTES
+from app.web.metrics import METRICS, Metrics
 from app.web.params import parse_int
 from app.web.resume import check_resume_point, stream_resume_point
 from app.web.server import check_room, tune_stream_socket

@@ -26,6 +26,7 @@ no tracker and no limit.
 """
 
 from app.web.server.limits import (
+    CONNECTIONS,
     ConnectionTracker,
     check_room,
     derive_connection_cap,
@@ -42,6 +43,7 @@ from app.web.server.protocol import (
 from app.web.server.runner import FlushlineRunner, run
 
 __all__ = [
+    "CONNECTIONS",
     "DECODED_CODINGS",
     "AcceptErrorLog",
     "ConnectionTracker",

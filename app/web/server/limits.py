@@ -12,9 +12,9 @@ import structlog
 from aiohttp import web
 
 from app.core.errors import TooManyConnections
-from app.web.keys import CONNECTIONS
 
 __all__ = [
+    "CONNECTIONS",
     "FULL_RETRY_AFTER_S",
     "ConnectionTracker",
     "check_room",
@@ -68,6 +68,11 @@ class ConnectionTracker:
     def full(self) -> bool:
         """Whether the open connections (the asking one included) are past the limit."""
         return self.open > self.limit
+
+
+#: Open connections of the server running the app; absent when the app runs under
+#: another server (e.g. a test client).
+CONNECTIONS = web.AppKey("connections", ConnectionTracker)
 
 
 def check_room(request: web.Request) -> None:

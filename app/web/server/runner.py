@@ -9,8 +9,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from app.web.keys import CONNECTIONS
-from app.web.server.limits import ConnectionTracker
+from app.web.server.limits import CONNECTIONS, ConnectionTracker
 from app.web.server.listener import AcceptErrorLog, Listener
 from app.web.server.protocol import FlushlineServer
 

@@ -7,6 +7,8 @@ and what is allowed; ``flushline serve`` prints it and exits with status 2.
 The loader is also the one list of known variables: :func:`known_variables` runs it on an
 empty environment and records every name it reads, so :func:`unknown_variables` can flag a
 misspelt ``FLUSHLINE_*`` variable (with the closest known name) without a second list.
+:func:`variables` gives the same names with each one's default and allowed values, as the
+loader applies them (``docs/configuration.md`` is generated from it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import attrs
 
 from strategies import STRATEGIES, Tuning
 
-__all__ = ["Settings", "SettingsError", "UnknownVariable", "known_variables", "unknown_variables"]
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "UnknownVariable",
+    "Variable",
+    "known_variables",
+    "unknown_variables",
+    "variables",
+]
 
 T = TypeVar("T")
 
@@ -36,6 +46,7 @@ _AUTH_MODES = ("on", "off")
 _PREFIX = "FLUSHLINE_"
 #: The shortest API token or secret key accepted.
 MIN_SECRET_CHARS = 16
+_SECONDS_ALLOWED = "a number of seconds greater than 0 and at most 86400 (e.g. 1.5)"
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
@@ -145,12 +156,14 @@ class Settings:
 
     @classmethod
     def _load(cls, r: _Reader) -> Settings:
-        # PORT (Cloud Run's) wins over FLUSHLINE_PORT.
-        port_var = "PORT" if r.is_set("PORT") else "FLUSHLINE_PORT"
+        # PORT (Cloud Run's) wins over FLUSHLINE_PORT, which is then not read.
+        port = r.optional_integer("PORT", low=1, high=65535)
+        if port is None:
+            port = r.integer("FLUSHLINE_PORT", 8080, low=1, high=65535)
         llm_base_url, llm_model, llm_api_key = r.llm()
         return cls(
-            host=r.text("FLUSHLINE_HOST", "127.0.0.1"),
-            port=r.integer(port_var, 8080, low=1, high=65535),
+            host=r.text("FLUSHLINE_HOST", "127.0.0.1", allowed="an address or host name"),
+            port=port,
             strategy=r.choice("FLUSHLINE_STRATEGY", "aligned", tuple(STRATEGIES)),
             bus=r.choice("FLUSHLINE_BUS", "memory", _BUSES),
             # Read (and checked) whatever the bus: known_variables() runs the loader.
@@ -158,7 +171,7 @@ class Settings:
             runner_lease_s=r.seconds("FLUSHLINE_RUNNER_LEASE_S", 15.0),
             shutdown_grace_s=r.seconds("FLUSHLINE_SHUTDOWN_GRACE_S", 8.0),
             redis_grace_s=r.seconds("FLUSHLINE_REDIS_GRACE_S", 8.0),
-            pipeline=r.text("FLUSHLINE_PIPELINE", "demo"),
+            pipeline=r.text("FLUSHLINE_PIPELINE", "demo", allowed="a registered pipeline"),
             padding_bytes=r.optional_integer("FLUSHLINE_PADDING_BYTES", low=0, high=1 << 20),
             chunk_chars=r.optional_integer("FLUSHLINE_CHUNK_CHARS", low=1, high=1 << 20),
             chunk_interval_s=r.optional_seconds("FLUSHLINE_CHUNK_INTERVAL"),
@@ -269,12 +282,44 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _env_text(value: object) -> str | None:
+    """A default as it would be written in the environment (``None`` stays unset)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 @attrs.frozen
 class UnknownVariable:
     """A ``FLUSHLINE_*`` variable no setting reads, with the closest known name if any."""
 
     name: str
     suggestion: str | None
+
+
+@attrs.frozen
+class Variable:
+    """One variable the loader reads, with its default and what it accepts.
+
+    ``default`` is written as it would be in the environment (``"8080"``,
+    ``"localhost,127.0.0.1,::1"``); ``None`` when unset means something no value spells
+    (no provider, a per-process key, a limit derived from the descriptor limit).
+    """
+
+    name: str
+    default: str | None
+    allowed: str
+
+
+def variables() -> tuple[Variable, ...]:
+    """Every variable the loader reads, in the order it reads them (found by running it)."""
+    reader = _Reader({})
+    Settings._load(reader)
+    return tuple(reader.described.values())
 
 
 def known_variables() -> frozenset[str]:
@@ -306,14 +351,16 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[UnknownV
 class _Reader:
     """Parses one variable at a time, turning every failure into a ``SettingsError``.
 
-    ``seen`` records every name asked for: the loader's own list of known variables.
+    ``seen`` records every name asked for: the loader's own list of known variables;
+    ``described`` each typed read's default and allowed values, for the reference page.
     """
 
     env: Mapping[str, str]
     seen: set[str] = attrs.field(factory=set)
+    described: dict[str, Variable] = attrs.field(factory=dict)
 
-    def is_set(self, name: str) -> bool:
-        return self._raw(name) is not None
+    def _describe(self, name: str, default: object, allowed: str) -> None:
+        self.described.setdefault(name, Variable(name, _env_text(default), allowed))
 
     def _raw(self, name: str) -> str | None:
         self.seen.add(name)
@@ -331,10 +378,12 @@ class _Reader:
         except ValueError:
             raise SettingsError(name, raw, allowed) from None
 
-    def text(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str, *, allowed: str) -> str:
+        self._describe(name, default, allowed)
         return self._raw(name) or default
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        self._describe(name, default, ", ".join(allowed))
         raw = self._raw(name)
         if raw is None:
             return default
@@ -343,6 +392,7 @@ class _Reader:
         return raw.lower()
 
     def optional_choice(self, name: str, allowed: tuple[str, ...]) -> str | None:
+        self._describe(name, None, ", ".join(allowed))
         raw = self._raw(name)
         if raw is None:
             return None
@@ -350,6 +400,7 @@ class _Reader:
 
     def hosts(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma list of host names or addresses (no port), or ``*`` for any."""
+        self._describe(name, default, "'*' or a comma list of host names like app.example.com")
         raw = self._raw(name)
         if raw is None:
             return default
@@ -365,6 +416,7 @@ class _Reader:
 
     def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
         allowed = f"an integer from {low} to {high}"
+        self._describe(name, None, allowed)
 
         def parse(raw: str) -> int:
             value = int(raw)
@@ -375,11 +427,13 @@ class _Reader:
         return self._parse(name, parse, allowed)
 
     def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        self._describe(name, default, f"an integer from {low} to {high}")
         value = self.optional_integer(name, low=low, high=high)
         return default if value is None else value
 
     def optional_number(self, name: str, *, low: float, high: float) -> float | None:
         allowed = f"a number from {low:g} to {high:g}"
+        self._describe(name, None, allowed)
 
         def parse(raw: str) -> float:
             value = float(raw)
@@ -390,11 +444,13 @@ class _Reader:
         return self._parse(name, parse, allowed)
 
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        self._describe(name, default, f"a number from {low:g} to {high:g}")
         value = self.optional_number(name, low=low, high=high)
         return default if value is None else value
 
     def optional_seconds(self, name: str) -> float | None:
-        allowed = "a number of seconds greater than 0 and at most 86400 (e.g. 1.5)"
+        allowed = _SECONDS_ALLOWED
+        self._describe(name, None, allowed)
 
         def parse(raw: str) -> float:
             value = float(raw.removesuffix("s"))
@@ -406,13 +462,14 @@ class _Reader:
 
     def origins(self, name: str) -> tuple[str, ...]:
         """A comma list of origins (``scheme://host[:port]``), or ``*`` for any."""
+        allowed = "'*' or a comma list of origins like https://app.example.com"
+        self._describe(name, None, allowed)
         raw = self._raw(name)
         if raw is None:
             return ()
         items = tuple(item.strip() for item in raw.split(",") if item.strip())
         if items == ("*",):
             return items
-        allowed = "'*' or a comma list of origins like https://app.example.com"
         for item in items:
             url = urlsplit(item)
             if (
@@ -428,13 +485,14 @@ class _Reader:
 
     def redis_url(self, name: str, default: str) -> str:
         """A Redis URL: ``redis://[user:password@]host[:port][/db]``, ``rediss://``, ``unix://``."""
-        raw = self._raw(name)
-        if raw is None:
-            return default
         allowed = (
             "a Redis URL like redis://host:6379/0 (also rediss:// for TLS, "
             "unix:///path/to/redis.sock)"
         )
+        self._describe(name, default, allowed)
+        raw = self._raw(name)
+        if raw is None:
+            return default
         # The message must not echo a password: show the URL without its credentials.
         url = urlsplit(raw)
         shown = raw if url.password is None else raw.replace(url.password, "***", 1)
@@ -455,20 +513,22 @@ class _Reader:
 
     def url(self, name: str) -> str | None:
         """An ``http://`` or ``https://`` URL without query or fragment."""
+        allowed = "an http:// or https:// URL such as https://api.openai.com/v1"
+        self._describe(name, None, allowed)
         raw = self._raw(name)
         if raw is None:
             return None
         url = urlsplit(raw)
         if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
-            raise SettingsError(
-                name, raw, "an http:// or https:// URL such as https://api.openai.com/v1"
-            )
+            raise SettingsError(name, raw, allowed)
         return raw.rstrip("/")
 
     def llm(self) -> tuple[str | None, str | None, str]:
         """The provider's three variables, each read whatever the others hold."""
         base_url = self.url("FLUSHLINE_LLM_BASE_URL")
+        self._describe("FLUSHLINE_LLM_MODEL", None, "a model name the provider knows")
         model = self._raw("FLUSHLINE_LLM_MODEL")
+        self._describe("FLUSHLINE_LLM_API_KEY", "", "any text (empty for local servers)")
         api_key = self._raw("FLUSHLINE_LLM_API_KEY") or ""
         if base_url is not None and model is None:
             raise SettingsError(
@@ -482,12 +542,14 @@ class _Reader:
 
     def pipeline_paths(self, name: str) -> tuple[str, ...]:
         """A comma list of ``package.module:attribute`` (imported by the app factory)."""
+        allowed = "a comma list of package.module:attribute"
+        self._describe(name, None, allowed)
         raw = self._raw(name)
         if raw is None:
             return ()
         paths = tuple(item.strip() for item in raw.split(",") if item.strip())
         if not all(_IMPORT_PATH.fullmatch(path) for path in paths):
-            raise SettingsError(name, raw, "a comma list of package.module:attribute")
+            raise SettingsError(name, raw, allowed)
         return paths
 
     def tokens(self, name: str) -> tuple[str, ...]:
@@ -495,29 +557,31 @@ class _Reader:
 
         The message never echoes the value.
         """
+        allowed = (
+            f"a comma list of tokens, each at least {MIN_SECRET_CHARS} characters without spaces"
+        )
+        self._describe(name, None, allowed)
         raw = self._raw(name)
         if raw is None:
             return ()
         items = tuple(item.strip() for item in raw.split(","))
         for item in items:
             if len(item) < MIN_SECRET_CHARS or not item.isprintable() or " " in item:
-                raise SettingsError(
-                    name,
-                    "***",
-                    f"a comma list of tokens, each at least {MIN_SECRET_CHARS} characters "
-                    "without spaces",
-                )
+                raise SettingsError(name, "***", allowed)
         return items
 
     def secret(self, name: str) -> str:
         """One secret of at least :data:`MIN_SECRET_CHARS` characters; never echoed."""
+        allowed = f"at least {MIN_SECRET_CHARS} characters"
+        self._describe(name, None, allowed)
         raw = self._raw(name)
         if raw is None:
             return ""
         if len(raw) < MIN_SECRET_CHARS:
-            raise SettingsError(name, "***", f"at least {MIN_SECRET_CHARS} characters")
+            raise SettingsError(name, "***", allowed)
         return raw
 
     def seconds(self, name: str, default: float) -> float:
+        self._describe(name, default, _SECONDS_ALLOWED)
         value = self.optional_seconds(name)
         return default if value is None else value

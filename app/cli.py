@@ -124,6 +124,9 @@ def _startup_fields(
         "strategy": app[MANAGER].strategies[settings.strategy].describe(),
         "bus": settings.bus,
         "pipeline": settings.pipeline,
+        "pipelines": sorted(app[MANAGER].pipelines),
+        "auth": "on" if settings.api_tokens else "off",
+        "allowed_hosts": None if settings.api_tokens else list(settings.allowed_hosts),
         "cors_origins": list(settings.cors_origins),
         "limits": {
             "max_active_jobs": settings.max_active_jobs,
@@ -202,6 +205,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     flags = {"host": args.host, "port": args.port}
     settings = attrs.evolve(settings, **{k: v for k, v in flags.items() if v is not None})
+    exposure = settings.exposure_error()
+    if exposure is not None:
+        # Before logging is configured: this line is the whole answer (exit 2).
+        shown = "--host" if args.host is not None else "FLUSHLINE_HOST"
+        print(f"flushline: {str(exposure).replace('FLUSHLINE_HOST', shown, 1)}", file=sys.stderr)
+        return 2
     json_logs = configure_logging(settings.log_level, settings.log_format) == "json"
 
     def fail(message: str, **fields: Any) -> int:
@@ -280,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=_SERVE_DESCRIPTION,
     )
     serve.add_argument(
-        "--host", help="address to listen on; wins over FLUSHLINE_HOST (default 0.0.0.0)"
+        "--host",
+        help="address to listen on; wins over FLUSHLINE_HOST (default 127.0.0.1; any other "
+        "address needs FLUSHLINE_API_TOKEN or FLUSHLINE_AUTH=off)",
     )
     serve.add_argument(
         "--port",

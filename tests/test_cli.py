@@ -212,7 +212,7 @@ class TestStartUp:
     async def test_one_start_up_line_with_the_effective_settings(
         self, tmp_path: pathlib.Path
     ) -> None:
-        """One `serving` line, before any request, with strategy, bus, address, limits, CORS."""
+        """One `serving` line, before any request: strategy, bus, pipelines, address, limits, CORS."""
         port = free_port()
         env = clean_env(
             PORT=str(port),
@@ -237,8 +237,11 @@ class TestStartUp:
         assert messages.index("serving") < messages.index("request")
         serving = lines[messages.index("serving")]
         assert serving["version"] == app.__version__
-        assert (serving["host"], serving["port"]) == ("0.0.0.0", port)
+        assert (serving["host"], serving["port"]) == ("127.0.0.1", port)
         assert (serving["bus"], serving["pipeline"]) == ("memory", "demo")
+        assert {"demo", "chat"} <= set(serving["pipelines"])  # type: ignore[arg-type]
+        assert serving["auth"] == "off"
+        assert serving["allowed_hosts"] == ["localhost", "127.0.0.1", "::1"]
         expected = build_strategy("padding", Tuning(padding_bytes=1000)).describe()
         assert serving["strategy"] == orjson.loads(orjson.dumps(expected))
         assert serving["strategy"]["padding_bytes"] == 1000  # type: ignore[index]

@@ -7,8 +7,19 @@ setup(
     version="0.1.0",
     description="Stream the live progress of long jobs to browsers over SSE, through any proxy.",
     python_requires=">=3.11",
-    packages=find_packages(include=["app", "app.*", "strategies", "strategies.*"]),
-    package_data={"app": ["py.typed", "web/static/*"], "strategies": ["py.typed"]},
+    # The Python client ships with the service from its own distribution's folder
+    # (clients/python, `pip install ./clients/python` for the client alone): one copy of
+    # the code, which app.client re-exports for the service's own use.
+    packages=[
+        *find_packages(include=["app", "app.*", "strategies", "strategies.*"]),
+        "flushline_client",
+    ],
+    package_dir={"flushline_client": "clients/python/flushline_client"},
+    package_data={
+        "app": ["py.typed", "web/static/*"],
+        "strategies": ["py.typed"],
+        "flushline_client": ["py.typed"],
+    },
     install_requires=[
         "aiohttp>=3.9",
         "attrs>=23.1",
@@ -40,6 +51,11 @@ setup(
             "aiohttp-sse>=2.2",
             # Profiles the server under the benchmark's load (sampling, no code change).
             "py-spy>=0.3",
+        ],
+        "examples": [
+            # examples/fastapi_app: a FastAPI backend that publishes its agent's progress.
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
         ],
         "docs": [
             # The manual in docs/: built (and link-checked) with mkdocs build --strict.

@@ -48,6 +48,8 @@ from tests.support.process import (
 )
 
 SPEC_URI = "urn:flushline:openapi"
+#: The publish operation: it always asks for the job's publish token.
+PUBLISH = ("post", "/api/jobs/{job_id}/events")
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
@@ -194,7 +196,9 @@ class TestDescription:
                 if method not in ("get", "post"):
                     continue
                 security = operation.get("security", [])
-                if path in ("/api/jobs/{job_id}/stream", "/api/jobs/{job_id}/events"):
+                if (method, path) == PUBLISH:
+                    assert security == [{"publishToken": []}, {"bearerAuth": []}], path
+                elif path in ("/api/jobs/{job_id}/stream", "/api/jobs/{job_id}/events"):
                     assert security == [{"streamToken": []}, {"bearerAuth": []}], path
                 elif path.startswith("/api/jobs"):
                     assert security == [{"bearerAuth": []}], (method, path)
@@ -204,11 +208,14 @@ class TestDescription:
                     assert {"401", "403"} <= set(operation["responses"]), (method, path)
 
     async def test_auth_off_asks_for_nothing(self, client: Client) -> None:
-        """Auth off: no operation asks for a credential or lists 401."""
+        """Auth off: no operation but publishing asks for a credential or lists 401."""
         spec = await fetch_spec(client)
+        publish = spec["paths"]["/api/jobs/{job_id}/events"]["post"]
+        assert publish["security"] == [{"publishToken": []}]
+        assert {"401", "403"} <= set(publish["responses"])
         for path, item in spec["paths"].items():
             for method, operation in item.items():
-                if method in METHODS:
+                if method in METHODS and (method, path) != PUBLISH:
                     assert operation.get("security", []) == [], (method, path)
                     assert "401" not in operation["responses"], (method, path)
 
@@ -217,7 +224,7 @@ class TestDescription:
         spec = await fetch_spec(client)
         body = spec["components"]["schemas"]["JobRequest"]["properties"]
         manager = client.app[MANAGER]
-        assert body["pipeline"]["enum"] == sorted(manager.pipelines)
+        assert body["pipeline"]["enum"] == [*sorted(manager.pipelines), "external"]
         assert body["strategy"]["enum"] == sorted(manager.strategies)
 
 

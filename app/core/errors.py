@@ -7,7 +7,7 @@ contract's JSON error body ``{"error": {"code": ..., "message": ...}}``.
 from __future__ import annotations
 
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "AtCapacity",
@@ -19,14 +19,19 @@ __all__ = [
     "HistoryTruncated",
     "InvalidApiToken",
     "InvalidField",
+    "InvalidPublishToken",
     "InvalidStreamToken",
     "JobAlreadyFinished",
     "JobNotFound",
     "OriginNotAllowed",
     "OverBudget",
+    "ProducerBusy",
+    "ProducerSeqGap",
+    "PublishRateLimited",
     "StreamTokenExpired",
     "StreamTokenForOtherJob",
     "SubscriberLagged",
+    "TooLarge",
     "TooManyConnections",
     "Unauthenticated",
     "UnsupportedEncoding",
@@ -48,6 +53,10 @@ class FlushlineError(Exception):
         super().__init__(message)
         self.message = message
 
+    def details(self) -> dict[str, Any]:
+        """Fields of the JSON error body beyond ``code`` and ``message`` (``field``, ...)."""
+        return {}
+
 
 class InvalidField(FlushlineError):
     """A request field (body, query or header) has a value we cannot use."""
@@ -58,6 +67,16 @@ class InvalidField(FlushlineError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+    def details(self) -> dict[str, Any]:
+        return {"field": self.field}
+
+
+class TooLarge(InvalidField):
+    """A request field past its size bound (a publish batch, an event's text, a job's bytes)."""
+
+    status = 413
+    code = "too_large"
 
 
 class JobNotFound(FlushlineError):
@@ -72,7 +91,7 @@ class JobNotFound(FlushlineError):
 
 
 class JobAlreadyFinished(FlushlineError):
-    """A cancel arrived for a job that has already ended."""
+    """A cancel (or a producer's publish) arrived for a job that has already ended."""
 
     status = 409
     code = "job_finished"
@@ -81,6 +100,53 @@ class JobAlreadyFinished(FlushlineError):
         super().__init__(f"job {job_id} has already ended with status {status!r}")
         self.job_id = job_id
         self.job_status = status
+
+    def details(self) -> dict[str, Any]:
+        return {"status": self.job_status}
+
+
+class ProducerSeqGap(FlushlineError):
+    """A publish batch whose ``producer_seq`` is past the next one the job expects."""
+
+    status = 409
+    code = "producer_seq_gap"
+
+    def __init__(self, job_id: str, got: int, expected: int) -> None:
+        super().__init__(
+            f"job {job_id} expects producer_seq {expected} next; got {got} "
+            f"(resend the batches from {expected} on)"
+        )
+        self.expected = expected
+
+    def details(self) -> dict[str, Any]:
+        return {"expected_producer_seq": self.expected}
+
+
+class PublishRateLimited(FlushlineError):
+    """A producer publishing faster than ``FLUSHLINE_PUBLISH_RATE_PER_S`` events per second."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, rate_per_s: float, retry_after_s: int) -> None:
+        super().__init__(
+            f"this job takes at most {rate_per_s:g} producer events per second "
+            f"(FLUSHLINE_PUBLISH_RATE_PER_S); retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class ProducerBusy(FlushlineError):
+    """Another publish to the same job held it for longer than a publish may wait."""
+
+    status = 503
+    code = "producer_busy"
+
+    def __init__(self, job_id: str, retry_after_s: int = 1) -> None:
+        super().__init__(
+            f"another publish to job {job_id} is still under way; retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
 
 
 class AtCapacity(FlushlineError):
@@ -240,6 +306,13 @@ class StreamTokenExpired(AuthError):
 
     status = 403
     code = "stream_token_expired"
+
+
+class InvalidPublishToken(AuthError):
+    """A credential that is neither the job's publish token nor an API token of its owner."""
+
+    status = 403
+    code = "invalid_publish_token"
 
 
 def backend_outage(exc: BaseException) -> BackendUnavailable | None:

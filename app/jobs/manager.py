@@ -38,9 +38,12 @@ from app.jobs.budget import (
     RetainedBudget,
 )
 from app.jobs.control import JobControl
+from app.jobs.external import EXTERNAL_PIPELINE, ProducerEvent, StepDecl
+from app.jobs.external_jobs import ExternalJobs, ExternalLimits, PublishResult, Refresh
 from app.jobs.limits import JsonLimits, measure_json
 from app.jobs.maintenance import LeaseMaintenance
 from app.jobs.pipelines import JobPlan, Pipeline
+from app.jobs.producers import MemoryProducerStore, ProducerStore
 from app.jobs.retention import Retention
 from app.jobs.running import RunningJobs
 from app.jobs.snapshot_keeper import REDIS_LOST_REASON, SnapshotKeeper
@@ -80,6 +83,8 @@ class JobRequest:
     options: Mapping[str, Any] = attrs.field(factory=dict)
     #: With auth on: the fingerprint of the caller's API token (see ``JobSnapshot.owner``).
     owner: str | None = None
+    #: An external job's declared steps (``pipeline`` is ``external``).
+    steps: tuple[StepDecl, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -107,9 +112,17 @@ class JobManager:
     input_limits: JsonLimits = attrs.Factory(JsonLimits)
     #: Called once per event this instance publishes (the app's metrics count them).
     on_publish: Callable[[], None] | None = None
+    #: External jobs' producer states and publish locks (Redis: shared by every instance).
+    producers: ProducerStore = attrs.Factory(MemoryProducerStore)
+    #: Brings a snapshot up to its job's log (Redis: ``RedisJobStore.fold``); external
+    #: jobs are published from any instance, so a snapshot held here may be behind.
+    refresh_snapshot: Refresh | None = None
+    #: Bounds of external jobs (producer timeout, bytes, rate, batch size).
+    external_limits: ExternalLimits = attrs.Factory(ExternalLimits)
     _drain_callbacks: set[Callable[[], None]] = attrs.Factory(set)
     _retention: Retention = attrs.field(init=False)
     _running: RunningJobs = attrs.field(init=False)
+    _external: ExternalJobs = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._retention = Retention(
@@ -127,6 +140,17 @@ class JobManager:
             self._retention,
             on_publish=self._published,
         )
+        self._external = ExternalJobs(
+            self.bus,
+            self.store,
+            self.producers,
+            self._retention,
+            cadence_of=lambda name: self.strategy(name).cadence,
+            limits=self.external_limits,
+            on_publish=self._published,
+            refresh=self.refresh_snapshot,
+            shared=self.control is not None,
+        )
 
     def _published(self) -> None:
         # Read at each event: the app's metrics set `on_publish` after construction.
@@ -135,8 +159,8 @@ class JobManager:
 
     @property
     def active_jobs(self) -> int:
-        """Jobs that have not ended yet (queued, running or being cancelled)."""
-        return len(self._running)
+        """Jobs created here that have not ended yet (queued, running or being cancelled)."""
+        return len(self._running) + len(self._external)
 
     @property
     def retained_bytes(self) -> int:
@@ -149,22 +173,18 @@ class JobManager:
 
     def pipeline(self, name: str) -> Pipeline:
         """The registered pipeline called ``name`` (``InvalidField`` if unknown)."""
-        return _lookup(self.pipelines, "pipeline", name)
+        if name not in self.pipelines:
+            allowed = ", ".join((*self.pipelines, EXTERNAL_PIPELINE))
+            raise InvalidField("pipeline", f"unknown pipeline {name!r}; allowed: {allowed}")
+        return self.pipelines[name]
 
     async def create(self, request: JobRequest) -> JobSnapshot:
         """Validate, store and start a job; returns its first snapshot."""
         pipeline = self.pipeline(request.pipeline)
         strategy = self.strategy(request.strategy)
-        # Bounded before the pipeline (or anything else) reads, prints or encodes them.
-        fixed = JOB_BASE_BYTES
-        fixed += measure_json("input", request.input, self.input_limits)
-        fixed += measure_json("options", request.options, self.input_limits)
+        measured = self._measure(request)
         plan = pipeline.plan(request.input, request.options)
-        fixed += STEP_BYTES * len(plan.steps)
-        if self.draining:
-            raise Draining()
-        if self.active_jobs >= self.max_active_jobs:
-            raise AtCapacity(self.max_active_jobs)
+        fixed = self._admit(measured, len(plan.steps))
         expected = RESULT_BYTES_PER_TOKEN * sum(step.expected_tokens for step in plan.steps)
         job_id = secrets.token_urlsafe(16)
         await self._retention.make_room(job_id, KeptJob(fixed, expected))
@@ -173,6 +193,63 @@ class JobManager:
         except BaseException:
             self._retention.release(job_id)
             raise
+
+    def _measure(self, request: JobRequest) -> int:
+        """Bound ``input`` and ``options`` (before anything reads, prints or encodes them)."""
+        return measure_json("input", request.input, self.input_limits) + measure_json(
+            "options", request.options, self.input_limits
+        )
+
+    def _admit(self, measured: int, steps: int) -> int:
+        """Check capacity; the job's fixed bytes (``measured``: its input and options)."""
+        fixed = JOB_BASE_BYTES + measured + STEP_BYTES * steps
+        if self.draining:
+            raise Draining()
+        if self.active_jobs >= self.max_active_jobs:
+            raise AtCapacity(self.max_active_jobs)
+        return fixed
+
+    async def create_external(self, request: JobRequest) -> tuple[JobSnapshot, str]:
+        """Create an external job (its producer publishes); its snapshot and publish token.
+
+        It stays ``queued`` until its producer's first publish. It reserves, besides its
+        fixed bytes and a full history, the largest result a producer may send.
+        """
+        strategy = self.strategy(request.strategy)
+        fixed = self._admit(self._measure(request), len(request.steps))
+        job_id = secrets.token_urlsafe(16)
+        kept = KeptJob(fixed, self.input_limits.max_bytes)
+        await self._retention.make_room(job_id, kept)
+        job = JobSnapshot(
+            id=job_id,
+            pipeline=EXTERNAL_PIPELINE,
+            strategy=strategy.name,
+            steps=tuple(StepState(step.name) for step in request.steps),
+            created_at=time.time(),
+            input=request.input,
+            options=request.options,
+            owner=request.owner,
+        )
+        try:
+            token = await self._external.create(job, request.steps)
+        except BaseException:
+            self._retention.release(job_id)
+            raise
+        return job, token
+
+    async def publish(
+        self, job_id: str, producer_seq: int, events: list[ProducerEvent]
+    ) -> PublishResult:
+        """Publish an external job's batch (see ``ExternalJobs.publish``)."""
+        return await self._external.publish(job_id, producer_seq, events)
+
+    async def check_publish_token(self, job_id: str, token: str) -> bool:
+        """Whether ``token`` is the external job's publish token (``JobNotFound`` if none)."""
+        return await self._external.check_token(job_id, token)
+
+    async def watch_producers(self) -> None:
+        """End external jobs whose producer went silent, until cancelled (the app's task)."""
+        await self._external.watch()
 
     async def _start(
         self,
@@ -197,13 +274,21 @@ class JobManager:
 
     async def get(self, job_id: str) -> JobSnapshot:
         """The job's snapshot (``JobNotFound`` if unknown)."""
-        return await self.store.get(job_id)
+        return await self._current(await self.store.get(job_id))
+
+    async def _current(self, job: JobSnapshot) -> JobSnapshot:
+        if self.refresh_snapshot is None or job.status.finished:
+            return job
+        if job.pipeline != EXTERNAL_PIPELINE:
+            return job
+        return await self.refresh_snapshot(job)
 
     async def newest(
         self, *, limit: int, status: JobStatus | None, owner: str | None = None
     ) -> list[JobSnapshot]:
         """Jobs newest first; only ``owner``'s when given."""
-        return await self.store.newest(limit=limit, status=status, owner=owner)
+        jobs = await self.store.newest(limit=limit, status=status, owner=owner)
+        return [await self._current(job) for job in jobs]
 
     async def cancel(self, job_id: str) -> JobSnapshot:
         """Cancel a queued or running job; ``JobAlreadyFinished`` if it has ended.
@@ -214,6 +299,9 @@ class JobManager:
         the answer waits for its ``done`` either way.
         """
         job = await self.store.get(job_id)
+        if job.pipeline == EXTERNAL_PIPELINE:
+            # Ended at once, from any instance, under the job's publish lock.
+            return await self._external.cancel(job_id)
         run = self._running.get(job_id)
         if self.control is None:
             # No await from here to `RunningJobs.cancel`, which sets `cancelling`: of concurrent
@@ -261,6 +349,7 @@ class JobManager:
         With Redis, whose keys expire by themselves, only this process's count of them.
         """
         cutoff = (time.time() if now is None else now) - self.job_ttl_s
+        await self.producers.expire(cutoff)
         return await self._retention.expire(cutoff)
 
     @property
@@ -314,6 +403,7 @@ class JobManager:
         Alone, a job ends ``cancelled``; with other instances (Redis), ``failed`` with
         reason ``shutdown`` (its watchers are elsewhere and must not read it as a cancel).
         """
+        await self._external.shutdown()
         runs = self._running.all()
         stop_reason = SHUTDOWN_REASON if self.control is not None else None
         for run in runs:

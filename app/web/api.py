@@ -1,5 +1,8 @@
 """The REST job API: create, read, list and cancel jobs (JSON in, JSON out).
 
+``"pipeline": "external"`` with declared ``steps`` creates a job its producer publishes
+(``app.web.publish``); the ``201`` answer alone carries its ``publish_token``.
+
 With auth on (``app.web.auth``), the middleware has checked the caller's bearer token
 before a handler runs, and a job is created for and listed by its fingerprint. Every
 snapshot's ``links.stream`` and ``links.events`` (the long-poll URL) then carry a fresh
@@ -17,6 +20,7 @@ from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from app.core.errors import BodyTooSlow, InvalidField, UnsupportedEncoding
+from app.jobs.external import EXTERNAL_PIPELINE, parse_steps
 from app.jobs.manager import JobRequest
 from app.jobs.store import JobSnapshot, JobStatus
 from app.web.auth import AUTH, STREAM_TOKEN_PARAM, requested_job
@@ -25,11 +29,11 @@ from app.web.middleware import json_response
 from app.web.params import parse_int
 from app.web.server import DECODED_CODINGS
 
-__all__ = ["routes", "snapshot_json"]
+__all__ = ["json_body", "routes", "snapshot_json"]
 
 routes = web.RouteTableDef()
 
-_BODY_FIELDS = ("pipeline", "input", "strategy", "options")
+_BODY_FIELDS = ("pipeline", "input", "strategy", "options", "steps")
 MAX_LIST_LIMIT = 1000
 #: A listing stops growing past this many bytes: the older jobs are left out and it says
 #: ``"truncated": true``. Kept jobs may hold results of a megabyte; a page of 1,000 of
@@ -37,13 +41,17 @@ MAX_LIST_LIMIT = 1000
 MAX_LIST_BODY_BYTES = 4 * 1024 * 1024
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request, max_bytes: int | None = None) -> dict[str, Any]:
+    """The request's JSON object body (``{}`` when empty); at most ``max_bytes`` (default:
+    ``FLUSHLINE_MAX_BODY_BYTES``), read within the header timeout."""
     # `flushline serve` refuses these before the app (app.web.server); under another
     # server (a test client, an embedding app) the same answers come from here.
     coding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
     if coding not in DECODED_CODINGS:
         raise UnsupportedEncoding(coding)
     timeout_s = request.app[SETTINGS].header_timeout_s
+    if max_bytes is not None:
+        request = request.clone(client_max_size=max_bytes)
     try:
         # A body dripped a byte at a time must not hold the connection for ever.
         async with asyncio.timeout(timeout_s):
@@ -98,20 +106,31 @@ def snapshot_json(request: web.Request, job: JobSnapshot) -> dict[str, Any]:
 @routes.post("/api/jobs")
 async def create_job(request: web.Request) -> web.Response:
     """Create and start a job: ``201`` with its snapshot and ``Location``."""
-    body = await _json_body(request)
+    body = await json_body(request)
     unknown = sorted(set(body) - set(_BODY_FIELDS))
     if unknown:
         raise InvalidField(unknown[0], f"unknown field; allowed: {', '.join(_BODY_FIELDS)}")
     settings = request.app[SETTINGS]
+    pipeline = _optional_str(body, "pipeline", settings.pipeline)
+    external = pipeline == EXTERNAL_PIPELINE
+    if not external and body.get("steps") is not None:
+        raise InvalidField("steps", f'only for "pipeline": "{EXTERNAL_PIPELINE}"')
     job_request = JobRequest(
-        pipeline=_optional_str(body, "pipeline", settings.pipeline),
+        pipeline=pipeline,
         strategy=_optional_str(body, "strategy", settings.strategy),
         input=_optional_object(body, "input"),
         options=_optional_object(body, "options"),
         owner=request.get(OWNER),
+        steps=parse_steps(body.get("steps")) if external else (),
     )
-    job = await request.app[MANAGER].create(job_request)
-    snapshot = snapshot_json(request, job)
+    manager = request.app[MANAGER]
+    if external:
+        # The publish token is in this answer only: snapshots never carry it.
+        job, token = await manager.create_external(job_request)
+        snapshot = snapshot_json(request, job)
+        snapshot["publish_token"] = token
+    else:
+        snapshot = snapshot_json(request, await manager.create(job_request))
     return json_response(snapshot, 201, {"Location": snapshot["links"]["self"]})
 
 

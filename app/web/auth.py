@@ -12,7 +12,13 @@ take ``?token=``: a stream token scoped to one job with an expiry, signed with
 HMAC-SHA256 under ``FLUSHLINE_SECRET_KEY``. The API hands one out in every snapshot's
 ``links``. A missing one is ``401``; one for another job, expired or badly signed is
 ``403``. A request carrying both a stream token that fails and a bearer header is
-judged by the bearer header, so a long watch outlives its URL's token.
+judged by the bearer header, so a long watch outlives its URL's token. A stream token
+opens only those reads: it never publishes.
+
+Publishing to an external job (``POST /api/jobs/{id}/events``) is judged by its handler
+(``app.web.publish``), with auth on or off: the job's publish token (the ``201`` carried
+it; a random secret of which only the SHA-256 is kept), or with auth on an API token of
+the job's owner.
 
 Every comparison with a secret is constant-time (``hmac.compare_digest``), and the API
 token itself is kept nowhere but in the settings: a job records the token's fingerprint.
@@ -49,6 +55,7 @@ from app.web.keys import JOB, MANAGER, OWNER, SETTINGS
 __all__ = [
     "API_PATH",
     "AUTH",
+    "PUBLISH_ROUTE",
     "STREAM_TOKEN_PARAM",
     "STREAM_TOKEN_ROUTES",
     "Authenticator",
@@ -61,8 +68,11 @@ __all__ = [
 STREAM_TOKEN_PARAM = "token"
 #: The job API's collection; it and every route with a ``{job_id}`` need a credential.
 API_PATH = "/api/jobs"
-#: The routes that also take a stream token (``?token=``) instead of a bearer header.
+#: The routes that also take a stream token (``?token=``) instead of a bearer header (for
+#: ``GET`` only: a stream token reads, never writes).
 STREAM_TOKEN_ROUTES = frozenset({"/api/jobs/{job_id}/stream", "/api/jobs/{job_id}/events"})
+#: The publish route: its handler checks the job's publish token (or an API token).
+PUBLISH_ROUTE = ("POST", "/api/jobs/{job_id}/events")
 #: Random secret-key bytes when ``FLUSHLINE_SECRET_KEY`` is empty (one process only).
 GENERATED_KEY_BYTES = 32
 _STREAM_CONTEXT = b"flushline stream token v1\x00"
@@ -197,11 +207,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     resource = request.match_info.route.resource
     canonical = "" if resource is None else resource.canonical
-    if not guarded(canonical):
+    if not guarded(canonical) or (request.method, canonical) == PUBLISH_ROUTE:
         return await handler(request)
     job_id = request.match_info.get("job_id")
     authorization = request.headers.get(hdrs.AUTHORIZATION)
-    if job_id is not None and canonical in STREAM_TOKEN_ROUTES:
+    reads = request.method in (hdrs.METH_GET, hdrs.METH_HEAD)
+    if job_id is not None and canonical in STREAM_TOKEN_ROUTES and reads:
         token = request.query.get(STREAM_TOKEN_PARAM)
         if token is None and authorization is None:
             raise Unauthenticated(

@@ -21,11 +21,14 @@ from app.bus import EventBus, MemoryEventBus
 from app.core.settings import Settings
 from app.core.tasks import cancel_and_wait
 from app.jobs.control import JobControl
+from app.jobs.external import EXTERNAL_PIPELINE
+from app.jobs.external_jobs import ExternalLimits, Refresh
 from app.jobs.limits import JsonLimits
 from app.jobs.llm import ChatPipeline, LLMConfig, OpenAIChatSource
 from app.jobs.loader import load_pipelines
 from app.jobs.manager import JobManager
 from app.jobs.pipelines import DemoPipeline, Pipeline
+from app.jobs.producers import MemoryProducerStore, ProducerStore
 from app.jobs.steps import bind_source
 from app.jobs.store import JobStore, MemoryJobStore
 from app.jobs.tokens import TokenSource
@@ -33,11 +36,13 @@ from app.web import api
 from app.web.auth import install_auth
 from app.web.cors import CorsPolicy
 from app.web.diagnostics import diagnostics_stream
+from app.web.hosts import HostAllowList
 from app.web.keys import BUS, MANAGER, SETTINGS
 from app.web.metrics import install_metrics
 from app.web.middleware import middlewares, response_headers
 from app.web.openapi import install_openapi
 from app.web.poll import poll_events
+from app.web.publish import publish_events
 from app.web.stream import stream_job
 from strategies import STRATEGIES, build_strategy
 
@@ -68,11 +73,14 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     bus: EventBus
     store: JobStore
     control: JobControl | None = None
+    producers: ProducerStore
+    refresh: Refresh | None = None
     if settings.bus == "redis":
         # Imported here: a memory-bus service never loads the Redis client.
         from app.bus.redis import RedisEventBus
         from app.bus.redis_client import connect_redis
         from app.jobs.redis_control import RedisJobControl
+        from app.jobs.redis_producers import RedisProducerStore
         from app.jobs.redis_store import RedisJobStore
 
         redis = connect_redis(settings.redis_url)
@@ -84,9 +92,12 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
             job_ttl_s=settings.job_ttl_s,
             grace_s=settings.redis_grace_s,
         )
-        store = RedisJobStore(redis, job_ttl_s=settings.job_ttl_s)
+        redis_store = RedisJobStore(redis, job_ttl_s=settings.job_ttl_s)
+        store = redis_store
+        refresh = redis_store.fold
+        producers = RedisProducerStore(redis, job_ttl_s=settings.job_ttl_s)
         control = RedisJobControl(
-            redis, bus, store, lease_s=settings.runner_lease_s, job_ttl_s=settings.job_ttl_s
+            redis, bus, redis_store, lease_s=settings.runner_lease_s, job_ttl_s=settings.job_ttl_s
         )
         # First in cleanup_ctx, so the connection closes after everything that uses it.
         app.cleanup_ctx.append(_redis_connection(redis, settings.redis_url))
@@ -97,6 +108,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
             history_bytes=settings.max_history_bytes,
         )
         store = MemoryJobStore()
+        producers = MemoryProducerStore()
     app[BUS] = bus
     registry = _pipeline_registry(settings, pipelines)
     if settings.pipeline not in registry:
@@ -117,16 +129,28 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
         max_history_bytes=settings.max_history_bytes,
         max_retained_bytes=settings.max_retained_bytes,
         input_limits=JsonLimits(max_bytes=settings.max_body_bytes),
+        producers=producers,
+        refresh_snapshot=refresh,
+        external_limits=ExternalLimits(
+            producer_timeout_s=settings.producer_timeout_s,
+            max_job_bytes=settings.publish_max_job_bytes,
+            rate_per_s=settings.publish_rate_per_s,
+            max_events=settings.publish_max_events,
+        ),
     )
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)
     app.router.add_get("/api/jobs/{job_id}/events", poll_events, allow_head=False)
+    app.router.add_post("/api/jobs/{job_id}/events", publish_events)
     app.router.add_get("/api/diagnostics/stream", diagnostics_stream, allow_head=False)
     app.router.add_get("/", index_page)
     app.router.add_get("/static/{filename}", static_file)
     app.cleanup_ctx.append(_expiry_task)
     app.on_shutdown.append(_stop_jobs)
     app.on_response_prepare.append(response_headers)
+    hosts = HostAllowList.from_settings(settings)
+    if hosts is not None:
+        hosts.install(app)
     CorsPolicy(settings.cors_origins).install(app)
     install_auth(app)
     install_metrics(app)
@@ -150,6 +174,11 @@ def _pipeline_registry(settings: Settings, pipelines: Iterable[Pipeline]) -> dic
         ChatPipeline.name: ChatPipeline(provider),
     }
     for pipeline in (*pipelines, *load_pipelines(settings.pipelines)):
+        if pipeline.name == EXTERNAL_PIPELINE:
+            raise ValueError(
+                f"a pipeline may not be called {EXTERNAL_PIPELINE!r}: the name is the publish "
+                "API's (jobs run elsewhere)"
+            )
         registry[pipeline.name] = pipeline if provider is None else bind_source(pipeline, provider)
     return registry
 
@@ -225,7 +254,10 @@ async def _expiry_task(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(expire_forever(), name="job-expiry")
     # With Redis: the cancel watcher, the lease renewer and the lost-runner sweeper.
     maintenance = asyncio.create_task(manager.maintain(), name="job-maintenance")
+    # External jobs whose producer went silent end failed (on every instance).
+    producers = asyncio.create_task(manager.watch_producers(), name="producer-sweep")
     yield
+    await cancel_and_wait(producers)
     await cancel_and_wait(maintenance)
     await cancel_and_wait(task)
     await app[BUS].aclose()

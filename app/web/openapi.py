@@ -96,8 +96,8 @@ def build_spec(app: web.Application) -> Spec:
                 "Create and start a job.",
                 {
                     "201": json_response(
-                        schema_ref("Job"),
-                        "The job's first snapshot.",
+                        schema_ref("CreatedJob"),
+                        "The job's first snapshot (an external job's with its `publish_token`).",
                         {"Location": {"required": True, "schema": {"type": "string"}}},
                     ),
                     **error_refs(400, *auth_errors, 403, 408, 413, 415, 503),
@@ -203,6 +203,23 @@ def build_spec(app: web.Application) -> Spec:
                     token,
                 ],
                 security=stream_security,
+            ),
+            "post": operation(
+                "Publish a batch of an external job's producer events, exactly once per "
+                "`producer_seq`: validated whole, then turned into the job's events (its "
+                "strategy's cadence, token-based progress and ETA).",
+                {
+                    "200": json_response(
+                        schema_ref("PublishResult"),
+                        "Published (or, `duplicate`, accepted before: nothing published).",
+                    ),
+                    **error_refs(400, 401, 403, 404, 408, 409, 413, 415, 429, 503),
+                },
+                requestBody={
+                    "required": True,
+                    "content": {"application/json": {"schema": schema_ref("PublishRequest")}},
+                },
+                security=[{"publishToken": []}, *([{"bearerAuth": []}] if auth_on else [])],
             ),
         },
         "/api/diagnostics/stream": {

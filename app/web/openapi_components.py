@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from app.core.events import EVENT_TYPES
+from app.jobs.external import (
+    EXTERNAL_PIPELINE,
+    MAX_COUNT,
+    MAX_PRODUCER_SEQ,
+    MAX_STEP_NAME,
+    MAX_STEPS,
+)
 from app.jobs.store import JobStatus, StepStatus
 
 __all__ = [
@@ -34,9 +41,14 @@ _ERROR_MEANINGS = {
     405: "The method is not allowed on this path (`Allow` lists those that are).",
     408: "The request body did not arrive within `FLUSHLINE_HEADER_TIMEOUT_S` (the "
     "connection is closed).",
-    409: "Cancel of a job that has already ended, or that another cancel is ending.",
+    409: "Cancel of a job that has already ended, or that another cancel is ending "
+    "(`job_finished`, with the job's `status`); a publish to a finished job (the same), or "
+    "one past the next `producer_seq` (`producer_seq_gap`, with `expected_producer_seq`).",
     410: "The resume point is older than the history still kept (`FLUSHLINE_HISTORY_LIMIT`).",
-    413: "The body is too large (`FLUSHLINE_MAX_BODY_BYTES`).",
+    413: "The body is too large (`FLUSHLINE_MAX_BODY_BYTES`); for a publish, a batch, an "
+    "event's text or result, or the job's published bytes past their bound (`field` names it).",
+    429: "A producer publishing faster than `FLUSHLINE_PUBLISH_RATE_PER_S` events per second "
+    "to one job; retry after `Retry-After` seconds.",
     415: "A `Content-Encoding` the service does not accept, or a body that does not decode.",
     503: "At capacity, draining after SIGTERM, over the retained byte budget, or Redis "
     "unreachable; retry after `Retry-After` seconds.",
@@ -79,6 +91,13 @@ def components(pipelines: list[str], strategies: list[str]) -> Spec:
                 "type": "http",
                 "scheme": "bearer",
                 "description": "One of `FLUSHLINE_API_TOKEN` (when auth is on).",
+            },
+            "publishToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An external job's `publish_token` (from its `201`); always "
+                "needed to publish, whatever the auth setting (or, with auth on, an API "
+                "token of the job's owner).",
             },
             "streamToken": {
                 "type": "apiKey",
@@ -171,6 +190,15 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
                             "type": "string",
                             "description": "The request id, as in `X-Request-ID` and logs.",
                         },
+                        "status": {
+                            "enum": ["succeeded", "failed", "cancelled"],
+                            "description": "`job_finished`: how the job ended.",
+                        },
+                        "expected_producer_seq": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "`producer_seq_gap`: the batch the job expects next.",
+                        },
                     },
                 }
             },
@@ -180,7 +208,33 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
             "additionalProperties": False,
             "description": "Every field is optional; unknown fields are refused by name.",
             "properties": {
-                "pipeline": {"type": "string", "enum": pipelines, "default": "demo"},
+                "pipeline": {
+                    "type": "string",
+                    "enum": [*pipelines, EXTERNAL_PIPELINE],
+                    "default": "demo",
+                    "description": f"`{EXTERNAL_PIPELINE}`: a job its producer publishes "
+                    "(`POST /api/jobs/{job_id}/events`), with its declared `steps`.",
+                },
+                "steps": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_STEPS,
+                    "description": f'Only with `"pipeline": "{EXTERNAL_PIPELINE}"`: its steps, '
+                    "in the order they run; names unique.",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": MAX_STEP_NAME},
+                            "expected_tokens": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_COUNT,
+                            },
+                        },
+                    },
+                },
                 "input": {"type": "object", "description": "The pipeline's input."},
                 "strategy": {"type": "string", "enum": strategies},
                 "options": {
@@ -252,6 +306,41 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
                 },
             },
         },
+        "CreatedJob": {
+            "description": "The new job's snapshot; an external job's also carries its "
+            "`publish_token` (in this answer only).",
+            "allOf": [
+                schema_ref("Job"),
+                {
+                    "properties": {
+                        "publish_token": {
+                            "type": "string",
+                            "minLength": 1,
+                            "description": "The secret its producer publishes with.",
+                        }
+                    }
+                },
+            ],
+        },
+        "PublishRequest": _publish_request(),
+        "PublishResult": {
+            "type": "object",
+            "required": ["accepted", "producer_seq", "duplicate", "last_event_id"],
+            "additionalProperties": False,
+            "properties": {
+                "accepted": {"type": "integer", "minimum": 0, "description": "Events taken."},
+                "producer_seq": {"type": "integer", "minimum": 1},
+                "duplicate": {
+                    "type": "boolean",
+                    "description": "The batch had been accepted before: nothing published.",
+                },
+                "last_event_id": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "The job's newest seq after the batch.",
+                },
+            },
+        },
         "JobList": {
             "type": "object",
             "required": ["jobs", "truncated"],
@@ -312,6 +401,68 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
     return schemas
 
 
+def _publish_request() -> Spec:
+    step: Spec = {"type": "string", "minLength": 1, "maxLength": MAX_STEP_NAME}
+    text: Spec = {"type": "string"}
+    kinds: dict[str, tuple[Spec, list[str]]] = {
+        "step_started": ({"step": step}, ["step"]),
+        "tokens": (
+            {
+                "step": step,
+                "count": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+                "text": text,
+            },
+            ["step", "count"],
+        ),
+        "progress": (
+            {"step": step, "pct": {"type": "number", "minimum": 0, "maximum": 100}},
+            ["step", "pct"],
+        ),
+        "insight": (
+            {
+                "text": {"type": "string", "minLength": 1},
+                "step": {**step, "type": ["string", "null"]},
+            },
+            ["text"],
+        ),
+        "step_completed": ({"step": step}, ["step"]),
+        "succeeded": ({"result": {}}, []),
+        "failed": ({"error": {"type": "string", "minLength": 1}}, ["error"]),
+        "heartbeat": ({}, []),
+    }
+    return {
+        "type": "object",
+        "required": ["producer_seq", "events"],
+        "additionalProperties": False,
+        "properties": {
+            "producer_seq": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_PRODUCER_SEQ,
+                "description": "1 for the first batch, one more for each next one; a retry "
+                "sends the same.",
+            },
+            "events": {
+                "type": "array",
+                "minItems": 1,
+                "description": "Producer events, in order (at most "
+                "`FLUSHLINE_PUBLISH_MAX_EVENTS`).",
+                "items": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["type", *required],
+                            "additionalProperties": False,
+                            "properties": {"type": {"const": kind}, **properties},
+                        }
+                        for kind, (properties, required) in kinds.items()
+                    ]
+                },
+            },
+        },
+    }
+
+
 def _error_responses() -> Spec:
     retry_after = {
         "Retry-After": {
@@ -322,7 +473,7 @@ def _error_responses() -> Spec:
     }
     allow = {"Allow": {"required": True, "schema": {"type": "string"}}}
     challenge = {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}
-    special = {401: challenge, 405: allow, 503: retry_after}
+    special = {401: challenge, 405: allow, 429: retry_after, 503: retry_after}
     responses = {}
     for status, meaning in _ERROR_MEANINGS.items():
         headers = special.get(status)

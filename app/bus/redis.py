@@ -19,15 +19,21 @@ This module is the facade; the two sides it joins are modules of their own:
   which reads them back) and, per job, the ``XADD`` that claims each seq (races between
   publishers, trimming by count and bytes, the TTL's renewal) and, while Redis is lost,
   the bounded buffer and its flusher;
-* reading, :mod:`app.bus.redis_feed`: per job and instance, one reader task and a local
-  list that every local subscriber reads as a cursor (:mod:`app.bus.local`), lingering
-  for :data:`FEED_LINGER_S` after the last one leaves.
+* reading, :mod:`app.bus.redis_feed`: per job watched on this instance, a local list
+  that every local subscriber reads as a cursor (:mod:`app.bus.local`), lingering for
+  :data:`FEED_LINGER_S` after the last one leaves, all the lists within ``feeds_bytes``;
+  new entries come from a few readers per instance (:mod:`app.bus.redis_reader`), each
+  one connection in one ``XREAD BLOCK`` over many jobs' streams.
 
 They meet where a job is both published and watched here: a publish appends its event to
-the local feed at once, and the feed's reader does not read Redis while it has every
-event. Feeds never hold an event Redis does not: the publisher's own feed is given up
-when its buffering starts, and a reader that loses its connection cuts its subscribers
-off as ``lost`` (their streams end with a short ``retry:``) before it retries.
+the local feed at once, and the job's stream is not read while its feed has every event.
+Feeds never hold an event Redis does not: the publisher's own feed is given up when its
+buffering starts, and a read that loses its connection cuts the subscribers of the feeds
+it named off as ``lost`` (their streams end with a short ``retry:``) before it retries.
+
+Connections: the shared pool's (commands in flight, at most
+:data:`~app.bus.redis_client.MAX_CONNECTIONS`) and at most
+:data:`~app.bus.redis_reader.READERS` readers', whatever the number of jobs watched.
 """
 
 from __future__ import annotations
@@ -123,6 +129,9 @@ class RedisEventBus:
     owns_client: bool = False
     #: How long a job buffers its events while Redis is lost (``FLUSHLINE_REDIS_GRACE_S``).
     grace_s: float = 8.0
+    #: Bytes of every job's feed on this instance together (copies of histories read
+    #: from Redis): past it, the feeds without subscribers go, oldest first.
+    feeds_bytes: int = 64 << 20
     _writers: dict[str, JobWriter] = attrs.Factory(dict)
     _feeds: JobFeeds = attrs.field(init=False)
     _hooks: WriterHooks = attrs.field(init=False)
@@ -243,6 +252,11 @@ class RedisEventBus:
 
     def subscriber_count(self, job_id: str) -> int:
         return self._feeds.subscriber_count(job_id)
+
+    @property
+    def feeds(self) -> JobFeeds:
+        """This instance's feeds (their count and bytes, for measuring)."""
+        return self._feeds
 
     async def aclose(self) -> None:
         self._feeds.end_all()

@@ -1,11 +1,15 @@
 """The Redis client the bus, the job store and the job control share (``FLUSHLINE_BUS=redis``).
 
-One pool per process, built by :func:`connect_redis`. Its connections re-raise a
-cancellation that Python 3.11 would otherwise lose: redis-py sends each command under
-``asyncio.wait_for`` (the socket timeout), and before Python 3.12 ``wait_for`` returns the
-result instead of raising when the cancel lands in the loop step where the send finished.
-A job cancelled there ran on to ``succeeded``; a reader or watcher cancelled there would
-keep a shutdown waiting for ever.
+One pool per process, built by :func:`connect_redis`, for short commands only: the bus's
+blocking reads each have a connection of their own (:func:`reader_client`), a fixed few
+per instance, so the pool's connections are those of the commands in flight, and the
+pool counts the commands that had to wait for one (:class:`CountingPool`).
+
+Its connections re-raise a cancellation that Python 3.11 would otherwise lose: redis-py
+sends each command under ``asyncio.wait_for`` (the socket timeout), and before Python
+3.12 ``wait_for`` returns the result instead of raising when the cancel lands in the loop
+step where the send finished. A job cancelled there ran on to ``succeeded``; a reader or
+watcher cancelled there would keep a shutdown waiting for ever.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -22,20 +26,29 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "MAX_CONNECTIONS",
+    "POOL_CLIENT_NAME",
     "POOL_WAIT_S",
+    "READER_CLIENT_NAME",
+    "CountingPool",
     "cancel_safe",
     "connect_redis",
     "milliseconds",
+    "reader_client",
 ]
 
 #: How long opening a connection to Redis may take (start-up's check included).
 CONNECT_TIMEOUT_S = 5.0
-#: Redis connections one instance opens at most: one per job it reads (a blocking
-#: ``XREAD``), plus those of requests in flight. redis-py's default (100, failing at once
-#: beyond it) turned a burst of 500 stream connections into 503s.
-MAX_CONNECTIONS = 2_000
+#: Pooled Redis connections one instance opens at most: those of the commands in flight
+#: (no command holds one while it waits for events: the readers have their own). A burst
+#: of 400 streams on a loaded machine has ~400 commands in flight; ten instances stay
+#: within Redis's default ``maxclients`` (10,000).
+MAX_CONNECTIONS = 512
 #: How long a request waits for a free Redis connection before its 503.
 POOL_WAIT_S = 5.0
+#: ``CLIENT SETNAME`` of the pool's connections and of the readers' (``CLIENT LIST`` tells
+#: them apart).
+POOL_CLIENT_NAME = "flushline"
+READER_CLIENT_NAME = "flushline-reader"
 
 
 def milliseconds(seconds: float) -> int:
@@ -66,14 +79,31 @@ def cancel_safe(connection_class: type[AbstractConnection]) -> type[AbstractConn
     return cast(type[AbstractConnection], type(name, (_CancelSafeSend, connection_class), {}))
 
 
-def connect_redis(url: str) -> Redis:
+class CountingPool(BlockingConnectionPool):
+    """redis-py's blocking pool, counting the commands that found no connection free."""
+
+    #: Commands that had to wait for a connection (each one a sign the pool is too small).
+    waits: int = 0
+    #: The most connections in use at once.
+    peak_in_use: int = 0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        if not self.can_get_connection():
+            self.waits += 1
+        connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.peak_in_use = max(self.peak_in_use, len(self._in_use_connections))
+        return cast(AbstractConnection, connection)
+
+
+def connect_redis(url: str, *, max_connections: int = MAX_CONNECTIONS) -> Redis:
     """A client on a new pool for ``url`` (connections open on first use)."""
-    pool = BlockingConnectionPool.from_url(
+    pool = CountingPool.from_url(
         url,
-        max_connections=MAX_CONNECTIONS,
+        max_connections=max_connections,
         timeout=POOL_WAIT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_keepalive=True,
+        client_name=POOL_CLIENT_NAME,
         # Once, at once: a pooled connection Redis closed (it restarted) fails its next
         # command; the retry goes out on a fresh one. A command that did run before its
         # reply was lost is safe to repeat: XADD ids are explicit (RedisEventBus
@@ -84,3 +114,20 @@ def connect_redis(url: str) -> Redis:
     # The scheme chose the class (redis://, rediss://, unix://): keep it, add the guard.
     pool.connection_class = cancel_safe(pool.connection_class)
     return Redis.from_pool(pool)
+
+
+def reader_client(redis: Redis, *, read_timeout_s: float) -> Redis:
+    """A client with one connection of its own, to the server of ``redis``, for blocking reads.
+
+    Its socket timeout is ``read_timeout_s`` (redis-py applies the socket timeout to the
+    reply of ``XREAD BLOCK`` too: a block longer than the URL's timeout, 5 s by default,
+    would fail as a lost connection on a healthy Redis). Close it with ``aclose()``.
+    """
+    shared = redis.connection_pool
+    kwargs = {
+        **shared.connection_kwargs,
+        "socket_timeout": read_timeout_s,
+        "client_name": READER_CLIENT_NAME,
+    }
+    own = ConnectionPool(connection_class=shared.connection_class, max_connections=1, **kwargs)
+    return Redis.from_pool(own)

@@ -1,42 +1,48 @@
-"""The Redis bus's reading side: one job's events on this instance, read from its stream.
+"""The Redis bus's reading side: the jobs watched on this instance, read from their streams.
 
-Each instance runs one reader task per job it has subscribers for. The task loads the
-kept history (``XRANGE`` in pages) into a local list, then waits for new entries with one
-``XREAD BLOCK 0`` on its own connection; subscribers are cursors into that list, exactly
-as in :mod:`app.bus.memory` (history then live with no seam, cut-off past the queue
-limit, cut-off instead of a gap when trimming overtakes a cursor). So 6,000 watchers of a
-job on one instance cost Redis one blocking read, and an idle job costs it nothing but
-that read. Events this instance publishes are also appended to its local list at once
-(:meth:`JobFeeds.add_published`), so local watchers see them without a round trip; while
-this instance publishes a job and its list has every event, its reader does not read
-Redis at all (it would only get those same events back). When the last local subscriber
-leaves, the list and its reader linger for :data:`FEED_LINGER_S` (reconnects and
-long-polls find them warm), then go.
+Each job with subscribers here has a :class:`JobFeed`: its kept history, loaded with
+``XRANGE`` in pages, in a local list that subscribers read as cursors, exactly as in
+:mod:`app.bus.memory` (history then live with no seam, cut-off past the queue limit,
+cut-off instead of a gap when trimming overtakes a cursor). New entries come from one of
+a few :class:`~app.bus.redis_reader.StreamReader`\\ s, each a connection in one
+``XREAD BLOCK`` over the streams of many jobs, so the connections this instance holds
+stay fixed whatever the number of jobs watched, and 6,000 watchers of a job on one
+instance cost Redis what one does. A finished job's feed is not read at all (its log is
+complete). Events this instance publishes are also appended to its feed at once
+(:meth:`JobFeeds.add_published`), so local watchers see them without a round trip;
+while this instance publishes a job and its feed has every event, the job's stream is
+left out of the reads (they would only bring those same events back).
 
-A reader that loses its connection cuts its subscribers off as ``lost`` (their streams
-end with a short ``retry:``) before it retries, so a feed never holds an event Redis may
-not have.
+When the last local subscriber leaves, the feed lingers for :data:`FEED_LINGER_S`
+(reconnects and long-polls find it warm), then goes. Memory: each feed keeps at most
+``history_limit`` events and ``history_bytes`` (as the memory bus does), and the feeds
+together are counted against ``feeds_bytes``: past it, lingering feeds go, those that
+started lingering first first (a feed in use is never dropped; each holds at most one
+job's history).
+
+A read that loses its connection cuts the subscribers of the feeds it named off as
+``lost`` (their streams end with a short ``retry:``) before it is retried, so a feed
+never holds an event Redis may not have.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import attrs
 import structlog
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from app.bus.local import LocalLog
+from app.bus.redis_reader import READ_COUNT, READERS, StreamReader
 from app.bus.redis_writer import (
     F_END,
     F_OPEN,
     GONE,
     OPEN_ID,
-    REDIS_LOST,
     Entry,
     decode_entry,
     entry_seq,
@@ -49,15 +55,8 @@ __all__ = ["FEED_LINGER_S", "JobFeed", "JobFeeds"]
 # The bus's log lines keep the logger name they had when it was one module.
 log = structlog.get_logger("app.bus.redis")
 
-#: How long a job's local list and reader stay after its last local subscriber leaves.
+#: How long a job's feed stays after its last local subscriber leaves.
 FEED_LINGER_S = 10.0
-#: Entries per ``XRANGE`` page while loading history, and per ``XREAD``.
-READ_COUNT = 1_000
-#: Pause before a failed live read is retried (it resumes from the last entry read).
-READ_RETRY_S = (0.05, 0.2, 0.5, 1.0)
-#: Stopping a reader: ``CLIENT UNBLOCK`` attempts, and the wait after each.
-HALT_UNBLOCK_TRIES = 10
-HALT_WAIT_S = 0.1
 
 
 class FeedLimits(Protocol):
@@ -66,6 +65,7 @@ class FeedLimits(Protocol):
     history_limit: int
     queue_limit: int
     history_bytes: int
+    feeds_bytes: int
 
 
 @attrs.define(eq=False)
@@ -83,14 +83,13 @@ class JobFeed(LocalLog):
     loaded: asyncio.Event = attrs.Factory(asyncio.Event)
     #: Why the history could not be loaded (the job does not exist, Redis failed).
     error: BaseException | None = None
-    reader: asyncio.Task[None] | None = None
-    #: Redis's id of the reader's connection (for ``CLIENT UNBLOCK``).
-    client_id: int | None = None
-    #: The reader must end (the feed was dropped or the bus closed).
+    #: The task loading the history (None once it has ended).
+    loader: asyncio.Task[None] | None = None
+    #: The feed was given up (dropped, lost, the bus closed): it is read no more.
     stopped: bool = False
-    #: Wakes a reader that waits, instead of reading, while this instance publishes.
-    nudge: asyncio.Event = attrs.Factory(asyncio.Event)
     linger: asyncio.TimerHandle | None = None
+    #: What ``bytes`` the feeds' total counts for this feed.
+    counted: int = 0
 
     def skip_to(self, seq: int) -> None:
         """Continue at ``seq``: Redis trimmed the events before it before we read them.
@@ -116,7 +115,7 @@ class JobFeed(LocalLog):
 
 @attrs.define(eq=False)
 class JobFeeds:
-    """This instance's feeds of the jobs it has subscribers for, and their readers."""
+    """This instance's feeds of the jobs it has subscribers for, and the readers of them."""
 
     redis: Redis
     #: The job's stream key (the bus names keys).
@@ -125,12 +124,40 @@ class JobFeeds:
     published_next_seq: Callable[[str], int | None]
     limits: FeedLimits
     _feeds: dict[str, JobFeed] = attrs.Factory(dict)
+    #: The feeds without subscribers, in the order they started lingering.
+    _lingering: dict[str, JobFeed] = attrs.Factory(dict)
+    _readers: list[StreamReader[JobFeed]] = attrs.field(init=False)
     _stopping: set[asyncio.Task[None]] = attrs.Factory(set)
+    #: What every feed here holds (``event_cost`` of its events), against ``feeds_bytes``.
+    bytes: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._readers = [
+            StreamReader(
+                self.redis,
+                f"{index}",
+                wants=self._wants,
+                deliver=self._apply,
+                lost=self._read_lost,
+                failed=self._read_failed,
+            )
+            for index in range(READERS)
+        ]
 
     def subscriber_count(self, job_id: str) -> int:
         """How many local subscribers read the job's feed."""
         feed = self._feeds.get(job_id)
         return 0 if feed is None else len(feed.subscribers)
+
+    @property
+    def count(self) -> int:
+        """How many feeds this instance holds (in use or lingering)."""
+        return len(self._feeds)
+
+    @property
+    def followed(self) -> int:
+        """How many feeds the readers follow (jobs that are not finished)."""
+        return sum(len(reader) for reader in self._readers)
 
     # --- what the publishing side tells the feeds ------------------------------------
 
@@ -144,13 +171,13 @@ class JobFeeds:
             self._append(feed, [attrs.evolve(encoded, event=None)])
             feed.last_id = f"{encoded.seq}-0".encode()
         else:  # the feed is behind (another publisher, or a load under way): read
-            feed.nudge.set()
+            self._reader(feed).wake()
 
     def nudge(self, job_id: str) -> None:
-        """Wake the job's reader if it waits on this instance's publishing (that changed)."""
+        """This instance's publishing of the job changed: its feed may need reading again."""
         feed = self._feeds.get(job_id)
         if feed is not None:
-            feed.nudge.set()
+            self._reader(feed).wake()
 
     def lose(self, job_id: str) -> None:
         """Give up a feed whose events may outrun Redis; its subscribers end as ``lost``."""
@@ -158,14 +185,14 @@ class JobFeeds:
         if feed is None:
             return
         feed.lose()
-        del self._feeds[job_id]
-        self._stop_reader(feed)
+        self._remove(feed)
 
     def end_if_complete(self, job_id: str, newest: int) -> None:
         """The job's log closed at seq ``newest``: end its feed now if it has every event."""
         feed = self._feeds.get(job_id)
         if feed is not None and feed.loaded.is_set() and feed.next_seq - 1 == newest:
-            feed.end()  # every event is here already; the reader will see the marker too
+            feed.end()  # every event is here already: nothing more to read
+            self._reader(feed).unfollow(feed)
 
     def forget(self, job_id: str) -> None:
         """The job was discarded: end its feed, if any, for good."""
@@ -174,15 +201,16 @@ class JobFeeds:
             self._forget(feed)
 
     def end_all(self) -> None:
-        """End every feed and stop its reader (the bus is closing)."""
+        """End every feed and stop reading (the bus is closing)."""
         for feed in list(self._feeds.values()):
             feed.end()
-            self._stop_reader(feed)
-        self._feeds.clear()
+            self._remove(feed)
+        for reader in self._readers:
+            self._track(asyncio.create_task(reader.aclose()))
 
     async def wait_stopped(self) -> None:
-        """Wait until the readers being stopped have ended."""
-        if self._stopping:
+        """Wait until the readers and loaders being stopped have ended."""
+        while self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
     # --- a feed's life ---------------------------------------------------------------
@@ -190,22 +218,27 @@ class JobFeeds:
     async def attach(self, job_id: str) -> JobFeed:
         """The job's feed with its history loaded, held until :meth:`detach`."""
         feed = self._feeds.get(job_id)
+        # A finished job's feed is not read: the job may have been discarded elsewhere.
+        check = feed is not None and feed.closed
         if feed is None:
             feed = JobFeed(job_id=job_id, key=self.key(job_id))
             self._feeds[job_id] = feed
-            feed.reader = asyncio.create_task(self._read(feed), name=f"redis-feed:{job_id}")
+            feed.loader = asyncio.create_task(self._load_task(feed), name=f"redis-load:{job_id}")
         feed.holders += 1
+        self._lingering.pop(job_id, None)
         if feed.linger is not None:
             feed.linger.cancel()
             feed.linger = None
         try:
             await feed.loaded.wait()
+            if feed.error is not None:
+                raise feed.error
+            if check and not await self.redis.exists(feed.key):
+                self._forget(feed)
+                raise JobNotFound(job_id)
         except BaseException:
             self.detach(feed)
             raise
-        if feed.error is not None:
-            self.detach(feed)
-            raise feed.error
         return feed
 
     def detach(self, feed: JobFeed) -> None:
@@ -214,129 +247,96 @@ class JobFeeds:
         if feed.holders > 0 or self._feeds.get(feed.job_id) is not feed:
             return
         if feed.error is not None:
-            self._drop(feed)
-        else:
-            loop = asyncio.get_running_loop()
-            feed.linger = loop.call_later(FEED_LINGER_S, self._drop, feed)
+            self._remove(feed)
+            return
+        loop = asyncio.get_running_loop()
+        feed.linger = loop.call_later(FEED_LINGER_S, self._drop, feed)
+        self._lingering[feed.job_id] = feed
+        self._shrink()
 
     def _forget(self, feed: JobFeed) -> None:
         """The job is gone: end its feed, and let no new subscriber find it."""
         feed.gone = True
         feed.end()
-        if self._feeds.get(feed.job_id) is feed:
-            del self._feeds[feed.job_id]
-        if asyncio.current_task() is not feed.reader:
-            self._stop_reader(feed)
+        self._remove(feed)
 
     def _drop(self, feed: JobFeed) -> None:
+        """A lingering feed's time is up (or its bytes are needed): it goes."""
         feed.linger = None
-        if feed.holders > 0:
-            return
-        if self._feeds.get(feed.job_id) is feed:
-            del self._feeds[feed.job_id]
-        self._stop_reader(feed)
+        if feed.holders == 0:
+            self._remove(feed)
 
-    def _stop_reader(self, feed: JobFeed) -> None:
+    def _remove(self, feed: JobFeed) -> None:
+        """Stop reading the feed and forget it (its subscribers, if any, keep their list)."""
         if feed.linger is not None:
             feed.linger.cancel()
             feed.linger = None
-        reader, feed.reader = feed.reader, None
         feed.stopped = True
-        feed.nudge.set()
-        if reader is not None and not reader.done():
-            stopping = asyncio.create_task(self._halt(feed, reader))
-            self._stopping.add(stopping)
-            stopping.add_done_callback(self._stopping.discard)
+        if self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+        if self._lingering.get(feed.job_id) is feed:
+            del self._lingering[feed.job_id]
+        self._reader(feed).unfollow(feed)
+        self.bytes -= feed.counted
+        feed.counted = 0
+        loader, feed.loader = feed.loader, None
+        if loader is not None and not loader.done() and loader is not asyncio.current_task():
+            loader.cancel()
+            self._track(loader)
 
-    async def _halt(self, feed: JobFeed, reader: asyncio.Task[None]) -> None:
-        """End a reader that may be blocked in ``XREAD BLOCK 0``.
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
-        ``CLIENT UNBLOCK`` makes the read return at once with nothing, and the reader sees
-        it must stop, leaving its connection clean for the pool. Cancelling the read
-        instead is the fallback only: redis-py may retry a cancelled blocking command
-        (we measured about 6% of cancels swallowed), and it must drop the connection.
-        """
-        for _ in range(HALT_UNBLOCK_TRIES):
-            if reader.done():
-                return
-            if feed.client_id is not None:
-                with contextlib.suppress(redis_errors.RedisError):
-                    await self.redis.client_unblock(feed.client_id)
-            await asyncio.wait([reader], timeout=HALT_WAIT_S)
-        while not reader.done():
-            reader.cancel()
-            await asyncio.wait([reader], timeout=HALT_WAIT_S)
-        if not reader.cancelled() and reader.exception() is not None:
-            log.warning("redis reader failed", job_id=feed.job_id, error=str(reader.exception()))
+    def _shrink(self) -> None:
+        """Past ``feeds_bytes``, drop the lingering feeds, oldest first."""
+        budget = self.limits.feeds_bytes
+        while self.bytes > budget and self._lingering:
+            self._drop(next(iter(self._lingering.values())))
 
-    # --- the reader ------------------------------------------------------------------
+    # --- reading ---------------------------------------------------------------------
 
-    async def _read(self, feed: JobFeed) -> None:
-        """The feed's reader: the kept history, then every new entry as it comes."""
+    def _reader(self, feed: JobFeed) -> StreamReader[JobFeed]:
+        return self._readers[zlib.crc32(feed.job_id.encode()) % len(self._readers)]
+
+    def _wants(self, feed: JobFeed) -> bool:
+        """Whether the feed's stream needs reading now."""
+        if feed.closed or feed.stopped:
+            return False
+        # This instance publishes the job and the feed has every event: they reach it
+        # without Redis (add_published), so reading would only cost.
+        return self.published_next_seq(feed.job_id) != feed.next_seq
+
+    def _read_lost(self, feeds: Sequence[JobFeed]) -> None:
+        for feed in feeds:
+            feed.lose()  # its streams end with a retry: hint rather than go silent
+
+    def _read_failed(self, feeds: Sequence[JobFeed]) -> None:
+        for feed in feeds:
+            for sub in list(feed.subscribers):
+                sub.cut_off()
+            feed.wake()
+            self._remove(feed)
+
+    async def _load_task(self, feed: JobFeed) -> None:
+        """Load the feed's history, then have a reader follow it unless the job has ended."""
         try:
             await self._load(feed)
         except BaseException as exc:
             # Whoever waits to subscribe learns why (never waits forever).
             stopped = not isinstance(exc, Exception)
             feed.error = RuntimeError(f"stopped reading job {feed.job_id}") if stopped else exc
-            if self._feeds.get(feed.job_id) is feed:
-                del self._feeds[feed.job_id]
             feed.loaded.set()
+            if self._feeds.get(feed.job_id) is feed:
+                self._remove(feed)
             if stopped:
                 raise
             return
-        feed.loaded.set()
-        # Its own connection, so that CLIENT UNBLOCK can end the blocking read (_halt).
-        client = Redis(connection_pool=self.redis.connection_pool, single_connection_client=True)
-        try:
-            await self._follow(feed, client)
-        except Exception:
-            # Not a lost connection (those are retried): give the feed up. Its subscribers
-            # are cut off, so their streams end and resume on a fresh feed.
-            log.exception("redis reader failed", job_id=feed.job_id)
-            if self._feeds.get(feed.job_id) is feed:
-                del self._feeds[feed.job_id]
-            for sub in list(feed.subscribers):
-                sub.cut_off()
-            feed.wake()
         finally:
-            await client.aclose()
-
-    async def _follow(self, feed: JobFeed, client: Redis) -> None:
-        """Block on the stream for new entries until the feed stops or the job is gone."""
-        failures = 0
-        # A closed feed keeps reading (while it lingers) to learn if the job is discarded.
-        while not (feed.gone or feed.stopped):
-            if self.published_next_seq(feed.job_id) == feed.next_seq and not feed.closed:
-                # This instance publishes the job and the feed has every event: they reach
-                # it without Redis (add_published), so reading would only cost.
-                feed.nudge.clear()
-                await feed.nudge.wait()
-                continue
-            try:
-                if feed.client_id is None:
-                    feed.client_id = await client.client_id()
-                    if feed.stopped:
-                        break
-                reply = await client.xread({feed.key: feed.last_id}, count=READ_COUNT, block=0)
-            except REDIS_LOST as exc:
-                feed.client_id = None  # a new connection has a new id
-                if failures == 0:
-                    feed.lose()  # its streams end with a retry: hint rather than go silent
-                delay = READ_RETRY_S[min(failures, len(READ_RETRY_S) - 1)]
-                failures += 1
-                log.warning(
-                    "redis read failed; retrying",
-                    job_id=feed.job_id,
-                    error=str(exc),
-                    retry_in_s=delay,
-                    failures=failures,
-                )
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            for _key, entries in cast(list[tuple[bytes, list[Entry]]], reply or []):
-                self._apply(feed, entries)
+            feed.loader = None
+        feed.loaded.set()
+        if not (feed.closed or feed.stopped):
+            self._reader(feed).follow(feed)
 
     async def _load(self, feed: JobFeed) -> None:
         """Read the kept history into the feed, page by page (``JobNotFound`` if none)."""
@@ -362,6 +362,16 @@ class JobFeeds:
     def _append(self, feed: JobFeed, events: Sequence[EncodedEvent]) -> None:
         limits = self.limits
         feed.append(events, limits.history_limit, limits.queue_limit, limits.history_bytes)
+        self._count(feed)
+
+    def _count(self, feed: JobFeed) -> None:
+        """Bring the feeds' total up to date with what ``feed`` holds now."""
+        if feed.stopped:
+            return
+        self.bytes += feed.bytes - feed.counted
+        feed.counted = feed.bytes
+        if self.bytes > self.limits.feeds_bytes:
+            self._shrink()
 
     def _apply(self, feed: JobFeed, entries: Sequence[Entry]) -> None:
         """Add entries read from Redis to the feed, skipping those it already has."""
@@ -383,9 +393,11 @@ class JobFeeds:
                 self._append(feed, fresh)
                 fresh = []
                 feed.skip_to(seq)
+                self._count(feed)
             fresh.append(decode_entry(entry_id, fields))
         self._append(feed, fresh)
         if gone:
             self._forget(feed)
         elif closed:
             feed.end()
+            self._reader(feed).unfollow(feed)

@@ -737,9 +737,23 @@ class TestDiagnosticsParameters:
             ("first_writes=0", "first_writes"),
             ("first_writes=257", "first_writes"),
             ("large_write_bytes=300", "large_write_bytes"),  # less than twice write_bytes
-            ("large_write_bytes=262145", "large_write_bytes"),
+            ("large_write_bytes=65537", "large_write_bytes"),
             ("large_total_bytes=-5", "large_total_bytes"),
-            ("large_write_bytes=1028&large_total_bytes=4000000&interval_ms=100", "interval_ms"),
+            ("large_write_bytes=1028&large_total_bytes=400000&interval_ms=200", "interval_ms"),
+            # The caps on what one request may make the server hold (issue 16):
+            ("first_writes=256&write_bytes=65536", "first_writes"),
+            ("total_bytes=524289", "total_bytes"),
+            ("large_total_bytes=524289", "large_total_bytes"),
+            (
+                "write_bytes=4096&total_bytes=400000&large_write_bytes=8192"
+                "&large_total_bytes=300000&interval_ms=5",
+                "total_bytes",
+            ),
+            (
+                "write_bytes=4096&total_bytes=100000&large_write_bytes=65536"
+                "&large_total_bytes=500000&interval_ms=5",
+                "large_total_bytes",
+            ),
         ],
     )
     async def test_bad_parameter_is_a_400_naming_it(

@@ -19,6 +19,14 @@ the server time it was sent. Because every write ends at a multiple of ``write_b
 path's buffer size and release model. Without the newer parameters (``first_writes``,
 ``large_write_bytes``, ``large_total_bytes``) the pattern is the original one: a first
 write of ``write_bytes``, then the small writes.
+
+The stream is open to anyone who can reach the service, so what one request can make the
+server hold is bounded: no write over ``MAX_WRITE_BYTES`` (a reader that stops reading
+leaves at most about that much, plus aiohttp's 64 KiB between drains, in the
+process), at most ``MAX_PATTERN_BYTES`` in all (``flushline probe`` asks for about 82 KB
+by default, 327 KB with the ``--max-buffer 65536`` its advice suggests), each stream
+counted against ``FLUSHLINE_MAX_CONNECTIONS`` as a job stream is, and, with auth on,
+the API token asked for (``flushline probe --token``).
 """
 
 from __future__ import annotations
@@ -28,15 +36,19 @@ import time
 
 import attrs
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from app.core.errors import InvalidField
 from app.core.sse import encode_frame, padding_comment, retry_line
+from app.web.auth import AUTH
 from app.web.keys import SETTINGS
 from app.web.params import parse_int
+from app.web.server import check_room, tune_stream_socket
 from app.web.stream import STREAM_HEADERS
 
 __all__ = [
+    "MAX_PATTERN_BYTES",
+    "MAX_WRITE_BYTES",
     "PATTERN_LIMITS",
     "DiagnosticsPattern",
     "ScheduledWrite",
@@ -44,15 +56,19 @@ __all__ = [
     "parse_pattern",
 ]
 
+#: The largest single write of a pattern (the first one included).
+MAX_WRITE_BYTES = 65_536
+#: The most body bytes one pattern sends (the probe asks for 82 KB by default).
+MAX_PATTERN_BYTES = 512 * 1024
 #: Each pattern parameter's (lowest, highest, default).
 PATTERN_LIMITS = {
-    "write_bytes": (128, 65_536, 257),
+    "write_bytes": (128, MAX_WRITE_BYTES, 257),
     "interval_ms": (5, 2_000, 25),
-    "total_bytes": (1_024, 4 * 1024 * 1024, 41_000),
+    "total_bytes": (1_024, MAX_PATTERN_BYTES, 41_000),
     "pause_ms": (0, 10_000, 1_500),
     "first_writes": (1, 256, 1),
-    "large_write_bytes": (0, 262_144, 0),
-    "large_total_bytes": (0, 4 * 1024 * 1024, 0),
+    "large_write_bytes": (0, MAX_WRITE_BYTES, 0),
+    "large_total_bytes": (0, MAX_PATTERN_BYTES, 0),
 }
 MAX_DURATION_S = 60.0
 
@@ -99,6 +115,15 @@ class DiagnosticsPattern:
         return max((self.large_total_bytes or self.total_bytes) // self.large_write_bytes, 2)
 
     @property
+    def body_bytes(self) -> int:
+        """Where the last write ends: the body's size, the ``probe_end`` event aside."""
+        return (
+            self.first_bytes
+            + self.writes * self.write_bytes
+            + self.large_writes * self.large_write_bytes
+        )
+
+    @property
     def duration_s(self) -> float:
         """From the first write to the ``probe_end`` event."""
         return (self.writes + self.large_writes) * self.interval_ms / 1000 + self.pause_ms / 1000
@@ -137,6 +162,19 @@ def parse_pattern(query: dict[str, str] | web.Request) -> DiagnosticsPattern:
             "large_write_bytes",
             f"must be 0 or at least twice write_bytes ({2 * pattern.write_bytes}), got {large}",
         )
+    if pattern.first_bytes > MAX_WRITE_BYTES:
+        raise InvalidField(
+            "first_writes",
+            f"the first write (first_writes * write_bytes) would be {pattern.first_bytes} "
+            f"bytes; at most {MAX_WRITE_BYTES}",
+        )
+    if pattern.body_bytes > MAX_PATTERN_BYTES:
+        large_part = pattern.large_writes * pattern.large_write_bytes
+        raise InvalidField(
+            "large_total_bytes" if large_part > pattern.body_bytes // 2 else "total_bytes",
+            f"the pattern would send {pattern.body_bytes} bytes; at most {MAX_PATTERN_BYTES} "
+            "(the first write, total_bytes and large_total_bytes together)",
+        )
     if pattern.duration_s > MAX_DURATION_S:
         raise InvalidField(
             "interval_ms",
@@ -154,12 +192,17 @@ def _write(size: int, head: bytes, field: str = "write_bytes") -> bytes:
 
 async def diagnostics_stream(request: web.Request) -> web.StreamResponse:
     """Send the timed pattern (see the module docstring)."""
+    auth = request.app[AUTH]
+    if auth.enabled:
+        auth.check_bearer(request.headers.get(hdrs.AUTHORIZATION))
     pattern = parse_pattern(request)
     schedule = pattern.schedule()
     first = _write(pattern.first_bytes, retry_line(1000))
+    check_room(request)
+    send_timeout_s = request.app[SETTINGS].send_timeout_s
     response = web.StreamResponse(headers=STREAM_HEADERS)
     await response.prepare(request)
-    send_timeout_s = request.app[SETTINGS].send_timeout_s
+    tune_stream_socket(request.transport, send_timeout_s)
 
     async def send(data: bytes) -> None:
         # A reader that stalls is dropped, not waited on for the whole pattern.

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from collections.abc import Mapping
 
 import aiohttp
 import orjson
@@ -15,7 +17,11 @@ from app.pathtools.probe.reader import ProbeError, run_probe
 from app.pathtools.probe.report import DEFAULT_LATENCY_BUDGET_MS, report_json
 from app.web.diagnostics import DiagnosticsPattern
 
-__all__ = ["configure_parser", "run_from_args"]
+__all__ = ["TOKEN_ENV", "configure_parser", "probe_token", "run_from_args"]
+
+#: Where the probe finds the API token when ``--token`` is not given (the service's own
+#: variable: a comma list, of which the probe sends the first).
+TOKEN_ENV = "FLUSHLINE_API_TOKEN"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +51,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LATENCY_BUDGET_MS,
         help="how late an event may arrive: a time hold within it needs no fix (default 500)",
     )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"API token of a service with auth on (default: the first of ${TOKEN_ENV})",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def probe_token(given: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API token to send: ``--token``, else the first of ``FLUSHLINE_API_TOKEN``."""
+    if given:
+        return given
+    raw = (os.environ if environ is None else environ).get(TOKEN_ENV, "")
+    first = raw.split(",", 1)[0].strip()
+    return first or None
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -53,8 +73,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     pattern = probe_pattern(
         args.max_buffer, write_bytes=args.write_bytes, interval_ms=args.interval_ms
     )
+    token = probe_token(args.token)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        report = asyncio.run(run_probe(args.url, pattern, latency_budget_ms=args.latency_budget_ms))
+        report = asyncio.run(
+            run_probe(args.url, pattern, headers=headers, latency_budget_ms=args.latency_budget_ms)
+        )
     except (ProbeError, aiohttp.ClientError, TimeoutError) as exc:
         print(f"flushline probe: {exc or type(exc).__name__}", file=sys.stderr)
         return 1

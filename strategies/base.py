@@ -3,7 +3,8 @@
 A strategy decides two things:
 
 * the producer's **cadence** (:class:`Cadence`): how much text or time a ``chunk`` event
-  gathers, how often ``step_progress`` is sent, and the stream's heartbeat interval;
+  gathers, how ``step_progress`` follows the step's reported progress (within the
+  latency budget whatever the strategy), and the stream's heartbeat interval;
 * the **wire shaping** of each stream (:class:`FrameShaper`, one per subscriber): what is
   written at stream start and around each batch of encoded frames, e.g. padding as SSE
   comment lines, and when an extra write is due (a deferred flush).
@@ -34,16 +35,50 @@ class Tuning:
     max_delay_ms: float | None = None
 
 
+#: The latency budget when the operator sets none (``FLUSHLINE_MAX_DELAY_MS``).
+DEFAULT_LATENCY_BUDGET_S = 0.1
+#: The share of the latency budget a visible progress change may wait in the producer,
+#: so that a shaper deferring its flush by up to 90% of the budget (``aligned``) still
+#: lands the change within about 1.5 budgets, and a direct stream within half of one.
+PROGRESS_WINDOW_SHARE = 0.5
+#: A change of the step's percentage by at least this much is visible on a progress bar.
+DEFAULT_PROGRESS_STEP_PCT = 1.0
+
+
 @attrs.frozen(kw_only=True)
 class Cadence:
-    """How often the producer emits. ``chunk`` events go out at ``chunk_chars`` characters
-    or ``chunk_interval_s`` seconds, whichever comes first."""
+    """How often the producer emits.
+
+    ``chunk`` events go out at ``chunk_chars`` characters or ``chunk_interval_s``
+    seconds, whichever comes first.
+
+    ``step_progress`` follows what the step reports, never a timer of seconds:
+
+    - a **visible** change (the step's percentage moved by ``progress_step_pct`` points
+      or more since the last ``step_progress``, or an explicit percentage reported by
+      the step) goes out at once, unless a ``step_progress`` went out less than
+      ``progress_window_s`` ago; it then waits for the end of that window, and the
+      changes within it are merged into one event (the latest value). So no reported
+      value is held longer than ``progress_window_s``, which is at most half the latency
+      budget (``FLUSHLINE_MAX_DELAY_MS``);
+    - an **invisible** change (tokens counted, the bar not moved by a visible step, e.g.
+      a step whose expected tokens are unknown) goes out at most every
+      ``progress_interval_s`` (``FLUSHLINE_PROGRESS_INTERVAL``): a keep-alive for the
+      token count and ETA, not a limit on visible progress;
+    - with every chunk too when ``progress_with_chunks`` (the estimate rides along with
+      a write that happens anyway).
+
+    So a step moving its bar by 1% every 50 ms sends at most one ``step_progress`` per
+    ``progress_window_s`` and at most about 100 per step.
+    """
 
     chunk_chars: int
     chunk_interval_s: float
     progress_interval_s: float
     heartbeat_interval_s: float
     progress_with_chunks: bool = False
+    progress_window_s: float = DEFAULT_LATENCY_BUDGET_S * PROGRESS_WINDOW_SHARE
+    progress_step_pct: float = DEFAULT_PROGRESS_STEP_PCT
 
     @classmethod
     def from_tuning(
@@ -56,17 +91,24 @@ class Cadence:
         heartbeat_interval_s: float = 15.0,
         progress_with_chunks: bool = False,
     ) -> Cadence:
-        """The strategy's defaults, each replaced by the operator's value when one is set."""
+        """The strategy's defaults, each replaced by the operator's value when one is set.
+
+        The progress window is half the latency budget (``tuning.max_delay_ms``, else
+        100 ms), and never longer than ``progress_interval_s``.
+        """
 
         def pick(value: float | None, default: float) -> float:
             return default if value is None else value
 
+        interval_s = pick(tuning.progress_interval_s, progress_interval_s)
+        budget_s = pick(tuning.max_delay_ms, DEFAULT_LATENCY_BUDGET_S * 1000) / 1000
         return cls(
             chunk_chars=int(pick(tuning.chunk_chars, chunk_chars)),
             chunk_interval_s=pick(tuning.chunk_interval_s, chunk_interval_s),
-            progress_interval_s=pick(tuning.progress_interval_s, progress_interval_s),
+            progress_interval_s=interval_s,
             heartbeat_interval_s=pick(tuning.heartbeat_interval_s, heartbeat_interval_s),
             progress_with_chunks=progress_with_chunks,
+            progress_window_s=min(budget_s * PROGRESS_WINDOW_SHARE, interval_s),
         )
 
 

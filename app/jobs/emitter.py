@@ -27,10 +27,15 @@ The cadence (:class:`~strategies.base.Cadence`):
 - ``chunk``: pending text goes out once it holds ``chunk_chars`` characters, or
   ``chunk_interval_s`` after the previous chunk (or the step's start); its ``tokens``
   are the tokens counted since the previous chunk.
-- ``step_progress``: with the step's first chunk, with every chunk when
-  ``progress_with_chunks``, and every ``progress_interval_s``; insights declared for
-  the step (all but the first) are spread evenly over its progress and go out after
-  the ``step_progress`` that passes their share.
+- ``step_progress`` as the step reports it: a visible change (the step's percentage
+  up by ``progress_step_pct`` points, or an explicit percentage) at once, or at the end
+  of the ``progress_window_s`` that began with the previous ``step_progress`` (changes
+  within a window merge into the latest value: none is held longer than the window);
+  an invisible one (tokens alone) at most every ``progress_interval_s``, a keep-alive;
+  also with the step's first chunk, and with every chunk when ``progress_with_chunks``.
+  Insights declared for the step (all but the first) are spread evenly over its
+  progress and go out after the ``step_progress`` that passes their share. See
+  :class:`~strategies.base.Cadence` for why the window is half the latency budget.
 
 The state is small (numbers, the pending text, the declared steps):
 :meth:`JobEmitter.to_json` and :meth:`JobEmitter.from_json` let another instance carry
@@ -91,9 +96,14 @@ class JobEmitter:
     #: The step's token count when the pending text began (``chunk.tokens`` is the difference).
     chunk_base: int = 0
     last_chunk_at: float = 0.0
-    next_progress_at: float = 0.0
+    #: When the last ``step_progress`` of this step went out (None: none yet).
+    last_progress_at: float | None = None
+    #: The step's percentage and tokens in the last ``step_progress``.
+    sent_pct: float = 0.0
+    sent_tokens: int = 0
+    #: When a visible change recorded since the last ``step_progress`` is due.
+    progress_due_at: float | None = None
     first_progress_sent: bool = False
-    progress_sent: bool = False
     insights_sent: int = 0
 
     @estimator.default
@@ -150,10 +160,10 @@ class JobEmitter:
         self.estimator.start_step(index, now)
         self.pending, self.pending_chars, self.chunk_base, self.insights_sent = [], 0, 0, 0
         self.last_chunk_at = now
-        # The first estimate goes out with the step's first chunk, then every interval.
-        self.next_progress_at = now + self.cadence.progress_interval_s
+        self.last_progress_at = self.progress_due_at = None
+        self.sent_pct, self.sent_tokens = 0.0, 0
+        # The first estimate goes out with the step's first chunk at the latest.
         self.first_progress_sent = self.cadence.progress_with_chunks
-        self.progress_sent = False
         step = self.step
         events: list[AnyEvent] = [StepStartedEvent(step.name, index, len(self.steps))]
         if step.insights:
@@ -178,10 +188,16 @@ class JobEmitter:
         """When :meth:`due` must be called next if nothing is reported before (None: never)."""
         if self.index < 0:
             return None
-        deadline = self.next_progress_at
+        deadlines = [self.progress_due_at]
         if self.pending:
-            deadline = min(deadline, self.last_chunk_at + self.cadence.chunk_interval_s)
-        return deadline
+            deadlines.append(self.last_chunk_at + self.cadence.chunk_interval_s)
+        if self.estimator.tokens != self.sent_tokens:
+            deadlines.append(self._keepalive_at())
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def _keepalive_at(self) -> float:
+        since = self.started_at if self.last_progress_at is None else self.last_progress_at
+        return since + self.cadence.progress_interval_s
 
     def due(self, now: float) -> list[AnyEvent]:
         """The events the cadence makes due at ``now``."""
@@ -195,11 +211,22 @@ class JobEmitter:
             if not self.first_progress_sent:
                 self.first_progress_sent = True
                 self._progress(now, events)
-                self.next_progress_at = now + cadence.progress_interval_s
-        if now >= self.next_progress_at:
+        if self.progress_due_at is None and self._visible_change():
+            last = self.last_progress_at
+            self.progress_due_at = (
+                now if last is None else max(now, last + cadence.progress_window_s)
+            )
+        visible_due = self.progress_due_at is not None and now >= self.progress_due_at
+        keepalive_due = self.estimator.tokens != self.sent_tokens and now >= self._keepalive_at()
+        if visible_due or keepalive_due:
             self._progress(now, events)
-            self.next_progress_at = now + cadence.progress_interval_s
         return events
+
+    def _visible_change(self) -> bool:
+        pct = self.estimator.step_pct()
+        if self.estimator.reported_pct is not None:
+            return pct != self.sent_pct
+        return pct - self.sent_pct >= self.cadence.progress_step_pct
 
     def drain(self, now: float) -> list[AnyEvent]:
         """The pending text as a chunk, if any (the text that arrived before a failure)."""
@@ -212,7 +239,7 @@ class JobEmitter:
         """End the current step: the pending chunk, a first progress if none went out, and
         ``step_completed`` (pct 100, the overall percentage after it)."""
         events = self.drain(now)
-        if not self.progress_sent:
+        if self.last_progress_at is None:
             # A step shorter than its chunk and progress intervals still reports progress.
             self._progress(now, events)
         overall = self.estimator.complete_step()
@@ -237,8 +264,9 @@ class JobEmitter:
             self._progress(now, events)
 
     def _progress(self, now: float, events: list[AnyEvent]) -> None:
-        self.progress_sent = True
         est = self.estimator.estimate(now)
+        self.last_progress_at, self.progress_due_at = now, None
+        self.sent_pct, self.sent_tokens = est.pct, est.tokens
         step = self.step
         events.append(
             StepProgressEvent(

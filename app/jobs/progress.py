@@ -108,6 +108,11 @@ class ProgressEstimator:
         self._reported_pct = max(self._reported_pct or 0.0, pct)
 
     @property
+    def reported_pct(self) -> float | None:
+        """The step's own reported percentage, if it reported one."""
+        return self._reported_pct
+
+    @property
     def tokens(self) -> int:
         """Tokens counted in the current step."""
         return self._tokens

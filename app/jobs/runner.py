@@ -4,9 +4,11 @@ The cadence (when ``chunk`` and ``step_progress`` go out, and the step's insight
 is the job's :class:`~app.jobs.emitter.JobEmitter`'s, the same rules as for jobs
 published from elsewhere; the runner feeds it and keeps its deadlines. Tokens are read
 by a pump task into a queue, so the emission deadlines are kept even while the token
-source is silent. Each text piece counts as one
-token until the source yields a :class:`~app.jobs.tokens.TokenCount` (a provider's
-``usage``), which replaces the count; progress and ``chunk.tokens`` follow it.
+source is silent. Each text piece counts as one token until the source yields a
+:class:`~app.jobs.tokens.TokenCount` (a provider's ``usage``), which replaces the count;
+progress and ``chunk.tokens`` follow it. A :class:`~app.jobs.tokens.ReportedProgress`
+sets the step's percentage, a :class:`~app.jobs.tokens.ReportedInsight` is sent as an
+``insight`` at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from app.core.events import AnyEvent, DoneEvent, ErrorEvent, JobStartedEvent
 from app.core.tasks import cancel_and_wait
 from app.jobs.emitter import EmitterStep, JobEmitter
 from app.jobs.pipelines import JobPlan, Pipeline, StepPlan
-from app.jobs.tokens import TokenCount
+from app.jobs.tokens import ReportedInsight, ReportedProgress, TokenCount
 from strategies import Cadence
 
 __all__ = ["JobOutcome", "run_job"]
@@ -94,6 +96,10 @@ class _StepRun:
                     raise item
                 elif isinstance(item, TokenCount):
                     emitter.set_tokens(item.tokens)
+                elif isinstance(item, ReportedProgress):
+                    emitter.set_progress(item.pct)
+                elif isinstance(item, ReportedInsight):
+                    await self._send(emitter.insight(item.text))
                 else:
                     token = str(item)
                     self.text.append(token)

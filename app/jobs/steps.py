@@ -9,9 +9,11 @@ names the field) and its ``steps``, run in order:
   step just before (``{{`` and ``}}`` are literal braces); they are checked when the
   pipeline is built, so a job can never fail on a bad template.
 - :class:`FunctionStep`: a Python callable taking a :class:`StepContext`: plain, ``async``,
-  or blocking (``blocking=True`` runs it in a worker thread). It streams text and reports
-  progress through ``context.report`` (a :class:`Reporter`); a string it returns is
-  appended to its output.
+  or blocking (``blocking=True`` runs it in a thread of its own). It streams text and
+  reports progress (a percentage, or tokens against ``expected_tokens``) and status lines
+  through ``context.report`` (a :class:`Reporter`); a string it returns is appended to
+  its output. A reported percentage reaches the job's streams within the latency budget,
+  whatever the strategy (see :class:`~strategies.base.Cadence`).
 
 Example::
 
@@ -28,6 +30,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import string
 import threading
@@ -37,15 +41,18 @@ from typing import Any, TypeAlias
 import attrs
 
 from app.core.errors import InvalidField
+from app.core.tasks import cancel_and_wait
 from app.jobs.pipelines import JobPlan, Pipeline, StepFailed, StepPlan
 from app.jobs.tokens import (
     END_OF_PIECES,
+    Handoff,
     Piece,
+    ReportedInsight,
+    ReportedProgress,
     SimulatedTokenSource,
     TokenCount,
     TokenRequest,
     TokenSource,
-    next_piece,
 )
 
 __all__ = [
@@ -101,13 +108,23 @@ class PromptStep:
 class Reporter:
     """How a :class:`FunctionStep` streams its output and progress. Thread-safe.
 
-    ``write(text)`` adds text to the step's output (counted as ``tokens`` tokens);
-    ``advance(tokens)`` counts work done without text. Progress is the count against the
-    step's ``expected_tokens``. Once the step is cancelled both raise
-    :class:`StepCancelled`, so a blocking step stops at its next report.
+    - ``write(text, tokens=0)`` adds text to the step's output; it counts tokens only
+      when told how many (``tokens``);
+    - ``advance(tokens)`` counts work done without text; with tokens, the step's
+      percentage is the count against its ``expected_tokens``;
+    - ``progress(pct)`` reports the step's percentage (0-100) itself: shown as it is,
+      from then on, instead of the token estimate;
+    - ``insight(text)`` sends a status line.
+
+    Once the step is cancelled (the job was, or it failed) every call raises
+    :class:`StepCancelled`, so a blocking step stops at its next report, even one
+    waiting because it ran too far ahead of the stream. A step that never reports
+    cannot be interrupted: Python cannot stop a thread from outside. It runs to its end
+    in its own thread (never one of the event loop's default executor), its output
+    dropped.
     """
 
-    _send: Callable[[Piece], None]
+    _send: Callable[[Piece], bool]
     _tokens: int = 0
     _lock: threading.Lock = attrs.Factory(threading.Lock)
     _cancelled: threading.Event = attrs.Factory(threading.Event)
@@ -122,21 +139,41 @@ class Reporter:
         """Whether the step has been cancelled (the job was, or it failed)."""
         return self._cancelled.is_set()
 
-    def write(self, text: str, tokens: int = 1) -> None:
-        """Append ``text`` to the step's output, counting it as ``tokens`` tokens."""
+    def write(self, text: str, tokens: int = 0) -> None:
+        """Append ``text`` to the step's output, counting ``tokens`` more tokens."""
         with self._lock:
             self._check()
             self._tokens += tokens
             if text:
-                self._send(text)
-            self._send(TokenCount(self._tokens))
+                self._put(text)
+            # Sent even for 0: a text piece alone would count as one token.
+            self._put(TokenCount(self._tokens))
 
     def advance(self, tokens: int = 1) -> None:
         """Count ``tokens`` more tokens of work done (no text)."""
         with self._lock:
             self._check()
             self._tokens += tokens
-            self._send(TokenCount(self._tokens))
+            self._put(TokenCount(self._tokens))
+
+    def progress(self, pct: float) -> None:
+        """Report the step's percentage, from 0 to 100 (a lower one than before is ignored)."""
+        if not 0 <= pct <= 100:
+            raise ValueError(f"progress must be from 0 to 100, got {pct!r}")
+        with self._lock:
+            self._check()
+            self._put(ReportedProgress(float(pct)))
+
+    def insight(self, text: str) -> None:
+        """Send a status line (an ``insight`` event of this step)."""
+        with self._lock:
+            self._check()
+            self._put(ReportedInsight(str(text)))
+
+    def _put(self, piece: Piece) -> None:
+        if not self._send(piece):
+            self._cancelled.set()
+            self._check()
 
     def _check(self) -> None:
         if self._cancelled.is_set():
@@ -263,20 +300,14 @@ class _FunctionSource:
     state: _JobState
 
     async def stream(self, request: TokenRequest) -> AsyncIterator[Piece]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-
-        def send(item: object) -> None:
-            # From the loop's thread or a worker thread alike, in order.
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        reporter = Reporter(send)
+        handoff = Handoff(asyncio.get_running_loop())
+        reporter = Reporter(handoff.put)
         context = StepContext(dict(self.state.input), dict(self.state.outputs), reporter)
 
         async def call() -> None:
             try:
                 if self.step.blocking:
-                    result: Any = await asyncio.to_thread(self.step.func, context)
+                    result: Any = await _in_own_thread(self.step.func, context, self.step.name)
                 else:
                     result = self.step.func(context)
                     if inspect.isawaitable(result):
@@ -287,23 +318,58 @@ class _FunctionSource:
                         "not a string or None"
                     )
                 if result:
-                    reporter.write(result, tokens=0)
-                send(END_OF_PIECES)
+                    reporter.write(result)
+                handoff.put(END_OF_PIECES)
             except Exception as exc:
-                send(exc)
+                handoff.put(exc)
 
         task = asyncio.create_task(call(), name=f"step:{self.step.name}")
         text: list[str] = []
         try:
-            while (item := await next_piece(queue)) is not None:
+            while (item := await handoff.get()) is not None:
                 if isinstance(item, str):
                     text.append(item)
                 yield item
         finally:
+            # First, so that a blocking step's next report raises StepCancelled.
             reporter.cancel()
-            if not task.done():
-                task.cancel()
+            handoff.close()
+            await cancel_and_wait(task)
         self.state.outputs[self.step.name] = "".join(text)
+
+
+async def _in_own_thread(func: StepFunction, context: StepContext, name: str) -> Any:
+    """``func(context)`` in a new daemon thread, not the loop's default executor.
+
+    A cancelled caller stops waiting at once; the thread stops at its step's next report
+    (:class:`StepCancelled`) or runs to its end, without holding an executor thread
+    that other work (DNS lookups, ``to_thread``) needs.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller was cancelled
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def work() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = func(context)
+        except BaseException as exc:
+            error = exc
+        # The loop may be closed by now: nobody waits for this step any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    run = contextvars.copy_context().run
+    threading.Thread(target=run, args=(work,), name=f"step-{name}", daemon=True).start()
+    return await future
 
 
 def _step_tuple(value: Iterable[Step]) -> tuple[Step, ...]:

@@ -9,7 +9,11 @@ text is deterministic per seed and it paces itself to ``tokens_per_second``.
 A source yields text pieces, each counted as one token, and may also yield a
 :class:`TokenCount`: the authoritative number of tokens generated so far in this step
 (an LLM provider's ``usage``, or a step reporting its own progress). The runner then uses
-that count instead of its own.
+that count instead of its own. A step that knows how far it is may yield
+:class:`ReportedProgress` (its percentage) and :class:`ReportedInsight` (a status line).
+
+Pieces cross from a worker thread to the event loop through a :class:`Handoff`, which
+bounds how far the thread may run ahead of the loop (:data:`MAX_PENDING_PIECES`).
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ import attrs
 
 __all__ = [
     "END_OF_PIECES",
+    "MAX_PENDING_PIECES",
+    "Handoff",
     "Piece",
+    "ReportedInsight",
+    "ReportedProgress",
     "SimulatedTokenSource",
     "SyncTokenSource",
     "ThreadedTokenSource",
     "TokenCount",
     "TokenRequest",
     "TokenSource",
-    "next_piece",
     "threaded",
 ]
 
@@ -62,8 +69,23 @@ class TokenCount:
     tokens: int
 
 
-#: What a source yields: a text piece (one token), or the step's authoritative count.
-Piece = str | TokenCount
+@attrs.frozen
+class ReportedProgress:
+    """The step's own percentage (0-100): shown as it is, instead of the token estimate."""
+
+    pct: float
+
+
+@attrs.frozen
+class ReportedInsight:
+    """A status line the step reports (an ``insight`` event)."""
+
+    text: str
+
+
+#: What a source yields: a text piece (one token), the step's authoritative count, its
+#: own percentage or a status line.
+Piece = str | TokenCount | ReportedProgress | ReportedInsight
 
 
 class TokenSource(Protocol):
@@ -228,58 +250,104 @@ class SimulatedTokenSource:
             yield token
 
 
-#: Put on a hand-off queue after a producer's last piece.
+#: Put on a hand-off after a producer's last piece.
 END_OF_PIECES = object()
+#: Pieces a worker thread may hand over before the loop has taken them; then it waits.
+MAX_PENDING_PIECES = 256
 
 
-async def next_piece(queue: asyncio.Queue[object]) -> Piece | None:
-    """The next piece a producer handed over on ``queue``; None after :data:`END_OF_PIECES`.
+@attrs.define(eq=False)
+class Handoff:
+    """Hands pieces from a producer to one consumer on the event loop, in order, bounded.
 
-    An exception the producer put on the queue is raised here, in the consumer.
+    A worker thread's :meth:`put` waits while ``max_pending`` of its pieces are not yet
+    taken by the consumer (backpressure instead of an unbounded queue), and returns
+    False at once after :meth:`close` (the consumer is gone: the producer should stop).
+    A put from the loop's own thread never waits (the consumer runs on that thread, so
+    it could not make room); such a producer, an ``async`` step, hands over only what it
+    makes between two of its own awaits.
     """
-    item = await queue.get()
-    if item is END_OF_PIECES:
-        return None
-    if isinstance(item, BaseException):
-        raise item
-    assert isinstance(item, str | TokenCount)
-    return item
+
+    loop: asyncio.AbstractEventLoop
+    max_pending: int = MAX_PENDING_PIECES
+    _queue: asyncio.Queue[tuple[object, bool]] = attrs.Factory(asyncio.Queue)
+    _slots: threading.Semaphore = attrs.field(init=False)
+    _closed: threading.Event = attrs.Factory(threading.Event)
+    _loop_thread: int = attrs.Factory(threading.get_ident)
+
+    def __attrs_post_init__(self) -> None:
+        self._slots = threading.Semaphore(self.max_pending)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the consumer has stopped taking pieces."""
+        return self._closed.is_set()
+
+    def put(self, item: object) -> bool:
+        """Hand over a piece, :data:`END_OF_PIECES` or an exception; False once closed."""
+        if self._closed.is_set():
+            return False
+        if threading.get_ident() == self._loop_thread:
+            self._queue.put_nowait((item, False))
+            return True
+        self._slots.acquire()
+        if self._closed.is_set():
+            return False
+        try:
+            self.loop.call_soon_threadsafe(self._queue.put_nowait, (item, True))
+        except RuntimeError:  # the loop is closed: nobody will take it
+            return False
+        return True
+
+    async def get(self) -> Piece | None:
+        """The next piece; None after :data:`END_OF_PIECES`; a handed exception is raised."""
+        item, counted = await self._queue.get()
+        if counted:
+            self._slots.release()
+        if item is END_OF_PIECES:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, str | TokenCount | ReportedProgress | ReportedInsight)
+        return item
+
+    def close(self) -> None:
+        """Take no more pieces; producers waiting in :meth:`put` return False now."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._slots.release(self.max_pending)
 
 
 @attrs.frozen
 class ThreadedTokenSource:
     """Adapts a :class:`SyncTokenSource` to :class:`TokenSource` with a worker thread.
 
-    The thread pushes each token to the loop with ``call_soon_threadsafe`` (so order is
-    kept); when the consumer stops early (cancel, error), the thread is told to stop and
-    ends after its current token.
+    The thread hands each token to the loop through a :class:`Handoff` (in order, and
+    at most :data:`MAX_PENDING_PIECES` ahead of the consumer); when the consumer stops
+    early (cancel, error), the thread is told to stop and ends after its current token.
     """
 
     source: SyncTokenSource
 
     async def stream(self, request: TokenRequest) -> AsyncIterator[Piece]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop = threading.Event()
+        handoff = Handoff(asyncio.get_running_loop())
 
         def work() -> None:
             try:
                 for token in self.source.stream_sync(request):
-                    if stop.is_set():
+                    if not handoff.put(token):
                         return
-                    loop.call_soon_threadsafe(queue.put_nowait, token)
-                loop.call_soon_threadsafe(queue.put_nowait, END_OF_PIECES)
+                handoff.put(END_OF_PIECES)
             except BaseException as exc:  # handed to the loop, re-raised there
-                if not stop.is_set():
-                    loop.call_soon_threadsafe(queue.put_nowait, exc)
+                handoff.put(exc)
 
         thread = threading.Thread(target=work, name=f"tokens-{request.step}", daemon=True)
         thread.start()
         try:
-            while (item := await next_piece(queue)) is not None:
+            while (item := await handoff.get()) is not None:
                 yield item
         finally:
-            stop.set()
+            handoff.close()
 
 
 def threaded(source: SyncTokenSource) -> ThreadedTokenSource:

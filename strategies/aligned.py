@@ -17,12 +17,20 @@ holds the upstream's response headers, which shifts its block boundaries a coupl
 hundred bytes before ours, so the last bytes of every flush stay held there.
 
 Cost is bounded by a latency budget ``max_delay_s``: a write within the budget of the
-previous flush is not padded at once; it is sent unpadded (a direct client sees it
-immediately) and one flush pads, at 90% of the budget, for everything written since.
-So at most one flush happens per budget, and padding stays below about
-``B / (0.9 * max_delay_s)`` bytes per second, however fast events come. The producer's
-cadence is set for the same economy: on a buffering path each flush costs up to a
-block, so chunks are fuller (1000 chars / 2.5 s) and progress rides along with them.
+previous flush is held, and one flush, at 90% of the budget, sends everything written
+since, padded. So at most one flush happens per budget, and padding stays below about
+``B / (0.9 * max_delay_s)`` bytes per second, however fast events come.
+
+Every write the shaper returns starts and ends on a block boundary: nothing goes out
+unpadded. An earlier version sent the writes within the budget at once, unpadded, and
+padded later; but a proxy reads whatever has arrived, and one read often held a padded
+flush *and* the unpadded writes right behind it (a chunk, then its ``step_progress`` and
+``insight`` a fraction of a millisecond later). A proxy that releases everything it
+holds once it holds ``B`` ("all") then released past our boundary, and from there on
+every boundary of ours left it holding less than ``B``: events waited for the next one.
+
+The producer's cadence is set for the same economy: on a buffering path each flush costs
+up to a block, so chunks are fuller (1000 chars / 2.5 s) and progress rides along.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ class AlignedShaper:
     written: int = 0
     last_flush_at: float = -math.inf
     flush_due_at: float | None = None
+    #: Frames written within the budget of the last flush, waiting for the next one.
+    held: list[bytes] = attrs.Factory(list)
 
     def _pad(self) -> bytes:
         gap = -self.written % self.block_bytes
@@ -79,20 +89,26 @@ class AlignedShaper:
         return self._flush(prefix + frames, now)  # one flush for both
 
     def write(self, frames: bytes, now: float) -> bytes:
-        if now - self.last_flush_at >= self.max_delay_s * DEADLINE_SHARE:
-            return self._flush(frames, now)
-        self.written += len(frames)
-        if self.written % self.block_bytes and self.flush_due_at is None:
-            self.flush_due_at = self.last_flush_at + self.max_delay_s * DEADLINE_SHARE
-        return frames
+        if self.block_bytes <= 1:  # the path does not buffer: nothing to align or hold
+            self.written += len(frames)
+            return frames
+        self.held.append(frames)
+        due = self.last_flush_at + self.max_delay_s * DEADLINE_SHARE
+        if now >= due:
+            return self.poll(now)
+        self.flush_due_at = due
+        return b""
 
     def deadline(self) -> float | None:
         return self.flush_due_at
 
     def poll(self, now: float) -> bytes:
-        if self.flush_due_at is None or now < self.flush_due_at:
+        """The held frames, padded, once their flush is due (``math.inf``: all of them now)."""
+        if not self.held or (self.flush_due_at is not None and now < self.flush_due_at):
             return b""
-        return self._flush(b"", now)
+        data = b"".join(self.held)
+        self.held.clear()
+        return self._flush(data, now)
 
 
 @attrs.frozen

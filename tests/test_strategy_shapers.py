@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -202,8 +203,8 @@ class TestAlignedShaper:
         assert total % 1024 == 0
         assert shaper.deadline() is None
 
-    def test_write_within_budget_is_deferred_to_the_deadline(self) -> None:
-        """A write soon after a flush goes out unpadded; poll() at the deadline aligns it."""
+    def test_write_within_budget_is_held_to_the_deadline(self) -> None:
+        """A write soon after a flush is held; poll() at the deadline sends it, padded."""
         delay = 0.1
         shaper = AlignedShaper(block_bytes=1024, max_delay_s=delay)
         total = len(shaper.start(PREFIX, 10.0))
@@ -211,34 +212,44 @@ class TestAlignedShaper:
         total += len(first)
         assert total % 1024 == 0
 
-        out = shaper.write(frame(2, 30), 10.52)
-        total += len(out)
-        assert out == frame(2, 30)  # not padded at once
+        assert shaper.write(frame(2, 30), 10.52) == b""  # held, not sent unpadded
         due = shaper.deadline()
         assert due is not None
         assert due == pytest.approx(10.5 + delay * DEADLINE_SHARE)
         assert 10.52 < due <= 10.5 + delay  # inside the latency budget
-        out = shaper.write(frame(3, 30), 10.53)  # still before the deadline
-        total += len(out)
-        assert out == frame(3, 30)
+        assert shaper.write(frame(3, 30), 10.53) == b""  # still before the deadline
         assert shaper.deadline() == due  # the deadline does not move
 
         assert shaper.poll(due - 0.005) == b""  # too early
-        padding = shaper.poll(due)
-        total += len(padding)
-        assert padding
+        out = shaper.poll(due)
+        total += len(out)
+        assert out.startswith(frame(2, 30) + frame(3, 30))  # both, in order, in one write
         assert total % 1024 == 0
         assert shaper.deadline() is None
-        [message] = parse(padding + b"\n")
-        assert message.data is None
+        messages = parse(out + b"\n")
+        assert [m.data is not None for m in messages] == [True, True, False]
 
-    def test_write_landing_on_boundary_needs_no_deadline(self) -> None:
-        """A deferred write that happens to end exactly on a boundary sets no deadline."""
-        shaper = AlignedShaper(block_bytes=256, max_delay_s=1.0)
-        start = shaper.start(b"", 0.0)
-        assert shaper.write(b"x" * 256, 0.1) == b"x" * 256
-        assert (len(start) + 256) % 256 == 0
+    def test_write_after_the_deadline_goes_out_with_what_was_held(self) -> None:
+        """A write arriving once the held flush is due goes out with it, in one padded write."""
+        shaper = AlignedShaper(block_bytes=1024, max_delay_s=0.1)
+        total = len(shaper.start(PREFIX, 0.0))
+        assert shaper.write(frame(1, 30), 0.01) == b""
+        out = shaper.write(frame(2, 30), 0.2)
+        total += len(out)
+        assert out.startswith(frame(1, 30) + frame(2, 30))
+        assert total % 1024 == 0
         assert shaper.deadline() is None
+
+    def test_poll_at_infinity_sends_everything_held(self) -> None:
+        """poll(math.inf), before the response ends, sends what is held, whatever the time."""
+        shaper = AlignedShaper(block_bytes=1024, max_delay_s=0.1)
+        total = len(shaper.start(PREFIX, 0.0))
+        assert shaper.write(frame(1, 30), 0.01) == b""
+        out = shaper.poll(math.inf)
+        total += len(out)
+        assert out.startswith(frame(1, 30))
+        assert total % 1024 == 0
+        assert shaper.poll(math.inf) == b""  # nothing more
 
     def test_gap_of_one_byte_pads_to_the_next_boundary(self) -> None:
         """With 1 byte to the boundary (too small for a comment), padding reaches the next one."""
@@ -281,8 +292,9 @@ class TestAlignedShaper:
         block, delay = 4096, 0.1
         shaper = AlignedShaper(block_bytes=block, max_delay_s=delay)
         duration = 2.0
-        padding = len(shaper.start(PREFIX, 0.0)) - len(PREFIX)
-        flushes = [0.0]  # when a write carried padding (the start does)
+        out_bytes = len(shaper.start(PREFIX, 0.0))
+        payload = len(PREFIX)
+        flushes = [0.0]  # when a write went out (every write is padded; the start is)
         written_at: list[float] = []
         t, events = 0.0, 0
         while t < duration:
@@ -290,19 +302,21 @@ class TestAlignedShaper:
             events += 1
             deadline = shaper.deadline()
             if deadline is not None and deadline <= t:
-                padding += len(shaper.poll(deadline))
+                out_bytes += len(shaper.poll(deadline))
                 flushes.append(deadline)
             frames = frame(events, 40)
+            payload += len(frames)
             out = shaper.write(frames, t)
             written_at.append(t)
-            if len(out) > len(frames):
-                padding += len(out) - len(frames)
+            if out:
+                out_bytes += len(out)
                 flushes.append(t)
         deadline = shaper.deadline()
         if deadline is not None:
-            padding += len(shaper.poll(deadline))
+            out_bytes += len(shaper.poll(deadline))
             flushes.append(deadline)
             duration = max(duration, deadline)
+        padding = out_bytes - payload
         # At most one flush per DEADLINE_SHARE of the budget (plus the start), each padding
         # less than a block plus the minimum tail.
         per_flush = block + shaper.min_tail_bytes
@@ -353,29 +367,35 @@ def test_property_aligned_flushes_land_on_block_boundaries(
         deadline = shaper.deadline()
         if deadline is not None and deadline <= now:
             # The stream would have woken at the deadline, before this write.
+            held = b"".join(shaper.held)
             out = shaper.poll(deadline)
+            assert out.startswith(held)
             stream += out
-            pads.append(len(out))
+            pads.append(len(out) - len(held))
             assert len(stream) % block == 0
             assert shaper.deadline() is None
         frames = frame(i, size)
         sent.append(frames)
+        held_before = b"".join(shaper.held)
         out = shaper.write(frames, now)
-        assert out.startswith(frames)
         stream += out
-        if out != frames:
-            pads.append(len(out) - len(frames))
+        if out:  # the frames held, then these, then padding to a boundary
+            assert out.startswith(held_before + frames)
+            assert len(stream) % block == 0
+            pads.append(len(out) - len(held_before) - len(frames))
         deadline = shaper.deadline()
         if deadline is None:
             assert len(stream) % block == 0  # nothing left unaligned
+            assert not shaper.held
         else:
-            assert now < deadline <= now + delay + 1e-9  # aligned within the budget
+            assert now < deadline <= now + delay + 1e-9  # sent within the budget
     deadline = shaper.deadline()
     if deadline is not None:
         assert shaper.poll(deadline - delay / 20) == b""
+        held = b"".join(shaper.held)
         out = shaper.poll(deadline)
         stream += out
-        pads.append(len(out))
+        pads.append(len(out) - len(held))
         now = deadline
     assert len(stream) % block == 0
     # Padding is comment-only: the data seen by a client is exactly the frames sent.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -94,6 +95,8 @@ class _StreamWriter:
     bytes_written: int = 0
     events_written: int = 0
     last_write_at: float = 0.0
+    #: Frame bytes handed to the shaper and not yet written (the rest of a write is padding).
+    payload_due: int = 0
     #: Live events handed to the shaper and not yet out (a strategy may hold them back).
     unsent: list[EncodedEvent] = attrs.Factory(list)
 
@@ -146,8 +149,17 @@ class _StreamWriter:
         self.unsent.extend(events)
         await self.send(self.shaper.write(frames, now), now, len(frames))
 
+    async def send_held(self) -> None:
+        """Write whatever the shaper still holds, before the response ends."""
+        now = asyncio.get_running_loop().time()
+        await self.send(self.shaper.poll(math.inf), now)
+
     async def send(self, data: bytes, now: float, payload: int = 0) -> None:
-        """Write ``data``, of which ``payload`` bytes are frames (the rest padding)."""
+        """Write ``data``, the shaper's answer to ``payload`` more bytes of frames.
+
+        A shaper may hold frames for a later write (``aligned`` within its budget): what
+        it returns then carries frames handed to it earlier, and the rest is padding.
+        """
         # The timeout bounds a stall, not a long transfer: a resume with megabytes of
         # history goes out in slices, each of which must get through within the timeout.
         view = memoryview(data)
@@ -157,10 +169,12 @@ class _StreamWriter:
         self._wrote(data, now, payload)
 
     def _wrote(self, data: bytes, now: float, payload: int) -> None:
+        self.payload_due += payload
         if data:
             self.bytes_written += len(data)
             self.last_write_at = now
-            sent = min(payload, len(data))
+            sent = min(self.payload_due, len(data))
+            self.payload_due -= sent
             self.metrics.bytes_written(sent, len(data) - sent)
             if self.unsent:
                 # Shapers release frames in order: whatever they held went out with this.
@@ -226,6 +240,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                 while not batch.ended:
                     if manager.handing_off:
                         outcome = "handed_off"
+                        await writer.send_held()
                         handoff = retry_line(HANDOFF_RETRY_MS)
                         await writer.send(handoff, loop.time(), len(handoff))
                         break
@@ -255,6 +270,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
                             await writer.send(writer.shaper.write(beat, now), now, len(beat))
                         else:
                             await writer.send(writer.shaper.poll(now), now)
+                await writer.send_held()
                 async with asyncio.timeout(settings.send_timeout_s):
                     await response.write_eof()
         except (TimeoutError, SubscriberLagged, BackendUnavailable):

@@ -149,7 +149,8 @@ class Publisher:
         self.last_event_id = 0
         self.stats = PublisherStats()
         # Queued events, each with its encoded size, and the counts that flush() waits on.
-        self._pending: list[tuple[bytes, int]] = []
+        self._pending: list[tuple[bytes, int, bool]] = []  # (JSON, its size, the caller's?)
+        self._inflight_own = 0  # the caller's events in the batch being posted
         self._queued = 0
         self._delivered = 0
         self._urgent = False  # post what is queued without waiting for the window
@@ -158,6 +159,8 @@ class Publisher:
         self._changed = asyncio.Condition()
         self._sender: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
+        self._error_raised = False  # the caller has had the error from a call already
+        self._lost = 0  # the caller's events that the error kept from being delivered
         self._ended = False  # succeeded() or failed() queued: nothing may follow
         self._closed = False
         self._cancelled = asyncio.Event()
@@ -201,7 +204,8 @@ class Publisher:
     async def close(self) -> None:
         """Deliver what is queued, stop the sender and close the publisher's own session.
 
-        Raises the error that kept queued events from being delivered, if any.
+        Raises the error that kept the caller's events from being delivered, unless a call
+        has raised it already (the job's end stays in :attr:`error` and :attr:`cancelled`).
         """
         if self._closed:
             return
@@ -218,8 +222,8 @@ class Publisher:
         finally:
             if self._own_session is not None:
                 await self._own_session.close()
-        if self._error is not None and self._delivered < self._queued:
-            raise self._error
+        if self._error is not None and self._lost and not self._error_raised:
+            self._raise_error()
 
     # ---------------------------------------------------------------- state
 
@@ -299,14 +303,19 @@ class Publisher:
     def _stopped(self) -> bool:
         return self._error is not None or (self._sender is not None and self._sender.done())
 
+    def _raise_error(self) -> None:
+        assert self._error is not None
+        self._error_raised = True
+        raise self._error
+
     def _raise_stopped(self) -> None:
         if self._error is not None:
-            raise self._error
+            self._raise_error()
         raise PublisherClosed(f"the publisher of job {self.job_id} has stopped")
 
     async def _publish(self, event: dict[str, Any], *, final: bool = False) -> None:
         if self._error is not None:
-            raise self._error
+            self._raise_error()
         if self._ended:
             raise PublisherClosed(f"job {self.job_id} already has its succeeded() or failed()")
         if self._closed:
@@ -319,18 +328,18 @@ class Publisher:
                     lambda: len(self._pending) < self._max_pending_events or self._stopped()
                 )
             if self._error is not None:
-                raise self._error
+                self._raise_error()
         self._enqueue(event)
         if final:
             self._ended = True
             self._urgent = True
             self._wakeup.set()
 
-    def _enqueue(self, event: Mapping[str, Any]) -> None:
+    def _enqueue(self, event: Mapping[str, Any], *, own: bool = True) -> None:
         encoded = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
         if not self._pending:
             self._oldest_at = time.monotonic()
-        self._pending.append((encoded, len(encoded)))
+        self._pending.append((encoded, len(encoded), own))
         self._queued += 1
         if len(self._pending) == 1 or len(self._pending) >= self._max_batch_events:
             self._wakeup.set()
@@ -347,7 +356,7 @@ class Publisher:
                         async with asyncio.timeout(self._heartbeat_interval_s):
                             await self._wakeup.wait()
                     except TimeoutError:
-                        self._enqueue({"type": "heartbeat"})
+                        self._enqueue({"type": "heartbeat"}, own=False)
                         self.stats.idle_heartbeats += 1
                     continue
                 await self._gather()
@@ -379,15 +388,16 @@ class Publisher:
     def _take(self) -> tuple[bytes, int]:
         """The next batch's events (as a JSON array) and their count, taken off the queue."""
         count, size = 0, 2
-        for _, length in self._pending:
+        for _, length, _ in self._pending:
             if count == self._max_batch_events or (count and size + length > self._max_batch_bytes):
                 break
             count += 1
             size += length + 1
         taken, self._pending = self._pending[:count], self._pending[count:]
+        self._inflight_own = sum(own for _, _, own in taken)
         if not self._pending:
             self._urgent = self._closed
-        return b"[" + b",".join(encoded for encoded, _ in taken) + b"]", count
+        return b"[" + b",".join(encoded for encoded, _, _ in taken) + b"]", count
 
     async def _post(self, events: bytes, count: int) -> None:
         """Post one batch until the service acknowledges it; raise a refusal."""
@@ -443,9 +453,11 @@ class Publisher:
         self.stats.events += count
         self.stats.duplicates += ack.duplicate
         self._delivered += count
+        self._inflight_own = 0
 
     def _stop(self, error: BaseException) -> None:
         self._error = error
+        self._lost = self._inflight_own + sum(own for _, _, own in self._pending)
         self._pending.clear()
         if isinstance(error, JobCancelled):
             self._cancelled.set()

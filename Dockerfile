@@ -32,10 +32,16 @@ RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-deps --prefix=
     && PYTHONPATH=/install/lib/python3.11/site-packages pip --python /opt/venv/bin/python check
 
 # 3. The image: the dependency venv, the app over it, a non-root user.
+#    A container is reached from outside it, so the service listens on every address
+#    (FLUSHLINE_HOST=0.0.0.0), and refuses to start there unless it is told how to guard
+#    the API: FLUSHLINE_API_TOKEN (production: Secret Manager on Cloud Run, see
+#    config/cloudrun/service.yaml), or FLUSHLINE_AUTH=off for a private demo, e.g.
+#    docker run -p 127.0.0.1:8080:8080 -e FLUSHLINE_AUTH=off flushline
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    FLUSHLINE_HOST=0.0.0.0 \
     FLUSHLINE_LOG_FORMAT=json
 RUN groupadd --system --gid 10001 flushline \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin flushline

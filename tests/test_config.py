@@ -25,16 +25,45 @@ def _env_file(path: pathlib.Path) -> dict[str, str]:
     return env
 
 
-def _service_env(path: pathlib.Path) -> dict[str, object]:
-    """The env of the Cloud Run manifest's one container, as written (values not coerced)."""
+#: The variables a Cloud Run manifest takes from Secret Manager, and their secrets.
+SECRETS = {
+    "FLUSHLINE_API_TOKEN": "flushline-api-token",
+    "FLUSHLINE_SECRET_KEY": "flushline-secret-key",
+}
+
+
+def _container_env(path: pathlib.Path) -> list[dict[str, Any]]:
     manifest = yaml.safe_load(path.read_text())
     (container,) = manifest["spec"]["template"]["spec"]["containers"]
+    items: list[dict[str, Any]] = container["env"]
+    return items
+
+
+def _service_env(path: pathlib.Path) -> dict[str, object]:
+    """The plain env of the Cloud Run manifest's one container (values not coerced).
+
+    Variables from Secret Manager are left out (see :func:`_secret_env`).
+    """
     env: dict[str, object] = {}
-    for item in container["env"]:
+    for item in _container_env(path):
+        if "valueFrom" in item:
+            continue
         assert set(item) == {"name", "value"}, f"not a plain name/value pair: {item}"
         assert item["name"] not in env, f"{item['name']} set twice"
         env[item["name"]] = item["value"]
     return env
+
+
+def _secret_env(path: pathlib.Path) -> dict[str, str]:
+    """The manifest's variables from Secret Manager: name -> secret."""
+    secrets = {}
+    for item in _container_env(path):
+        if "valueFrom" in item:
+            assert set(item) == {"name", "valueFrom"}, item
+            ref = item["valueFrom"]["secretKeyRef"]
+            secrets[item["name"]] = ref["name"]
+            assert ref["key"] == "latest", item
+    return secrets
 
 
 @pytest.mark.parametrize("name", ["local.env", "cloudrun/cloudrun.env"])
@@ -63,6 +92,22 @@ def test_cloudrun_service_env_loads_into_valid_settings() -> None:
     settings = Settings.from_environ(env)
     assert settings.log_format == "json"
     assert settings.strategy == env["FLUSHLINE_STRATEGY"]
+
+
+@pytest.mark.parametrize("name", ["service.yaml", "service-redis.yaml"])
+def test_cloudrun_manifests_take_the_api_token_from_secret_manager(name: str) -> None:
+    """Auth is on in production: the token and signing key come from Secret Manager."""
+    path = CONFIG / "cloudrun" / name
+    assert _secret_env(path) == SECRETS
+    env = {n: str(v) for n, v in _service_env(path).items()}
+    assert "FLUSHLINE_AUTH" not in env, "auth off has no place in a public deployment"
+    # With the secrets in, the image's FLUSHLINE_HOST=0.0.0.0 is allowed to start.
+    settings = Settings.from_environ(
+        {**env, "FLUSHLINE_HOST": "0.0.0.0", **dict.fromkeys(SECRETS, "s" * 32)}
+    )
+    assert settings.exposure_error() is None
+    exposed = Settings.from_environ({**env, "FLUSHLINE_HOST": "0.0.0.0"})
+    assert exposed.exposure_error() is not None  # without them it would not start
 
 
 def test_reference_documents_every_variable() -> None:

@@ -340,6 +340,11 @@ class TestDockerfile:
         assert cmd.words() == ["flushline", "serve"]
         env = " ".join(i.args for i in final.named("ENV"))
         assert "FLUSHLINE_LOG_FORMAT=json" in env.split()
+        # Reached from outside the container: every address, hence a token (or an
+        # explicit FLUSHLINE_AUTH=off) from whoever runs it, never baked in.
+        assert "FLUSHLINE_HOST=0.0.0.0" in env.split()
+        assert "FLUSHLINE_AUTH" not in env
+        assert "FLUSHLINE_API_TOKEN" not in env
         assert not re.search(r"(^|\s)(PORT|FLUSHLINE_PORT)=", env), "the port is the platform's"
         assert 'console_scripts": ["flushline=' in (ROOT / "setup.py").read_text()
         (expose,) = final.named("EXPOSE")

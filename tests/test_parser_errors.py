@@ -7,20 +7,25 @@ headers, and a closed connection: never plain text, never a hang, never a 500.
 from __future__ import annotations
 
 import gzip
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.jobs import Client, expect_json_error
-from tests.support.server_load import exchange, serve_blocking
+from tests.support.server_load import RawAnswer, exchange, parse_answer, serve_blocking
 
 BIG = b"a" * 9000
 
 
 def _post(headers: bytes, body: bytes) -> bytes:
-    return b"POST /api/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n%s\r\n%s" % (
-        headers,
-        body,
+    return (
+        b"POST /api/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n%s\r\n%s"
+        % (
+            headers,
+            body,
+        )
     )
 
 
@@ -28,13 +33,13 @@ def _post(headers: bytes, body: bytes) -> bytes:
 BAD_INPUTS = [
     (
         "header_too_large",
-        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + BIG + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + BIG + b"\r\n\r\n",
         431,
         "header_too_large",
     ),
     (
         "too_many_headers",
-        b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
         + b"".join(b"X-H%d: v\r\n" % i for i in range(300))
         + b"\r\n",
         431,
@@ -42,7 +47,7 @@ BAD_INPUTS = [
     ),
     (
         "request_line_too_long",
-        b"GET /healthz?" + BIG + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /healthz?" + BIG + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
         431,
         "header_too_large",
     ),
@@ -52,10 +57,15 @@ BAD_INPUTS = [
         400,
         "bad_request",
     ),
-    ("unknown_method", b"FROB /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 501, "method_not_implemented"),
-    ("invalid_method", b"G@T /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+    (
+        "unknown_method",
+        b"FROB /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        501,
+        "method_not_implemented",
+    ),
+    ("invalid_method", b"G@T /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "bad_request"),
     ("malformed_request_line", b"GARBAGE\r\n\r\n", 400, "bad_request"),
-    ("bad_http_version", b"GET /healthz HTTP/9.9\r\nHost: t\r\n\r\n", 400, "bad_request"),
+    ("bad_http_version", b"GET /healthz HTTP/9.9\r\nHost: localhost\r\n\r\n", 400, "bad_request"),
     (
         "tls_on_http_port",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
@@ -137,9 +147,74 @@ class TestParserErrorsAreJson:
         """After every bad input above, a plain request is answered normally."""
         for _, raw, _, _ in BAD_INPUTS:
             exchange(port, raw)
-        answer, _ = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        answer, _ = exchange(
+            port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
         assert answer.status == 200
         assert answer.json()["status"] == "ok"
+
+
+#: A chunked POST's head and first chunk: a well-formed start the handler begins to read.
+CHUNKED_START = _post(b"Transfer-Encoding: chunked\r\n", b'5\r\n{"opt\r\n')
+#: How long after the first chunk the rest comes: the handler is reading the body by then.
+SECOND_CHUNK_AFTER_S = 0.3
+ANSWER_WITHIN_S = 1.0
+
+
+def send_in_two(port: int, first: bytes, second: bytes) -> tuple[RawAnswer, float]:
+    """Send ``first``, then ``second`` 0.3 s later; the answer and how long it took after."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(first)
+        time.sleep(SECOND_CHUNK_AFTER_S)
+        sent_at = time.monotonic()
+        sock.sendall(second)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no answer within 5 s: {received!r}") from None
+            if not chunk:
+                break
+            received += chunk
+        took_s = time.monotonic() - sent_at
+        sock.settimeout(2)
+        answer = parse_answer(received)
+        length = int(answer.headers.get("content-length", "0"))
+        while len(answer.body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "closed mid-body"
+            answer = RawAnswer(answer.status, answer.headers, answer.body + chunk)
+    return answer, took_s
+
+
+class TestBodyErrorsWhileReading:
+    """A body that turns bad after the handler began reading it is answered, not left hanging."""
+
+    @pytest.mark.parametrize(
+        "second",
+        [
+            pytest.param(b"zz\r\nions\r\n0\r\n\r\n", id="bad_chunk_size"),
+            pytest.param(b"4\r\nionsXX\r\n0\r\n\r\n", id="chunk_longer_than_its_size"),
+        ],
+    )
+    def test_malformed_second_chunk_is_a_json_400_within_1s(self, port: int, second: bytes) -> None:
+        """The second chunk malformed, 0.3 s after the first: a JSON 400 within 1 s."""
+        answer, took_s = send_in_two(port, CHUNKED_START, second)
+        assert answer.status == 400, answer
+        assert answer.headers["content-type"].startswith("application/json"), answer
+        error = answer.json()["error"]
+        assert isinstance(error, dict)
+        assert error["code"] == "bad_request"
+        assert "chunk" in str(error["message"]).lower(), error
+        assert took_s < ANSWER_WITHIN_S, took_s
+
+    def test_good_second_chunk_still_creates_the_job(self, port: int) -> None:
+        """The same request with a well-formed rest: 201, so only the bad chunk is refused."""
+        rest = b'14\r\nions": {"steps": 1}}\r\n0\r\n\r\n'
+        answer, took_s = send_in_two(port, CHUNKED_START, rest)
+        assert answer.status == 201, answer
+        assert took_s < ANSWER_WITHIN_S, took_s
 
 
 class TestUnderAnotherServer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -11,8 +12,9 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import http_exceptions, web
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp import http_exceptions, streams, web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from app.web.middleware import SERVER_HEADERS, error_response
 from app.web.server.limits import ConnectionTracker
@@ -95,6 +97,8 @@ class FlushlineRequestHandler(RequestHandler):
         #: Bytes received of a head not complete yet.
         self.head_bytes = 0
         self._head_tail = b""  # the last bytes seen, for a blank line split across reads
+        #: The body of the newest request head parsed, while the parser feeds it.
+        self._body: streams.StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Count the connection, then start waiting for its first request head."""
@@ -119,7 +123,31 @@ class FlushlineRequestHandler(RequestHandler):
                 self.head_received()
             else:
                 self._head_tail = seen[-3:]
+        queued = len(self._messages)
         super().data_received(data)
+        self._hand_body_errors_to_the_body(queued)
+
+    def _hand_body_errors_to_the_body(self, queued: int) -> None:
+        """Fail the body being read with a parser error found in it, not queue the error.
+
+        aiohttp's C parser, meeting a bad chunk in a later read, raises without failing
+        the body it was feeding; aiohttp then queues the error as the next request's, to
+        be answered after the current one, whose handler waits for the rest of its body
+        forever. The body is failed here as the pure-Python parser fails it, so the
+        reader gets ``RequestPayloadError`` (``_read_body`` answers ``400``).
+        """
+        for entry in list(itertools.islice(self._messages, queued, None)):
+            message, payload = entry
+            if isinstance(message, RawRequestMessage):
+                self._body = payload
+                continue
+            body = self._body
+            if isinstance(message, _ErrInfo) and body is not None and not body.is_eof():
+                self._body = None
+                self._messages.remove(entry)
+                error = RequestPayloadError(str(message.exc))
+                error.__cause__ = message.exc
+                body.set_exception(error)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None

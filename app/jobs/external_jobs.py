@@ -42,6 +42,7 @@ from app.core.errors import (
     backend_outage,
 )
 from app.core.events import AnyEvent, DoneEvent
+from app.core.tasks import cancel_and_wait
 from app.jobs.external import ProducerEvent, StepDecl, text_bytes
 from app.jobs.producers import ProducerState, ProducerStore
 from app.jobs.retention import Retention
@@ -116,6 +117,10 @@ class ExternalJobs:
     #: External jobs created here that have not ended (they count as active jobs here, and
     #: their retained bytes are settled here when they end, wherever that happens).
     _open: dict[str, float] = attrs.Factory(dict)
+    #: Per job: when its cadence wants a flush between batches (wall-clock seconds), and
+    #: the one task that waits for it (app-owned: cancelled by :meth:`aclose`).
+    _flush_at: dict[str, float] = attrs.Factory(dict)
+    _flushers: dict[str, asyncio.Task[None]] = attrs.Factory(dict)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -204,7 +209,52 @@ class ExternalJobs:
             await self.producers.save(job_id, saved, expected_seq=state.producer_seq)
         if translation.final_status is not None:
             await self._ended(job_id, translation.final_status)
+        elif translation.deadline is not None:
+            self._want_flush(job_id, translation.deadline)
         return PublishResult(len(events), producer_seq, False, last)
+
+    def _want_flush(self, job_id: str, at: float) -> None:
+        """Have the job's cadence flushed at ``at`` unless a batch comes first."""
+        self._flush_at[job_id] = min(at, self._flush_at.get(job_id, at))
+        if job_id not in self._flushers:
+            self._flushers[job_id] = asyncio.create_task(
+                self._flusher(job_id), name=f"producer-flush:{job_id}"
+            )
+
+    async def _flusher(self, job_id: str) -> None:
+        """Between batches, publish what the cadence holds (a progress value at the end of
+        its window) when it is due; ends when nothing more is wanted."""
+        try:
+            while (at := self._flush_at.pop(job_id, None)) is not None:
+                await asyncio.sleep(max(at - time.time(), 0.0))
+                try:
+                    await self._flush(job_id)
+                except Exception as exc:
+                    if backend_outage(exc) is None and not isinstance(exc, ProducerBusy):
+                        log.exception("producer flush failed", job_id=job_id)
+        finally:
+            self._flushers.pop(job_id, None)
+
+    async def _flush(self, job_id: str) -> None:
+        async with self.producers.locked(job_id):
+            state = await self.producers.load(job_id)
+            if state is None or state.status is not None:
+                return
+            translator = Translator.from_json(state.emitter, self._cadence(state))
+            now = time.time()
+            events = translator.due(now)
+            if events:
+                last = await self._publish(job_id, events, state.last_event_id)
+                saved = attrs.evolve(state, last_event_id=last, emitter=translator.to_json())
+                await self.producers.save(job_id, saved, expected_seq=state.producer_seq)
+            deadline = translator.deadline()
+        if deadline is not None and deadline > now:
+            self._flush_at[job_id] = min(deadline, self._flush_at.get(job_id, deadline))
+
+    async def aclose(self) -> None:
+        """Stop the flush tasks (the app's shutdown)."""
+        for task in list(self._flushers.values()):
+            await cancel_and_wait(task)
 
     def _cadence(self, state: ProducerState) -> Cadence:
         return self.cadence_of(str(state.emitter["strategy"]))

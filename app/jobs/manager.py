@@ -404,6 +404,7 @@ class JobManager:
         reason ``shutdown`` (its watchers are elsewhere and must not read it as a cancel).
         """
         await self._external.shutdown()
+        await self._external.aclose()
         runs = self._running.all()
         stop_reason = SHUTDOWN_REASON if self.control is not None else None
         for run in runs:

@@ -49,6 +49,9 @@ class Translation:
     final_status: str | None
     #: The translator's state after the batch (:meth:`Translator.to_json`).
     state: dict[str, Any]
+    #: When the cadence wants :meth:`Translator.due` called if no batch comes first (a
+    #: visible progress change held to the end of its window; a keep-alive), or None.
+    deadline: float | None = None
 
 
 @attrs.define
@@ -171,7 +174,15 @@ class Translator:
         if final is None and self.running:
             # The batch is the producer's cadence: its text goes out now, not next batch.
             out += self.emitter.drain(now)
-        return Translation(out, final, self.to_json())
+        return Translation(out, final, self.to_json(), self.deadline())
+
+    def deadline(self) -> float | None:
+        """When :meth:`due` is next wanted (wall-clock seconds), while a step runs."""
+        return self.emitter.deadline() if self.running else None
+
+    def due(self, now: float) -> list[AnyEvent]:
+        """What the cadence makes due at ``now`` between batches (a held progress value)."""
+        return self.emitter.due(now) if self.running else []
 
     def ending(self, error: str, now: float) -> list[AnyEvent]:
         """``error`` and ``done`` failed with ``error`` (a producer's failure, or its loss)."""

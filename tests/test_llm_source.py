@@ -12,11 +12,13 @@ import logging
 import time
 from typing import Any
 
+import orjson
 import pytest
 import structlog
+from aiohttp import web
 
 from app.core.settings import Settings
-from app.jobs.llm import ChatPipeline, LLMConfig, OpenAIChatSource, ProviderError
+from app.jobs.llm import MAX_LINE_BYTES, ChatPipeline, LLMConfig, OpenAIChatSource, ProviderError
 from app.jobs.tokens import TokenCount, TokenRequest
 from app.web.factory import init_app
 from tests.conftest import MakeClient
@@ -388,3 +390,61 @@ async def test_chat_job_settings_built_app(aiohttp_client: Any) -> None:
         payloads, _, _ = await run_chat(client)
     assert payloads[-1]["result"] == {"text": "ok"}
     await asyncio.sleep(0)
+
+
+def _long_line_app(line: bytes, piece_bytes: int, pause_s: float) -> web.Application:
+    """A provider whose reply is one ``data:`` line of ``line``, sent ``piece_bytes`` at a time."""
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for start in range(0, len(line), piece_bytes):
+            await response.write(line[start : start + piece_bytes])
+            await asyncio.sleep(pause_s)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reply)
+    return app
+
+
+def _delta_line(content: str) -> bytes:
+    return b"data: " + orjson.dumps({"choices": [{"delta": {"content": content}}]}) + b"\n\n"
+
+
+class TestProviderStreamBounds:
+    async def test_a_long_line_in_small_reads_parses_in_linear_time(
+        self, aiohttp_server: Any
+    ) -> None:
+        """A 1 MB line in 1 KB reads: parsed in under 6 s (rescanning it took 16 s)."""
+        content = "y" * 1_000_000
+        server = await aiohttp_server(_long_line_app(_delta_line(content), 1024, 0.001))
+        llm = LLMConfig(base_url=str(server.make_url("/v1")), model="m", idle_timeout_s=30.0)
+        started = time.monotonic()
+        pieces = [p async for p in OpenAIChatSource(llm).stream(TokenRequest("x", 0))]
+        assert time.monotonic() - started < 6.0
+        assert pieces == [content]
+
+    async def test_a_line_over_the_cap_fails_the_step(self, aiohttp_server: Any) -> None:
+        """A line longer than MAX_LINE_BYTES is refused with a ProviderError saying so."""
+        line = _delta_line("z" * (MAX_LINE_BYTES + 1000))
+        server = await aiohttp_server(_long_line_app(line, 64 * 1024, 0.0))
+        llm = LLMConfig(base_url=str(server.make_url("/v1")), model="m", max_retries=0)
+        with pytest.raises(ProviderError, match=f"longer than {MAX_LINE_BYTES} bytes"):
+            _ = [p async for p in OpenAIChatSource(llm).stream(TokenRequest("x", 0))]
+
+
+class TestRedactionBeforeTheCut:
+    @pytest.mark.parametrize("status", [401, 500])
+    async def test_a_key_across_the_500_char_cut_leaks_no_part(self, status: int) -> None:
+        """The key straddling character 500 of the provider's message: no 6 chars of it show."""
+        message = "m" * 490 + API_KEY + " and more"
+        async with fake_llm(Reply(status=status, message=message)) as fake:
+            source = OpenAIChatSource(config(fake, max_retries=0))
+            with pytest.raises(ProviderError) as raised:
+                _ = [p async for p in source.stream(TokenRequest("x", 0))]
+        text = str(raised.value)
+        assert "[redacted]" in text
+        parts = {API_KEY[i : i + 6] for i in range(len(API_KEY) - 5)}
+        assert not [part for part in parts if part in text], text

@@ -22,8 +22,13 @@ Behaviour, in order of a request's life:
   which the runner uses instead of counting text pieces;
 - cancelling the consumer closes the upstream connection at once.
 
-Every message that leaves this module has the API key replaced by ``[redacted]``, and
-the key is never logged or shown in a ``repr``.
+The provider's SSE is split into lines here before the parser sees it: each chunk is
+scanned once (a provider sending one long line in many small reads costs linear time,
+not quadratic), and a line longer than :data:`MAX_LINE_BYTES` fails the step.
+
+Every message that leaves this module has the API key replaced by ``[redacted]`` (before
+it is cut to length, so a key straddling the cut leaks no part of itself), and the key
+is never logged or shown in a ``repr``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -60,6 +65,8 @@ _RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 5
 _ERROR_BODY_BYTES = 8192
 _ERROR_MESSAGE_CHARS = 500
 _REDACTED = "[redacted]"
+#: The longest line of the provider's stream accepted (a chunk is a few hundred bytes).
+MAX_LINE_BYTES = 1024 * 1024
 
 
 def _strip_url(value: str) -> str:
@@ -158,13 +165,14 @@ def _retry_after_s(value: str | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def _error_message(body: bytes) -> str:
-    """The provider's own message from an error body (OpenAI's shape, and common others)."""
+def _error_message(body: bytes, redact: Callable[[str], str]) -> str:
+    """The provider's own message from an error body (OpenAI's shape, and common others),
+    passed through ``redact`` and then cut to :data:`_ERROR_MESSAGE_CHARS`."""
     text = body.decode("utf-8", "replace").strip()
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return text[:_ERROR_MESSAGE_CHARS] or "no message"
+        return redact(text)[:_ERROR_MESSAGE_CHARS] or "no message"
     message: Any = parsed
     if isinstance(parsed, dict):
         error = parsed.get("error", parsed)
@@ -178,7 +186,7 @@ def _error_message(body: bytes) -> str:
             message = parsed["detail"]
     if not isinstance(message, str):
         message = orjson.dumps(message).decode()
-    return message[:_ERROR_MESSAGE_CHARS] or "no message"
+    return redact(message)[:_ERROR_MESSAGE_CHARS] or "no message"
 
 
 _HINTS = {
@@ -189,11 +197,44 @@ _HINTS = {
 
 
 @attrs.define
+class _Lines:
+    """Splits the stream into whole lines for the parser, scanning each byte once.
+
+    The parser is only ever given bytes up to a line break, so it never rescans a long
+    partial line; the partial line waits here, in pieces, up to :data:`MAX_LINE_BYTES`.
+    """
+
+    max_line_bytes: int = MAX_LINE_BYTES
+    _partial: list[bytes] = attrs.Factory(list)
+    _partial_bytes: int = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes of ``data`` (and before) up to its last line break; b"" if none."""
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        if not cut:
+            self._partial.append(data)
+            self._partial_bytes += len(data)
+            self._check(self._partial_bytes)
+            return b""
+        breaks = [i for i in (data.find(b"\n"), data.find(b"\r")) if i >= 0]
+        self._check(self._partial_bytes + min(breaks))
+        whole = b"".join([*self._partial, data[:cut]])
+        rest = data[cut:]
+        self._partial, self._partial_bytes = ([rest], len(rest)) if rest else ([], 0)
+        return whole
+
+    def _check(self, line_bytes: int) -> None:
+        if line_bytes > self.max_line_bytes:
+            raise ProviderError(f"the provider sent a line longer than {self.max_line_bytes} bytes")
+
+
+@attrs.define
 class _Decoder:
     """Turns the provider's SSE bytes into pieces; tracks how the stream has ended."""
 
     config: LLMConfig
     parser: SSEParser = attrs.Factory(SSEParser)
+    lines: _Lines = attrs.Factory(_Lines)
     #: ``data: [DONE]`` arrived: nothing more will.
     done: bool = False
     #: A choice carried a ``finish_reason``: the reply is complete.
@@ -201,7 +242,10 @@ class _Decoder:
 
     def feed(self, data: bytes) -> list[Piece]:
         pieces: list[Piece] = []
-        for message in self.parser.feed(data):
+        whole = self.lines.feed(data)
+        if not whole:
+            return pieces
+        for message in self.parser.feed(whole):
             if self.done or message.data is None:
                 continue
             if message.data.strip() == "[DONE]":
@@ -222,7 +266,7 @@ class _Decoder:
         if not isinstance(chunk, dict):
             raise self._malformed(data, "not a JSON object")
         if "error" in chunk:
-            message = self.config.redact(_error_message(orjson.dumps(chunk)))
+            message = _error_message(orjson.dumps(chunk), self.config.redact)
             raise ProviderError(f"the provider reported an error mid-stream: {message}")
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
@@ -384,14 +428,18 @@ class OpenAIChatSource:
                     body = await response.content.read(_ERROR_BODY_BYTES)
             except (TimeoutError, aiohttp.ClientError):
                 body = b""
-            message = config.redact(_error_message(body) if body else response.reason or "")
+            message = (
+                _error_message(body, config.redact)
+                if body
+                else config.redact(response.reason or "")
+            )
             text = f"the provider answered HTTP {response.status}: {message}"
             if response.status in _RETRY_STATUSES:
                 raise _Retry(text, _retry_after_s(response.headers.get("Retry-After")))
             raise ProviderError(text + _HINTS.get(response.status, ""), status=response.status)
         if response.content_type != "text/event-stream":
             body = await response.content.read(_ERROR_BODY_BYTES)
-            message = config.redact(_error_message(body))
+            message = _error_message(body, config.redact)
             raise ProviderError(
                 f"the provider answered {response.content_type!r}, not a stream: {message}"
             )

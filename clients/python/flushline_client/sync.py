@@ -56,13 +56,24 @@ def create_external_job_sync(
 class SyncPublisher:
     """The blocking, thread-safe face of :class:`~flushline_client.publisher.Publisher`.
 
-    Takes the same arguments (but ``session``). It starts at construction; :meth:`close`
+    Takes the same arguments (but ``session``); ``on_cancel`` is called from the publisher's
+    own thread the moment it hears of a cancel (to abort blocking work: close a socket, set
+    an event), beside the :attr:`cancelled` flag. It starts at construction; :meth:`close`
     (or leaving its ``with`` block) delivers what is queued and stops its thread. Leaving the
     ``with`` block by an exception publishes ``failed`` with its text, as the async one does.
     """
 
-    def __init__(self, base_url: str, job_id: str, publish_token: str, **options: Any) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        job_id: str,
+        publish_token: str,
+        *,
+        on_cancel: Callable[[], None] | None = None,
+        **options: Any,
+    ) -> None:
         self._cancel_seen = threading.Event()
+        self._on_cancel = on_cancel
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"flushline-publisher-{job_id}", daemon=True
@@ -73,7 +84,7 @@ class SyncPublisher:
 
         async def start() -> Publisher:
             publisher = Publisher(
-                base_url, job_id, publish_token, on_cancel=self._cancel_seen.set, **options
+                base_url, job_id, publish_token, on_cancel=self._cancelled_now, **options
             )
             await publisher.start()
             return publisher
@@ -187,6 +198,12 @@ class SyncPublisher:
 
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(call(), self._loop)
         return future.result()
+
+    def _cancelled_now(self) -> None:
+        """The publisher's thread heard of the cancel: raise the flag, tell the caller's hook."""
+        self._cancel_seen.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def _close_once(self) -> bool:
         """Whether the publisher was already closed (else mark it closed now)."""

@@ -37,10 +37,10 @@ class Tuning:
 
 #: The latency budget when the operator sets none (``FLUSHLINE_MAX_DELAY_MS``).
 DEFAULT_LATENCY_BUDGET_S = 0.1
-#: The share of the latency budget a visible progress change may wait in the producer,
-#: so that a shaper deferring its flush by up to 90% of the budget (``aligned``) still
-#: lands the change within about 1.5 budgets, and a direct stream within half of one.
-PROGRESS_WINDOW_SHARE = 0.5
+#: The share of the latency budget a visible progress change may wait in the producer:
+#: the same share after which ``aligned`` flushes (so each of its flushes carries at
+#: most one ``step_progress`` and a direct stream gets each change within the budget).
+PROGRESS_WINDOW_SHARE = 0.9
 #: A change of the step's percentage by at least this much is visible on a progress bar.
 DEFAULT_PROGRESS_STEP_PCT = 1.0
 
@@ -59,8 +59,11 @@ class Cadence:
       the step) goes out at once, unless a ``step_progress`` went out less than
       ``progress_window_s`` ago; it then waits for the end of that window, and the
       changes within it are merged into one event (the latest value). So no reported
-      value is held longer than ``progress_window_s``, which is at most half the latency
-      budget (``FLUSHLINE_MAX_DELAY_MS``);
+      value is held in the producer longer than ``progress_window_s``: 90% of the
+      latency budget (``FLUSHLINE_MAX_DELAY_MS``, 100 ms by default). A shaper may hold
+      the write too (``aligned`` until 90% of the budget after its previous flush), so
+      on a buffering path a change is on the wire within 0.9 budget when the previous
+      flush was on time, and within 1.8 budgets at worst;
     - an **invisible** change (tokens counted, the bar not moved by a visible step, e.g.
       a step whose expected tokens are unknown) goes out at most every
       ``progress_interval_s`` (``FLUSHLINE_PROGRESS_INTERVAL``): a keep-alive for the
@@ -93,7 +96,7 @@ class Cadence:
     ) -> Cadence:
         """The strategy's defaults, each replaced by the operator's value when one is set.
 
-        The progress window is half the latency budget (``tuning.max_delay_ms``, else
+        The progress window is 90% of the latency budget (``tuning.max_delay_ms``, else
         100 ms), and never longer than ``progress_interval_s``.
         """
 

@@ -107,13 +107,13 @@ class TestProgress:
 
 
 class TestCadence:
-    def test_window_is_half_the_latency_budget(self) -> None:
-        """The progress window is half of FLUSHLINE_MAX_DELAY_MS, at most the interval."""
+    def test_window_is_90_percent_of_the_latency_budget(self) -> None:
+        """The progress window is 90% of FLUSHLINE_MAX_DELAY_MS, at most the interval."""
         assert Cadence.from_tuning(
             Tuning(), chunk_chars=1, chunk_interval_s=1
-        ).progress_window_s == pytest.approx(0.05)
+        ).progress_window_s == pytest.approx(0.09)
         tuned = Cadence.from_tuning(Tuning(max_delay_ms=300), chunk_chars=1, chunk_interval_s=1)
-        assert tuned.progress_window_s == pytest.approx(0.15)
+        assert tuned.progress_window_s == pytest.approx(0.27)
         short = Tuning(max_delay_ms=300, progress_interval_s=0.02)
         assert Cadence.from_tuning(
             short, chunk_chars=1, chunk_interval_s=1

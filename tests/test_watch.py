@@ -15,12 +15,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from app.jobs.steps import FunctionStep, Input, StepPipeline
 from app.pathtools.delivery import DeliveryStats
 from app.pathtools.proxy import BufferingProxy, ProxyConfig
 from app.pathtools.watch import watch
 from tests.conftest import QUICK_JOB
 from tests.support.paths import SHORT_JOB, serve, start_job
 from tests.support.process import run_cli
+from tests.support.reporting import serve_pipelines
 
 #: About 3 s; unshaped, it stays under 4096 bytes until its final instant.
 JOB = SHORT_JOB
@@ -83,6 +85,7 @@ class TestWatchDirect:
         assert jobs[0]["strategy"] == "frequency"
         stream_url = f"{service}/api/jobs/{jobs[0]['id']}/stream"
         assert output.splitlines()[0] == f"started a job; watching {stream_url}"
+        assert output.splitlines()[1] == "pipeline demo; registered: chat, demo, external"
         assert re.search(r"^headers after \d+ ms$", output, re.M), output[:300]
         lines = event_lines(output)
         # One line per event: every seq of the job once, in order, job_started to done.
@@ -131,7 +134,11 @@ class TestWatchThroughABufferingPath:
 
     @pytest.mark.parametrize("release", ["all", "blocks"])
     async def test_none_is_reported_as_bursts(self, release: str) -> None:
-        """`none` through the 4096 emulator: bursts, most events in them, p50 above 1 s."""
+        """`none` through the 4096 emulator: bursts, most events in them, p99 far past budget.
+
+        Events wait for the buffer to fill: with progress sent as it moves (about 3.6 KB/s
+        for this job), up to about a second.
+        """
         out = io.StringIO()
         job = {"strategy": "none", "options": JOB}
         async with serve({"FLUSHLINE_PROXY_BUFFER_BYTES": "4096"}) as service:
@@ -140,7 +147,7 @@ class TestWatchThroughABufferingPath:
                 stats = await watch(proxy.url, out=out, job=job, timeout_s=30)
         assert stats.bursts >= 1, stats
         assert stats.burst_share >= 0.8, stats
-        assert stats.lag_p50_ms > 1000, stats
+        assert stats.lag_p99_ms > 2 * LIVE_MS, stats
         assert_summary_matches(out.getvalue(), stats)
 
     @pytest.mark.parametrize("release", ["all", "blocks"])
@@ -178,6 +185,37 @@ class TestWatchCli:
         lines = event_lines(out)
         assert [int(m["seq"]) for m in lines] == list(range(1, jobs[0]["last_event_id"] + 1))
         assert int(summary(out)["events"]) == len(lines)
+
+    async def test_pipeline_and_input_start_any_registered_pipeline(self) -> None:
+        """--pipeline and --input start a registered pipeline with its input; it is named."""
+        step = FunctionStep("shout", lambda ctx: ctx.input["topic"].upper())
+        pipeline = StepPipeline("shout", (step,), (Input("topic"),))
+        async with serve_pipelines({}, (pipeline,)) as service, aiohttp.ClientSession() as session:
+            code, out, err = await run_cli(
+                "watch", service, "--pipeline", "shout", "--input", '{"topic": "hi there"}'
+            )
+            jobs = await _jobs(session, service)
+        assert code == 0, err
+        assert [job["pipeline"] for job in jobs] == ["shout"]
+        assert out.splitlines()[1] == "pipeline shout; registered: chat, demo, shout, external"
+        chunks = [m["summary"] for m in event_lines(out) if m["type"] == "chunk"]
+        assert chunks == ["shout: 'HI THERE'"]
+
+    async def test_an_unknown_pipeline_lists_the_registered_ones(self) -> None:
+        """--pipeline that the service lacks: exit 1, the message lists the registered ones."""
+        async with serve() as service:
+            code, _out, err = await run_cli("watch", service, "--pipeline", "nope")
+        assert code == 1
+        assert "unknown pipeline 'nope'" in err, err
+        assert "registered: chat, demo, external" in err, err
+
+    @pytest.mark.parametrize("value", ["{not json", "[1, 2]"])
+    async def test_input_must_be_a_json_object(self, value: str) -> None:
+        """--input that is not a JSON object: exit 2 naming --input, no request made."""
+        code, out, err = await run_cli("watch", "http://127.0.0.1:9", "--input", value)
+        assert code == 2
+        assert out == ""
+        assert err.startswith("flushline watch: --input "), err
 
     async def test_invalid_options_json(self) -> None:
         """--options that is not JSON: exit 2 and a message naming --options, no request made."""

@@ -35,7 +35,7 @@ The cadence (:class:`~strategies.base.Cadence`):
   also with the step's first chunk, and with every chunk when ``progress_with_chunks``.
   Insights declared for the step (all but the first) are spread evenly over its
   progress and go out after the ``step_progress`` that passes their share. See
-  :class:`~strategies.base.Cadence` for why the window is half the latency budget.
+  :class:`~strategies.base.Cadence` for why the window is 90% of the latency budget.
 
 The state is small (numbers, the pending text, the declared steps):
 :meth:`JobEmitter.to_json` and :meth:`JobEmitter.from_json` let another instance carry

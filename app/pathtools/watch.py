@@ -1,8 +1,10 @@
 """``flushline watch URL``: print each event of a stream as it arrives, with its lag.
 
 ``URL`` is a job's stream URL (``.../api/jobs/ID/stream``), or a service's base URL, in
-which case a ``demo`` job is started first (``--strategy``, ``--options``). Each line
-shows the arrival time, the lag (arrival minus the event's ``ts``: comparable only when
+which case a job is started first: of any registered pipeline (``--pipeline``, default
+the service's own, ``demo``) with its ``--input`` and ``--options`` (JSON objects) and
+``--strategy``; the start-up lines name the job's pipeline and the registered ones. Each
+line shows the arrival time, the lag (arrival minus the event's ``ts``: comparable only when
 the two clocks agree, e.g. on one machine), seq, type and a summary; the end shows
 events, lag p50/p99 and bursts (events held back and released together).
 
@@ -73,12 +75,16 @@ async def watch(
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         if "/stream" not in url:
+            pipelines = await registered_pipelines(session, url)
             try:
                 snapshot = await create_job(url, session=session, **(job or {}))
             except ClientError as exc:
-                raise WatchError(f"starting a job failed: {exc}") from None
+                known = f" (registered: {', '.join(pipelines)})" if pipelines else ""
+                raise WatchError(f"starting a job failed: {exc}{known}") from None
             url = stream_url(url, snapshot)
             print(f"started a job; watching {url}", file=out)
+            listed = f"; registered: {', '.join(pipelines)}" if pipelines else ""
+            print(f"pipeline {snapshot.get('pipeline')}{listed}", file=out)
         started = time.time()
         try:
             async for event in watch_job(
@@ -113,22 +119,54 @@ async def watch(
     return stats
 
 
+async def registered_pipelines(session: aiohttp.ClientSession, base_url: str) -> list[str]:
+    """The pipelines a service runs, from its OpenAPI description ([] if it cannot say)."""
+    try:
+        async with session.get(base_url.rstrip("/") + "/openapi.json") as response:
+            if response.status != 200:
+                return []
+            spec = await response.json()
+        prop = spec["components"]["schemas"]["JobRequest"]["properties"]["pipeline"]
+        return [str(name) for name in prop["enum"]]
+    except (aiohttp.ClientError, ValueError, KeyError, TypeError):
+        return []
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``flushline watch``."""
-    parser.add_argument("url", help="a job's stream URL, or a base URL to start a demo job on")
+    parser.add_argument("url", help="a job's stream URL, or a base URL to start a job on")
+    parser.add_argument(
+        "--pipeline", help="pipeline of the started job (default: the service's, demo)"
+    )
+    parser.add_argument("--input", default="{}", help="JSON input of the started job")
     parser.add_argument("--strategy", help="strategy of the started job")
     parser.add_argument("--options", default="{}", help="JSON options of the started job")
     parser.add_argument("--last-event-id", help="resume after this seq")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run ``flushline watch``: 0 when the stream ended, 1 on an error."""
+def _json_object(value: str, option: str) -> dict[str, Any]:
+    """``value`` parsed as a JSON object; ValueError naming ``option`` otherwise."""
     try:
-        options = orjson.loads(args.options)
+        parsed = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        print(f"flushline watch: --options is not valid JSON: {exc}", file=sys.stderr)
+        raise ValueError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f'{option} must be a JSON object, like \'{{"prompt": "hi"}}\'')
+    return parsed
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run ``flushline watch``: 0 when the stream ended, 1 on an error, 2 on bad arguments."""
+    try:
+        job: dict[str, Any] = {
+            "options": _json_object(args.options, "--options"),
+            "input": _json_object(args.input, "--input"),
+        }
+    except ValueError as exc:
+        print(f"flushline watch: {exc}", file=sys.stderr)
         return 2
-    job: dict[str, Any] = {"options": options}
+    if args.pipeline:
+        job["pipeline"] = args.pipeline
     if args.strategy:
         job["strategy"] = args.strategy
     try:

@@ -15,10 +15,18 @@ import attrs
 
 from app.core.events import AnyEvent, EncodedEvent
 
-__all__ = ["MAX_BATCH", "Batch", "EventBus", "Push", "Subscription"]
+__all__ = ["MAX_BATCH", "Batch", "EventBus", "LogClosed", "Push", "Subscription"]
 
 #: Most events one ``next_batch`` call returns.
 MAX_BATCH = 256
+
+
+class LogClosed(RuntimeError):
+    """A publish to a job whose log is closed (it ended; with Redis, maybe elsewhere)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"the event log of job {job_id} is closed")
+        self.job_id = job_id
 
 
 @attrs.frozen
@@ -92,7 +100,11 @@ class EventBus(Protocol):
         ...
 
     async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
-        """Assign the next seq to ``event``, stamp ``ts``, encode it and fan it out."""
+        """Assign the next seq to ``event``, stamp ``ts``, encode it and fan it out.
+
+        Raises ``LogClosed`` once the job's log is closed (with several instances, by
+        whichever instance ended the job).
+        """
         ...
 
     async def close(self, job_id: str) -> None:

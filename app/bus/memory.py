@@ -12,6 +12,7 @@ from typing import Self
 
 import attrs
 
+from app.bus.base import LogClosed
 from app.bus.local import LocalCursor, LocalLog
 from app.core.errors import JobNotFound
 from app.core.events import AnyEvent, EncodedEvent, encode_event
@@ -63,7 +64,7 @@ class MemoryEventBus:
     async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
         log = self._log(job_id)
         if log.closed:
-            raise RuntimeError(f"the event log of job {job_id} is closed")
+            raise LogClosed(job_id)
         encoded = encode_event(job_id, log.next_seq, event)
         # History keeps the frame only; the event object goes back to the publisher.
         log.append(

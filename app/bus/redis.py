@@ -46,6 +46,7 @@ from typing import Any, Self
 import attrs
 from redis.asyncio import Redis
 
+from app.bus.base import LogClosed
 from app.bus.local import LocalCursor
 from app.bus.redis_client import milliseconds
 from app.bus.redis_feed import FEED_LINGER_S, JobFeed, JobFeeds
@@ -132,6 +133,8 @@ class RedisEventBus:
     #: Bytes of every job's feed on this instance together (copies of histories read
     #: from Redis): past it, the feeds without subscribers go, oldest first.
     feeds_bytes: int = 64 << 20
+    #: How long a job's feed stays once its last local subscriber has left.
+    feed_linger_s: float = FEED_LINGER_S
     _writers: dict[str, JobWriter] = attrs.Factory(dict)
     _feeds: JobFeeds = attrs.field(init=False)
     _hooks: WriterHooks = attrs.field(init=False)
@@ -197,7 +200,13 @@ class RedisEventBus:
 
     async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
         writer = await self._writer(job_id)
-        encoded, in_redis = await writer.publish(event)
+        try:
+            encoded, in_redis = await writer.publish(event)
+        except LogClosed:
+            # Ended by another instance (a sweeper): this one publishes it no more, and its
+            # feed reads that instance's end from Redis.
+            self._retire(writer)
+            raise
         if in_redis:
             self._feeds.add_published(job_id, encoded)
         return encoded

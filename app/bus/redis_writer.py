@@ -38,12 +38,21 @@ import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from app.bus.base import LogClosed
 from app.bus.local import event_cost
 from app.bus.redis_client import milliseconds
 from app.core.errors import BackendUnavailable, JobNotFound
 from app.core.events import AnyEvent, EncodedEvent, encode_event
 
-__all__ = ["BUFFER_MAX_BYTES", "Entry", "JobWriter", "WriterHooks", "WriterLimits", "decode_entry"]
+__all__ = [
+    "BUFFER_MAX_BYTES",
+    "Entry",
+    "JobWriter",
+    "WriterHooks",
+    "WriterLimits",
+    "decode_entry",
+    "entry_fields",
+]
 
 # The bus's log lines keep the logger name they had when it was one module.
 log = structlog.get_logger("app.bus.redis")
@@ -80,7 +89,7 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> EncodedEvent:
     )
 
 
-def _entry_fields(encoded: EncodedEvent) -> dict[bytes, Any]:
+def entry_fields(encoded: EncodedEvent) -> dict[bytes, Any]:
     """The fields of an event's entry (:func:`decode_entry` reads them back)."""
     return {F_TYPE: encoded.type, F_TS: repr(encoded.ts), F_FRAME: encoded.frame}
 
@@ -227,9 +236,9 @@ class JobWriter:
         """Claim the next seq for ``event`` in Redis (under ``self.lock``)."""
         for _ in range(MAX_SEQ_RACES):
             if self.closed:
-                raise RuntimeError(f"the event log of job {self.job_id} is closed")
+                raise LogClosed(self.job_id)
             encoded = encode_event(self.job_id, self.next_seq, event)
-            fields = _entry_fields(encoded)
+            fields = entry_fields(encoded)
             xadd = self._xadd_args(encoded.seq, self.keep_from(encoded))
             now = time.monotonic()
             renew = now - self.renewed_at >= self.limits.job_ttl_s / 4
@@ -277,7 +286,7 @@ class JobWriter:
     def _buffer(self, event: AnyEvent) -> EncodedEvent:
         """Keep ``event`` until Redis answers again (under ``self.lock``)."""
         if self.closed:
-            raise RuntimeError(f"the event log of job {self.job_id} is closed")
+            raise LogClosed(self.job_id)
         now = time.monotonic()
         if self.lost_at is None:
             self.lost_at = now
@@ -293,7 +302,7 @@ class JobWriter:
         encoded = encode_event(self.job_id, self.next_seq, event)
         self.next_seq += 1
         keep_from = self.keep_from(encoded)
-        self.pending.append((attrs.evolve(encoded, event=None), _entry_fields(encoded), keep_from))
+        self.pending.append((attrs.evolve(encoded, event=None), entry_fields(encoded), keep_from))
         self.pending_bytes += len(encoded.frame)
         return encoded
 

@@ -28,6 +28,7 @@ WORKDIR /src
 COPY setup.py pyproject.toml ./
 COPY app ./app
 COPY strategies ./strategies
+COPY clients/python/flushline_client ./clients/python/flushline_client
 RUN pip --python /opt/venv/bin/python install --no-cache-dir --no-deps --prefix=/install . \
     && PYTHONPATH=/install/lib/python3.11/site-packages pip --python /opt/venv/bin/python check
 

@@ -45,7 +45,14 @@ CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 #: and wheel tags depend on it, so the set must be resolved under the same version.
 IMAGE_PYTHON = (3, 11)
 #: What it takes to build Flushline: the files the Dockerfile copies into its app stage.
-SOURCES = ("setup.py", "pyproject.toml", "app", "strategies")
+SOURCES = (
+    "setup.py",
+    "pyproject.toml",
+    "app",
+    "strategies",
+    # The client distribution's package, which the service ships and uses (setup.py).
+    "clients/python/flushline_client",
+)
 PROJECT = "flushline"
 
 HEADER = """\

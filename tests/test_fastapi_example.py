@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +26,6 @@ import aiohttp
 import pytest
 from flushline_client import JobEvent, cancel_job, watch_job
 
-from tests.conftest import require_integration
 from tests.support.process import (
     ROOT,
     clean_env,
@@ -38,6 +35,7 @@ from tests.support.process import (
     server_process,
     wait_accepting,
 )
+from tests.support.registry import require_registry
 
 pytestmark = pytest.mark.integration
 
@@ -48,25 +46,10 @@ STEPS = ["research", "outline", "draft", "review"]
 PIP_TIMEOUT_S = 600
 
 
-def _registry_unreachable() -> str | None:
-    """Why pip's package index cannot be reached, or None when it can."""
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple/").rstrip("/")
-    try:
-        with urllib.request.urlopen(f"{index}/pip/", timeout=15):
-            return None
-    except OSError as exc:
-        return f"{index}: {exc}"
-
-
 @pytest.fixture(scope="module")
 def example_python(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A fresh venv with fastapi, uvicorn and ./clients/python: its Python."""
-    unreachable = _registry_unreachable()
-    if unreachable is not None:
-        reason = f"pip cannot reach the package index to install FastAPI ({unreachable})"
-        if require_integration():
-            pytest.fail(f"{reason} (FLUSHLINE_REQUIRE_INTEGRATION=1)")
-        pytest.skip(reason)
+    require_registry("FastAPI and uvicorn")
     venv = tmp_path_factory.mktemp("fastapi-example") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -68,6 +68,22 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 
+# Renews one job's lease (and its keys' TTLs) unless the job was taken from this instance:
+# its lease is held by another, or it is gone from the lease set (a sweeper ended the job
+# as runner lost, which also removed the lease). Returns -1 then, else whether a cancel
+# was asked for (1) or not (0). A lease that merely expired, not swept yet, is taken back.
+_RENEW_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= ARGV[2] and (holder or not redis.call('ZSCORE', KEYS[2], ARGV[1])) then
+  return -1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+return redis.call('EXISTS', KEYS[5])
+"""
+
 #: Why a job whose runner stopped renewing its lease failed.
 RUNNER_LOST = "runner lost: the instance running the job stopped renewing its lease"
 #: Expired leases one sweep ends at most (the next sweep takes the rest).
@@ -88,7 +104,9 @@ class RedisJobControl:
     ones), ``{prefix}job:{id}:cancel`` (set once, with ``SET NX``: the first cancel
     anywhere wins) and the pub/sub channel ``{prefix}cancels`` that every instance's one
     watcher listens on. A renewal also checks the cancel keys of the jobs it renews, so a
-    request whose message was missed (a reconnect) still lands within ``lease_s / 3``.
+    request whose message was missed (a reconnect) still lands within ``lease_s / 3``,
+    and it never takes back a lease that a sweeper took: a runner that was frozen (or cut
+    off) past its lease learns that its job was ended elsewhere, and stops it.
     """
 
     redis: Redis
@@ -99,9 +117,11 @@ class RedisJobControl:
     prefix: str = "flushline:"
     instance: str = attrs.Factory(lambda: secrets.token_hex(8))
     _takeover: AsyncScript = attrs.field(init=False)
+    _renew: AsyncScript = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._takeover = self.redis.register_script(_TAKEOVER_SCRIPT)
+        self._renew = self.redis.register_script(_RENEW_SCRIPT)
 
     @property
     def _lease_ms(self) -> int:
@@ -136,18 +156,35 @@ class RedisJobControl:
             await pipe.execute()
 
     async def renew(self, job_ids: Collection[str]) -> set[str]:
+        """Renew the jobs' leases; those to stop here: a cancel was asked for, or another
+        instance's sweeper ended the job (this instance had stopped renewing long enough
+        to be taken for lost), which ``RunningJobs`` then stops without publishing.
+        """
         ids = list(job_ids)
         deadline = self._deadline_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.set(self._lease_key(job_id), self.instance, px=self._lease_ms)
-                pipe.zadd(self._leases, {job_id: deadline})
-                # A quiet job (a model thinking) publishes nothing: its keys must not expire.
-                pipe.pexpire(self.store.key(job_id), self._ttl_ms)
-                pipe.pexpire(self.bus.key(job_id), self._ttl_ms)
-                pipe.exists(self._cancel_key(job_id))
+                await self._renew(
+                    keys=[
+                        self._lease_key(job_id),
+                        self._leases,
+                        # A quiet job (a model thinking) publishes nothing: its keys
+                        # must not expire.
+                        self.store.key(job_id),
+                        self.bus.key(job_id),
+                        self._cancel_key(job_id),
+                    ],
+                    args=[job_id, self.instance, self._lease_ms, deadline, self._ttl_ms],
+                    client=pipe,
+                )
             results = await pipe.execute()
-        return {job_id for job_id, asked in zip(ids, results[4::5], strict=True) if asked}
+        stop = set()
+        for job_id, result in zip(ids, results, strict=True):
+            if result == -1:
+                log.warning("lease lost: the job was ended elsewhere as runner lost", job_id=job_id)
+            if result != 0:
+                stop.add(job_id)
+        return stop
 
     async def release(self, job_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -179,12 +216,15 @@ class RedisJobControl:
                 await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(redis_errors.RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def ping(self) -> None:
         await self.redis.ping()
 
     async def sweep(self) -> list[str]:
+        """End the jobs whose lease expired; one job that cannot be ended never stops the
+        others (it is logged, and tried again a lease later).
+        """
         now_ms = time.time() * 1000
         expired = cast(
             list[bytes],
@@ -193,8 +233,16 @@ class RedisJobControl:
         ended = []
         for raw in expired:
             job_id = raw.decode()
-            if await self._end_lost(job_id):
-                ended.append(job_id)
+            try:
+                if await self._end_lost(job_id):
+                    ended.append(job_id)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                raise  # Redis is lost: the whole sweep is retried
+            except Exception:
+                log.exception("lost runner's job not ended; tried again later", job_id=job_id)
+                # Out of the front of the set, so that it cannot hold the others back.
+                with contextlib.suppress(redis_errors.RedisError):
+                    await self.redis.zadd(self._leases, {job_id: self._deadline_ms()}, xx=True)
         return ended
 
     async def _end_lost(self, job_id: str) -> bool:

@@ -6,6 +6,8 @@ so watchers coming and going never affect it. Every event goes through
 snapshot in the store (kept here while Redis is lost: :mod:`app.jobs.snapshot_keeper`).
 Whatever happens, a job ends: its topic is closed, its lease released (unless its end
 is still to be recorded), its bytes settled in the retention budget and its end logged.
+A job that another instance ended meanwhile (its sweeper took this one for lost) is
+stopped here without publishing: its log is closed, and its end is the sweeper's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import attrs
 import structlog
 
 from app.bus import EventBus
+from app.bus.base import LogClosed
 from app.core.errors import backend_outage
 from app.core.events import AnyEvent, DoneEvent, EncodedEvent, ErrorEvent
 from app.jobs.control import JobControl
@@ -54,6 +57,10 @@ class RunningJob:
     unpublished_end: str | None = None
     #: When ``job`` (the newest snapshot) could not be written, Redis being lost; or None.
     unsaved_since: float | None = None
+    #: Its ending has begun (``_close``): a cancel no longer interrupts it.
+    closing: bool = False
+    #: Another instance ended the job (its log is closed): nothing more is published.
+    ended_elsewhere: bool = False
 
     def cancel(self, stop_reason: str | None = None) -> None:
         """Cancel the task (once); with ``stop_reason``, the job ends ``failed`` with it."""
@@ -98,9 +105,13 @@ class RunningJobs:
         return list(self._running)
 
     def cancel(self, job_id: str) -> None:
-        """Cancel the task of a job this instance runs (once)."""
+        """Cancel the task of a job this instance runs (once, and not once it is ending).
+
+        Also how a job that another instance ended is stopped here: its first publish
+        finds the log closed, and the job ends as that instance ended it.
+        """
         run = self._running.get(job_id)
-        if run is not None:
+        if run is not None and not run.closing:
             run.cancel()
 
     async def start(
@@ -188,6 +199,8 @@ class RunningJobs:
             await self._close(run, outcome, started)
 
     async def _crashed(self, run: RunningJob, exc: Exception) -> JobOutcome:
+        if isinstance(exc, LogClosed):
+            return await self._ended_elsewhere(run)
         outage = backend_outage(exc)
         if outage is not None and self.control is not None:
             # Not a bug: Redis stayed away past the grace (logged where it was noticed).
@@ -206,12 +219,28 @@ class RunningJobs:
                 raise
         return outcome
 
+    async def _ended_elsewhere(self, run: RunningJob) -> JobOutcome:
+        """The job's log was closed by another instance: take its end as this job's."""
+        run.ended_elsewhere = True
+        try:
+            run.job = await self.store.get(run.job.id)
+        except Exception as exc:
+            if backend_outage(exc) is None:
+                raise
+        job = run.job
+        status = job.status.value if job.status.finished else "failed"
+        log.warning("job ended elsewhere; stopped here", status=status, error=job.error)
+        return JobOutcome(status, job.error)
+
     async def _close(self, run: RunningJob, outcome: JobOutcome, started: float) -> None:
         """Close the job's topic and log its end; whatever happens, the job has ended."""
         job = run.job
+        run.closing = True
         keep_lease = False
         try:
-            if run.unpublished_end is not None:
+            if run.ended_elsewhere:
+                pass  # its log and snapshot are the other instance's end: nothing to write
+            elif run.unpublished_end is not None:
                 # Should this instance not publish the end within the lease (it stops,
                 # or Redis stays away longer), the lease is kept, so that the lost-runner
                 # sweeper ends the job and no stream of it waits forever.

@@ -140,9 +140,9 @@ def text_bytes(event: ProducerEvent) -> int:
     """What ``event`` counts against the job's published bytes (its text, its result)."""
     match event:
         case Tokens(text=text) | Insight(text=text):
-            return len(text.encode())
+            return utf8_len(text)
         case Failed(error=error):
-            return len(error.encode())
+            return utf8_len(error)
         case Succeeded(result=result):
             return len(orjson.dumps(result))
     return 0
@@ -152,7 +152,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _name(value: object, field: str) -> str:
+def _name(value: object, field: str) -> str:  # a step's name in a declaration
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_STEP_NAME:
         raise InvalidField(field, f"must be a non-empty string of at most {MAX_STEP_NAME} chars")
     return value
@@ -186,63 +186,121 @@ def parse_steps(raw: object) -> tuple[StepDecl, ...]:
     return tuple(steps)
 
 
-def _text(value: object, field: str, limits: PublishLimits, *, empty: bool) -> str:
+class _Bad(Exception):
+    """A field's value refused (the caller names the field)."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.too_large = too_large
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _check_text(value: object, limits: PublishLimits, *, empty: bool) -> str:
     if not isinstance(value, str) or (not empty and not value):
-        raise InvalidField(field, "must be a string" if empty else "must be a non-empty string")
-    size = len(value.encode("utf-8", "surrogatepass"))
-    if size > limits.max_text_bytes:
-        raise TooLarge(
-            field,
-            f"is {size} bytes; at most {limits.max_text_bytes} (FLUSHLINE_PUBLISH_MAX_TEXT_BYTES)",
-        )
+        raise _Bad("must be a string" if empty else "must be a non-empty string")
+    if len(value) * 4 > limits.max_text_bytes:  # else it fits whatever its characters
+        size = utf8_len(value)
+        if size > limits.max_text_bytes:
+            raise _Bad(
+                f"is {size} bytes; at most {limits.max_text_bytes} "
+                "(FLUSHLINE_PUBLISH_MAX_TEXT_BYTES)",
+                too_large=True,
+            )
     return value
 
 
-def _event(raw: object, where: str, limits: PublishLimits) -> ProducerEvent:
+def _check(name: str, kind: str, value: object, limits: PublishLimits) -> Any:
+    """The checked value of field ``name`` of a ``kind`` event."""
+    if name == "step":
+        if not isinstance(value, str) or not value.strip() or len(value) > MAX_STEP_NAME:
+            raise _Bad(f"must be a non-empty string of at most {MAX_STEP_NAME} chars")
+        return value
+    if name == "count":
+        if not _is_int(value) or not 0 <= value <= MAX_COUNT:  # type: ignore[operator]
+            raise _Bad(f"must be an integer from 0 to {MAX_COUNT}")
+        return value
+    if name == "pct":
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not 0 <= value <= 100:  # type: ignore[arg-type,operator]
+            raise _Bad("must be a number from 0 to 100")
+        return float(value)  # type: ignore[arg-type]
+    if name == "result":
+        measure_json("result", value, JsonLimits(max_bytes=1 << 62))  # the depth
+        size = len(orjson.dumps(value))
+        if size > limits.max_result_bytes:
+            raise _Bad(
+                f"is {size} bytes as JSON; at most {limits.max_result_bytes} "
+                "(FLUSHLINE_MAX_BODY_BYTES)",
+                too_large=True,
+            )
+        return value
+    # text, error
+    return _check_text(value, limits, empty=name == "text" and kind == "tokens")
+
+
+#: The fields each producer event type allows.
+_ALLOWED = {kind: frozenset(("type", *spec[1])) for kind, spec in _TYPES.items()}
+_MISSING = object()
+
+
+def _tokens_fast(raw: dict[str, Any], limits: PublishLimits) -> Tokens | None:
+    """The common case, a well-formed ``tokens`` event, checked inline; None otherwise
+    (the general path then names what is wrong)."""
+    step, count, text = raw.get("step"), raw.get("count"), raw.get("text", "")
+    if (
+        type(step) is str
+        and 0 < len(step) <= MAX_STEP_NAME
+        and type(count) is int
+        and 0 <= count <= MAX_COUNT
+        and type(text) is str
+        and len(text) * 4 <= limits.max_text_bytes
+        and raw.keys() <= _ALLOWED["tokens"]
+        and step.strip()
+    ):
+        return Tokens(step, count, text)
+    return None
+
+
+def _event(raw: object, i: int, limits: PublishLimits) -> ProducerEvent:
+    if type(raw) is dict and raw.get("type") == "tokens":
+        fast = _tokens_fast(raw, limits)
+        if fast is not None:
+            return fast
     if not isinstance(raw, dict):
-        raise InvalidField(where, "must be an object with a type")
+        raise InvalidField(f"events[{i}]", "must be an object with a type")
     kind = raw.get("type")
     spec = _TYPES.get(kind) if isinstance(kind, str) else None
     if spec is None:
-        raise InvalidField(f"{where}.type", f"must be one of {', '.join(_TYPES)}")
+        raise InvalidField(f"events[{i}].type", f"must be one of {', '.join(_TYPES)}")
+    assert isinstance(kind, str)
     cls, fields, required = spec
-    unknown = sorted(set(raw) - {"type", *fields})
-    if unknown:
+    if not raw.keys() <= _ALLOWED[kind]:
+        unknown = sorted(set(raw) - _ALLOWED[kind])
         allowed = ", ".join(("type", *fields))
-        raise InvalidField(f"{where}.{unknown[0]}", f"unknown field for {kind}; allowed: {allowed}")
-    for name in fields[:required]:
-        if name not in raw:
-            raise InvalidField(f"{where}.{name}", f"is required for {kind}")
+        raise InvalidField(
+            f"events[{i}].{unknown[0]}", f"unknown field for {kind}; allowed: {allowed}"
+        )
     values: dict[str, Any] = {}
-    for name in fields:
-        if name not in raw:
+    for n, name in enumerate(fields):
+        value = raw.get(name, _MISSING)
+        if value is _MISSING or (value is None and name == "step" and kind == "insight"):
+            if n < required:
+                raise InvalidField(f"events[{i}].{name}", f"is required for {kind}")
             continue
-        value, field = raw[name], f"{where}.{name}"
-        if name == "step":
-            if value is None and kind == "insight":
-                continue
-            values[name] = _name(value, field)
-        elif name == "count":
-            if not _is_int(value) or not 0 <= value <= MAX_COUNT:
-                raise InvalidField(field, f"must be an integer from 0 to {MAX_COUNT}")
-            values[name] = value
-        elif name == "pct":
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not number or not math.isfinite(value) or not 0 <= value <= 100:
-                raise InvalidField(field, "must be a number from 0 to 100")
-            values[name] = float(value)
-        elif name == "result":
-            measure_json(field, value, JsonLimits(max_bytes=1 << 62))  # the depth
-            size = len(orjson.dumps(value))
-            if size > limits.max_result_bytes:
-                raise TooLarge(
-                    field,
-                    f"is {size} bytes as JSON; at most {limits.max_result_bytes} "
-                    "(FLUSHLINE_MAX_BODY_BYTES)",
-                )
-            values[name] = value
-        else:  # text, error
-            values[name] = _text(value, field, limits, empty=name == "text" and kind == "tokens")
+        try:
+            values[name] = _check(name, kind, value, limits)
+        except _Bad as bad:
+            error = TooLarge if bad.too_large else InvalidField
+            raise error(f"events[{i}].{name}", bad.message) from None
+        except InvalidField as exc:  # the result's depth
+            raise InvalidField(
+                f"events[{i}].{name}", exc.message.removeprefix("result: ")
+            ) from None
     event: ProducerEvent = cls(**values)
     return event
 
@@ -267,7 +325,7 @@ def parse_batch(body: Mapping[str, Any], limits: PublishLimits) -> tuple[int, li
             f"{len(raw)} events in one batch; at most {limits.max_events} "
             "(FLUSHLINE_PUBLISH_MAX_EVENTS)",
         )
-    events = [_event(item, f"events[{i}]", limits) for i, item in enumerate(raw)]
+    events = [_event(item, i, limits) for i, item in enumerate(raw)]
     return seq, events
 
 

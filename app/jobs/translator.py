@@ -5,7 +5,8 @@ The job's :class:`~app.jobs.emitter.JobEmitter` is the one the built-in runner u
 not), ``progress`` sets the step's percentage, and chunks and ``step_progress`` follow
 the job's strategy cadence. Within a batch the cadence applies as events arrive; at the
 end of each batch the pending text goes out as a chunk (the producer's batching window
-is its cadence: text never waits for the next batch, which may be a while).
+is its cadence: text never waits for the next batch, which may be a while). Consecutive
+``tokens`` events of a batch count as one report: they arrived at the same instant.
 
 Steps run in their declared order, one at a time. A translation is pure: it works on a
 copy of the state and raises ``InvalidField`` naming the event to blame
@@ -139,16 +140,25 @@ class Translator:
             self.started = True
             out.append(JobStartedEvent(tuple(self._names()), self.strategy))
         final: str | None = None
+        # Consecutive tokens of the running step, not yet given to the emitter: a batch
+        # arrives at one instant, so they count as one report (one chunk, one check).
+        count, texts = 0, []
         for i, event in enumerate(events):
             where = f"events[{i}]"
             if final is not None:
                 raise InvalidField(where, f"comes after the event that ended the job ({final})")
+            if isinstance(event, Tokens):
+                self._running_step(event.step, f"{where}.step")
+                count += event.count
+                if event.text:
+                    texts.append(event.text)
+                continue
+            if count or texts:
+                out += self.emitter.tokens(count, "".join(texts), now)
+                count, texts = 0, []
             match event:
                 case StepStarted(step=step):
                     out += self._start(step, f"{where}.step", now)
-                case Tokens(step=step, count=count, text=text):
-                    self._running_step(step, f"{where}.step")
-                    out += self.emitter.tokens(count, text, now)
                 case Progress(step=step, pct=pct):
                     self._running_step(step, f"{where}.step")
                     out += self.emitter.progress(pct, now)
@@ -171,6 +181,8 @@ class Translator:
                     final = "failed"
                 case Heartbeat():
                     pass
+        if count or texts:
+            out += self.emitter.tokens(count, "".join(texts), now)
         if final is None and self.running:
             # The batch is the producer's cadence: its text goes out now, not next batch.
             out += self.emitter.drain(now)

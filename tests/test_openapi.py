@@ -269,6 +269,52 @@ class TestRealAnswers:
         assert status == 409
         assert error["error"]["code"] == "job_finished"
 
+    async def test_publish_answers(self, make_client: MakeClient) -> None:
+        """An external job's creation, publishes and each refusal of the publish route
+        (400, 401, 403, 404, 409 gap and finished, 413, 429) match the description."""
+        client = await make_client(
+            {"FLUSHLINE_PUBLISH_RATE": "5", "FLUSHLINE_PUBLISH_MAX_EVENTS": "5"}
+        )
+        described = Described(await fetch_spec(client))
+        body = {"pipeline": "external", "steps": [{"name": "a", "expected_tokens": 10}]}
+        status, job = await call(client, described, "POST", "/api/jobs", json=body)
+        assert status == 201
+        assert job["publish_token"]
+        path = "/api/jobs/{job_id}/events"
+        url = f"/api/jobs/{job['id']}/events"
+        auth = {"Authorization": f"Bearer {job['publish_token']}"}
+
+        async def publish(seq: int, events: list[Any], headers: Any = auth) -> tuple[int, Any]:
+            payload = {"producer_seq": seq, "events": events}
+            return await call(client, described, "POST", path, url, json=payload, headers=headers)
+
+        status, answer = await publish(1, [{"type": "step_started", "step": "a"}])
+        assert (status, answer["duplicate"]) == (200, False)
+        status, answer = await publish(1, [{"type": "step_started", "step": "a"}])
+        assert (status, answer["duplicate"]) == (200, True)
+        refusals: list[tuple[int, Any, int]] = [
+            (2, [{"type": "tokens", "step": "b", "count": 1}], 400),
+            (2, [{"type": "heartbeat"}] * 6, 413),
+            (9, [{"type": "heartbeat"}], 409),
+            (2, [{"type": "heartbeat"}] * 5, 429),
+        ]
+        for seq, events, expected in refusals:
+            status, error = await publish(seq, events)
+            assert status == expected, error
+        status, _ = await publish(2, [{"type": "heartbeat"}], {})
+        assert status == 401
+        status, _ = await publish(2, [{"type": "heartbeat"}], {"Authorization": "Bearer nope"})
+        assert status == 403
+        status, _ = await call(
+            client, described, "POST", path, "/api/jobs/nope/events", json={}, headers=auth
+        )
+        assert status == 404
+        cancel = f"/api/jobs/{job['id']}/cancel"
+        status, _ = await call(client, described, "POST", "/api/jobs/{job_id}/cancel", cancel)
+        assert status == 202
+        status, error = await publish(2, [{"type": "heartbeat"}])
+        assert (status, error["error"]["status"]) == (409, "cancelled")
+
     async def test_every_stream_event_matches_the_event_schema(
         self, client: Client, described: Described
     ) -> None:

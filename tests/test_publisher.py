@@ -126,6 +126,19 @@ class TestBatching:
                 await pub.failed("enough")
         assert [len(p.events) for p in proxy.posts[:4]] == [10, 10, 10, 5]
 
+    async def test_a_value_json_cannot_carry_is_refused_at_the_call(self) -> None:
+        """A NaN percentage raises ValueError from the call; the publisher carries on."""
+        async with serve() as base:
+            job = await create_external_job(base, STEPS)
+            async with Publisher(base, job.id, job.publish_token) as pub:
+                await pub.step_started("research")
+                with pytest.raises(ValueError, match="JSON"):
+                    await pub.progress("research", float("nan"))
+                await pub.progress("research", 30)
+                await pub.failed("enough")
+            snapshot = await get_job(base, job.id)
+        assert snapshot["steps"][0]["pct"] == 30
+
 
 class TestRetries:
     """A post whose answer is lost, or refused for now, is sent again: the same seq, the same

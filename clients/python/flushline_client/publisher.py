@@ -336,7 +336,9 @@ class Publisher:
             self._wakeup.set()
 
     def _enqueue(self, event: Mapping[str, Any], *, own: bool = True) -> None:
-        encoded = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        encoded = json.dumps(
+            event, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
         if not self._pending:
             self._oldest_at = time.monotonic()
         self._pending.append((encoded, len(encoded), own))

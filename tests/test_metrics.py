@@ -9,12 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aiohttp
+import attrs
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
 
 from app.core.settings import Settings
 from app.core.sse import retry_line
+from app.jobs.redis_store import RedisJobStore
+from app.jobs.store import JobSnapshot, JobStatus, MemoryJobStore, StepState
+from app.web.keys import MANAGER
 from tests.conftest import QUICK_JOB, MakeClient
 from tests.support.jobs import (
     FAST_JOB,
@@ -37,6 +48,8 @@ from tests.support.process import (
     server_process,
     wait_accepting,
 )
+from tests.support.redis import RedisServer, require_redis_server, run_redis
+from tests.support.server_load import require_prlimit
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -132,6 +145,125 @@ class TestScrape:
 
 async def _status(client: Client, job_id: str, status: str) -> bool:
     return bool((await get_job(client, job_id))["status"] == status)
+
+
+#: Kept jobs in the scrape tests, and how their statuses cycle.
+KEPT_JOBS = 250
+KEPT_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED)
+#: Redis commands that read a snapshot or a job's events.
+SNAPSHOT_READS = ("get", "mget", "xrange", "xrevrange")
+
+
+@pytest.fixture
+def own_redis(tmp_path: pathlib.Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own: its counts are this test's jobs only."""
+    with run_redis(tmp_path / "redis", binary=require_redis_server()) as server:
+        yield server
+
+
+def kept_job(n: int, status: JobStatus) -> JobSnapshot:
+    """The n-th of the kept jobs (creation order is n's order), with ``status``."""
+    return JobSnapshot(
+        id=f"kept-{n}-{uuid.uuid4().hex}",
+        pipeline="demo",
+        strategy="none",
+        steps=(StepState("only"),),
+        created_at=time.time() + n / 1e6,
+        status=status,
+        result={"text": "x" * 200} if status is JobStatus.SUCCEEDED else None,
+    )
+
+
+async def keep_jobs(client: Client, count: int) -> dict[str, int]:
+    """Add ``count`` jobs to the app's store, statuses cycling; the expected counts."""
+    store = client.app[MANAGER].store
+    expected = dict.fromkeys((status.value for status in JobStatus), 0)
+    for n in range(count):
+        status = KEPT_STATUSES[n % len(KEPT_STATUSES)]
+        job = kept_job(n, JobStatus.QUEUED)
+        await store.add(job)
+        if status is not JobStatus.QUEUED:
+            await store.put(attrs.evolve(job, status=status))
+        expected[status.value] += 1
+    return expected
+
+
+def count_calls(
+    monkeypatch: pytest.MonkeyPatch, cls: type[Any], names: tuple[str, ...]
+) -> Callable[[], int]:
+    """Count calls of ``cls``'s async methods ``names`` from now; the running total."""
+    calls = 0
+
+    def wrap(method: Any) -> Any:
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+    for name in names:
+        monkeypatch.setattr(cls, name, wrap(getattr(cls, name)))
+    return lambda: calls
+
+
+def redis_reads(url: str) -> int:
+    """Calls so far of the Redis commands that read snapshots or events."""
+    with Redis.from_url(url) as admin:
+        stats = admin.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in SNAPSHOT_READS)
+
+
+class TestJobCounts:
+    """flushline_jobs comes from counts kept as jobs change status, never from snapshots."""
+
+    async def test_a_scrape_reads_no_snapshot_on_the_memory_store(
+        self, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """250 kept jobs: the scrape counts each status right and calls no store read."""
+        client = await make_client()
+        expected = await keep_jobs(client, KEPT_JOBS)
+        reads = count_calls(monkeypatch, MemoryJobStore, ("get", "newest"))
+        samples = await scrape(client)
+        assert reads() == 0
+        for status, count in expected.items():
+            assert value(samples, "flushline_jobs", status=status) == count
+
+    async def test_a_scrape_reads_no_snapshot_on_redis(
+        self, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, own_redis: RedisServer
+    ) -> None:
+        """250 kept jobs in Redis: right counts, no store read, no GET/MGET/XRANGE sent."""
+        client = await make_client({"FLUSHLINE_BUS": "redis", "FLUSHLINE_REDIS_URL": own_redis.url})
+        expected = await keep_jobs(client, KEPT_JOBS)
+        reads = count_calls(monkeypatch, RedisJobStore, ("get", "newest", "fold"))
+        before = redis_reads(own_redis.url)
+        samples = await scrape(client)
+        assert reads() == 0
+        assert redis_reads(own_redis.url) == before
+        for status, count in expected.items():
+            assert value(samples, "flushline_jobs", status=status) == count
+
+    async def test_two_instances_on_redis_report_the_same(
+        self, make_client: MakeClient, own_redis: RedisServer
+    ) -> None:
+        """A job run by one instance counts the same in the other's scrape, through its end."""
+        env = {"FLUSHLINE_BUS": "redis", "FLUSHLINE_REDIS_URL": own_redis.url}
+        runner, other = await make_client(env), await make_client(env)
+        done = await create_job(runner, FAST_JOB)
+        await wait_finished(runner, done["id"])
+        slow = await create_job(runner, SLOW_JOB)
+        await wait_until(lambda: _status(runner, slow["id"], "running"), 5, "the slow job to run")
+        for client in (runner, other):
+            samples = await scrape(client)
+            assert value(samples, "flushline_jobs", status="succeeded") == 1
+            assert value(samples, "flushline_jobs", status="running") == 1
+            assert value(samples, "flushline_jobs", status="queued") == 0
+        assert (await other.post(f"/api/jobs/{slow['id']}/cancel")).status == 202
+        await wait_finished(other, slow["id"])
+        for client in (runner, other):
+            samples = await scrape(client)
+            assert value(samples, "flushline_jobs", status="cancelled") == 1
+            assert value(samples, "flushline_jobs", status="running") == 0
 
 
 class TestStreamFigures:
@@ -277,3 +409,57 @@ class TestRefusals:
             finally:
                 for own in streams:
                     await own.close()
+
+    async def test_failed_accepts_counted_as_accept_error(self, tmp_path: pathlib.Path) -> None:
+        """With descriptors run out under a live server, accept() fails: each failure
+        counts in connections_refused_total{reason="accept_error"}; none before."""
+        prlimit = require_prlimit()
+        log = tmp_path / "serve.log"
+        refused = "flushline_connections_refused_total"
+        async with (
+            serve_metrics(log, prefix=[prlimit, "--nofile=256"]) as (process, port),
+            aiohttp.ClientSession() as session,
+        ):
+            before = await scrape_url(session, port)
+            assert value(before, refused, reason="accept_error") == 0
+            # No descriptor left for a new connection: the next accept() fails.
+            set_nofile(prlimit, process.pid, open_descriptors(process.pid))
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                await asyncio.sleep(0.3)  # the listener retries every 20 ms
+            finally:
+                set_nofile(prlimit, process.pid, 256)
+            writer.close()
+            after = await scrape_url(session, port)
+        assert value(after, refused, reason="accept_error") >= 1, read_log(log)[-2000:]
+        assert "cannot accept connections" in read_log(log)
+
+
+def open_descriptors(pid: int) -> int:
+    """How many descriptors process ``pid`` has open."""
+    return len(list(pathlib.Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def set_nofile(prlimit: str, pid: int, soft: int) -> None:
+    """Set the soft descriptor limit of the running process ``pid``."""
+    subprocess.run([prlimit, f"--pid={pid}", f"--nofile={soft}:"], check=True)
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    log: pathlib.Path, *, prefix: list[str]
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """``flushline serve`` (under ``prefix``) on a free port: the process and the port."""
+    script = require_flushline_script()
+    port = free_port()
+    argv = [*prefix, script, "serve", "--host", "127.0.0.1"]
+    async with server_process(argv, clean_env(FLUSHLINE_PORT=str(port)), log) as process:
+        await wait_accepting(process, port)
+        yield process, port
+
+
+async def scrape_url(session: aiohttp.ClientSession, port: int) -> Samples:
+    """GET /metrics of the server on ``port`` over a real connection; its samples."""
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.status == 200
+        return parse(await response.text())[1]

@@ -28,7 +28,7 @@ from app.core.events import (
     StepProgressEvent,
     StepStartedEvent,
 )
-from app.jobs.redis_store import RedisJobStore, snapshot_from_json
+from app.jobs.redis_store import RedisJobStore, snapshot_from_json, snapshot_to_json
 from app.jobs.store import JobSnapshot, JobStatus, StepState, StepStatus, apply_event
 from tests.support.redis import RedisServer
 
@@ -71,11 +71,6 @@ class Instances:
         assert raw is not None
         return snapshot_from_json(raw)
 
-    async def snapshot_writes(self) -> int:
-        """Snapshot writes so far (the put script runs as EVALSHA)."""
-        stats = await self.admin.info("commandstats")
-        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
 
 @pytest.fixture
 async def instances(redis_server: RedisServer) -> AsyncIterator[Instances]:
@@ -103,12 +98,19 @@ async def run_first_step(instances: Instances, job: JobSnapshot, chunks: int) ->
 
 class TestWrites:
     async def test_progress_events_do_not_each_write_a_snapshot(self, instances: Instances) -> None:
-        """200 chunk and progress events within the interval write no snapshot."""
+        """The start (a status change) is written at once; 200 chunks and progress events
+        after it, within the interval, write no snapshot."""
         job = await instances.start()
-        before = await instances.snapshot_writes()
-        job = await run_first_step(instances, job, chunks=100)
-        assert await instances.snapshot_writes() - before == 0
-        assert (await instances.stored(job.id)).last_event_id == 0
+        job = await instances.publish(job, JobStartedEvent(STEPS, "none"))
+        assert await instances.stored(job.id) == job
+        assert job.status is JobStatus.RUNNING
+        job = await instances.publish(job, StepStartedEvent("research", 0, 2))
+        for n in range(1, 101):
+            job = await instances.publish(job, ChunkEvent("research", "tok ", 1))
+            job = await instances.publish(job, StepProgressEvent("research", n * 0.9, n, n, 1.0))
+        # Every write stores the newest snapshot: none since the start's (event 1).
+        assert job.last_event_id == 202
+        assert (await instances.stored(job.id)).last_event_id == 1
 
     async def test_the_end_is_written_at_once(self, instances: Instances) -> None:
         """The job's final snapshot is in Redis as soon as its done is published."""
@@ -145,3 +147,64 @@ class TestReadsElsewhere:
         assert listed == [second, first]
         running = await instances.reader.newest(limit=10, status=JobStatus.RUNNING)
         assert running == [second, first]
+
+
+class TestStatusIndexes:
+    """Per-status indexes kept with the snapshot writes: counts and filtered listings."""
+
+    async def keyspace_reads(self, instances: Instances) -> int:
+        """Key lookups Redis has served so far (hits and misses)."""
+        stats = await instances.admin.info("stats")
+        return int(stats["keyspace_hits"]) + int(stats["keyspace_misses"])
+
+    async def test_every_instance_counts_the_same(self, instances: Instances) -> None:
+        """The runner's and another instance's counts agree through start and end."""
+        job = await instances.start()
+        for store in (instances.runner, instances.reader):
+            assert (await store.count_by_status())[JobStatus.QUEUED] == 1
+        job = await instances.publish(job, JobStartedEvent(STEPS, "none"))
+        for store in (instances.runner, instances.reader):
+            counts = await store.count_by_status()
+            assert (counts[JobStatus.QUEUED], counts[JobStatus.RUNNING]) == (0, 1)
+        await instances.publish(job, DoneEvent("succeeded", 100.0))
+        for store in (instances.runner, instances.reader):
+            counts = await store.count_by_status()
+            assert (counts[JobStatus.RUNNING], counts[JobStatus.SUCCEEDED]) == (0, 1)
+
+    async def test_a_filtered_listing_reads_only_its_status(self, instances: Instances) -> None:
+        """2 running jobs behind 400 finished ones: the listing reads a handful of keys."""
+        running = [await instances.start() for _ in range(2)]
+        for n in range(400):
+            job = attrs.evolve(running[0], id=f"done-{n}-{uuid.uuid4().hex}")
+            await instances.runner.add(job)
+            await instances.runner.put(attrs.evolve(job, status=JobStatus.SUCCEEDED))
+        for job in running:
+            await instances.publish(job, JobStartedEvent(STEPS, "none"))
+        before = await self.keyspace_reads(instances)
+        listed = await instances.reader.newest(limit=10, status=JobStatus.RUNNING)
+        reads = await self.keyspace_reads(instances) - before
+        assert sorted(job.id for job in listed) == sorted(job.id for job in running)
+        assert reads < 20, reads
+
+    async def test_a_write_outside_put_is_settled(self, instances: Instances) -> None:
+        """A snapshot ended by another script (the sweeper's) moves index on settle_status,
+        and a filtered listing that meets it in the old index settles it too."""
+        first, second = await instances.start(), await instances.start()
+        for job in (first, second):
+            ended = apply_event(job, await instances.bus.publish(job.id, DoneEvent("failed", 0.0)))
+            await instances.admin.set(instances.runner.key(job.id), snapshot_to_json(ended))
+        counts = await instances.reader.count_by_status()
+        assert (counts[JobStatus.QUEUED], counts[JobStatus.FAILED]) == (2, 0)
+        await instances.reader.settle_status(first.id)
+        assert await instances.reader.newest(limit=10, status=JobStatus.QUEUED) == []
+        counts = await instances.reader.count_by_status()
+        assert (counts[JobStatus.QUEUED], counts[JobStatus.FAILED]) == (0, 2)
+
+    async def test_expired_jobs_leave_the_counts(self, instances: Instances) -> None:
+        """Jobs created longer than the TTL ago are no longer counted (nor listed)."""
+        instances.reader.job_ttl_s = 0.5
+        await instances.start()
+        assert (await instances.reader.count_by_status())[JobStatus.QUEUED] == 1
+        await asyncio.sleep(0.6)
+        assert (await instances.reader.count_by_status())[JobStatus.QUEUED] == 0
+        assert await instances.reader.newest(limit=10, status=JobStatus.QUEUED) == []

@@ -253,6 +253,64 @@ class TestListing:
         assert await store.count() == 2
 
 
+class TestCountsByStatus:
+    """count_by_status: kept as jobs change status (the /metrics figure), on every store."""
+
+    @staticmethod
+    def counts(**nonzero: int) -> dict[JobStatus, int]:
+        return {status: nonzero.get(status.value, 0) for status in JobStatus}
+
+    async def test_counts_follow_adds_puts_and_discards(self, store: JobStore) -> None:
+        """Each add, status change and discard moves the counts; other puts do not."""
+        assert await store.count_by_status() == self.counts()
+        jobs = [snapshot(n) for n in range(4)]
+        for job in jobs:
+            await store.add(job)
+        assert await store.count_by_status() == self.counts(queued=4)
+        running = attrs.evolve(jobs[0], status=JobStatus.RUNNING)
+        await store.put(running)
+        await store.put(attrs.evolve(running, progress=40.0, last_event_id=3))
+        await store.put(finished(jobs[1]))
+        await store.put(finished(jobs[2], JobStatus.CANCELLED))
+        assert await store.count_by_status() == self.counts(
+            queued=1, running=1, succeeded=1, cancelled=1
+        )
+        await store.put(finished(running, JobStatus.FAILED))
+        await store.discard(jobs[2].id)
+        await store.discard(f"missing-{uuid.uuid4().hex}")
+        assert await store.count_by_status() == self.counts(queued=1, succeeded=1, failed=1)
+
+    async def test_a_put_of_an_unknown_job_counts_nothing(self, store: JobStore) -> None:
+        """put of a job never added (or discarded) stores and counts nothing."""
+        job = snapshot()
+        await store.put(finished(job))
+        assert await store.count_by_status() == self.counts()
+
+    async def test_a_late_put_after_the_end_counts_what_is_kept(self, store: JobStore) -> None:
+        """A put after the job's end: the counts show the status the store kept."""
+        job = snapshot()
+        await store.add(job)
+        await store.put(finished(job))
+        stored = (await store.get(job.id)).status
+        await store.put(attrs.evolve(job, status=JobStatus.RUNNING))
+        now = (await store.get(job.id)).status
+        assert await store.count_by_status() == self.counts(**{now.value: 1})
+        assert stored is JobStatus.SUCCEEDED
+
+    async def test_counts_agree_with_the_listing(self, store: JobStore) -> None:
+        """For each status, the count is the number of jobs a filtered listing returns."""
+        jobs = [snapshot(n) for n in range(30)]
+        statuses = list(JobStatus)
+        for n, job in enumerate(jobs):
+            await store.add(job)
+            status = statuses[n % len(statuses)]
+            if status is not JobStatus.QUEUED:
+                await store.put(attrs.evolve(job, status=status))
+        counts = await store.count_by_status()
+        for status in JobStatus:
+            assert counts[status] == len(await store.newest(limit=100, status=status)) == 6
+
+
 class TestForgetting:
     async def test_discard_forgets_the_job(self, store: JobStore) -> None:
         """After discard the job is neither found nor listed; others stay."""

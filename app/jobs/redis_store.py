@@ -10,6 +10,16 @@ dropped when a listing meets it. So a listing shows the jobs created within the 
 (with the memory store, every retained job): a job still running, or finished, longer
 than the TTL after its creation is found by its id but no longer listed.
 
+Each status has an index of the same shape, ``{prefix}jobs:{status}``, kept with the
+snapshot: the put script moves a job between them in the same script that writes a
+snapshot whose status changed (and a status change is always written at once). So
+``count_by_status`` (``/metrics``'s ``flushline_jobs``) is five ``ZCOUNT``s, the same
+on every instance, whatever the number of jobs kept; and a listing filtered by status
+reads that status's jobs only. Both count the jobs created within the TTL, as listings
+show them. The lost-runner sweeper writes a job's end in its own script: it (or a
+listing that meets the job in the wrong index) settles the index with
+:meth:`RedisJobStore.settle_status`.
+
 Costs: creating a job is one transaction (``SET``, ``ZADD``, trim). The instance that
 runs a job keeps its newest snapshot in memory until it finishes (the manager's
 read-modify-write per event costs no read) and writes it to Redis (one ``SET ... XX``
@@ -49,14 +59,47 @@ _FOLDED_TYPES = frozenset(
 )
 
 
+#: The statuses in the order of their index keys in the scripts' KEYS (from KEYS[2]).
+_STATUSES = tuple(JobStatus)
+
 # SET XX unless the stored snapshot is finished: 1 stored, 0 no such job, -1 finished.
+# KEYS: the snapshot, then the status indexes; ARGV: the snapshot, its TTL, its status, the
+# position in KEYS of its status's index, its creation time, the job's id. A status change
+# moves the id to its status's index.
 _PUT_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
 local status = string.match(cur, '^{"status":"(%a+)"')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if status ~= ARGV[3] then
+  local target = tonumber(ARGV[4])
+  for i = 2, #KEYS do
+    if i ~= target then redis.call('ZREM', KEYS[i], ARGV[6]) end
+  end
+  redis.call('ZADD', KEYS[target], ARGV[5], ARGV[6])
+end
 return 1
+"""
+
+# The id in the index of its stored snapshot's status, and only there (none if the
+# snapshot is gone). KEYS: the snapshot, then the status indexes; ARGV: the id, then the
+# statuses in the indexes' order.
+_SETTLE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+local status, created
+if cur then
+  status = string.match(cur, '^{"status":"(%a+)"')
+  created = string.match(cur, '"created_at":([-+.%deE]+)')
+end
+for i = 2, #KEYS do
+  if status == ARGV[i] and created then
+    redis.call('ZADD', KEYS[i], created, ARGV[1])
+  else
+    redis.call('ZREM', KEYS[i], ARGV[1])
+  end
+end
+return cur and 1 or 0
 """
 
 
@@ -126,9 +169,11 @@ class RedisJobStore:
     #: The same jobs' snapshots as last written to Redis, and when (monotonic).
     _saved: dict[str, tuple[JobSnapshot, float]] = attrs.Factory(dict)
     _put_script: AsyncScript = attrs.field(init=False)
+    _settle_script: AsyncScript = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._put_script = self.redis.register_script(_PUT_SCRIPT)
+        self._settle_script = self.redis.register_script(_SETTLE_SCRIPT)
 
     @property
     def _ttl_ms(self) -> int:
@@ -137,6 +182,18 @@ class RedisJobStore:
     @property
     def _index(self) -> str:
         return f"{self.prefix}jobs"
+
+    def status_index(self, status: JobStatus) -> str:
+        """The index of the jobs whose stored snapshot has ``status``."""
+        return f"{self.prefix}jobs:{status.value}"
+
+    @property
+    def _status_indexes(self) -> list[str]:
+        return [self.status_index(status) for status in _STATUSES]
+
+    def _horizon(self) -> str:
+        """The lowest creation time (exclusive) a listing shows: within the TTL."""
+        return f"({time.time() - self.job_ttl_s}"
 
     def key(self, job_id: str) -> str:
         """The Redis key of the job's snapshot."""
@@ -164,6 +221,8 @@ class RedisJobStore:
             saved is not None
             and job.id in self._writing
             and not job.status.finished
+            # A status change is written at once: the status indexes follow the writes.
+            and saved[0].status is job.status
             and time.monotonic() - saved[1] < self.snapshot_interval_s
         )
 
@@ -180,10 +239,13 @@ class RedisJobStore:
         return _apply_entries(job, entries)
 
     async def add(self, job: JobSnapshot) -> None:
+        horizon = f"({time.time() - self.job_ttl_s}"
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key(job.id), snapshot_to_json(job), px=self._ttl_ms)
             pipe.zadd(self._index, {job.id: job.created_at})
-            pipe.zremrangebyscore(self._index, "-inf", f"({time.time() - self.job_ttl_s}")
+            pipe.zadd(self.status_index(job.status), {job.id: job.created_at})
+            for index in (self._index, *self._status_indexes):
+                pipe.zremrangebyscore(index, "-inf", horizon)
             await pipe.execute()
         self._remember(job)
 
@@ -203,7 +265,15 @@ class RedisJobStore:
         # Like SET XX (a job that is not, or no longer, stored stays away), and a finished
         # snapshot is final: a runner that lost its lease cannot undo the job's end.
         stored = await self._put_script(
-            keys=[self.key(job.id)], args=[snapshot_to_json(job), self._ttl_ms]
+            keys=[self.key(job.id), *self._status_indexes],
+            args=[
+                snapshot_to_json(job),
+                self._ttl_ms,
+                job.status.value,
+                _STATUSES.index(job.status) + 2,  # Lua counts from 1, after the snapshot
+                job.created_at,
+                job.id,
+            ],
         )
         if stored == 1:
             self._remember(job)
@@ -217,13 +287,13 @@ class RedisJobStore:
         start = 0
         filtered = status is not None or owner is not None
         page = max(limit, LIST_PAGE) if filtered else limit
-        horizon = f"({time.time() - self.job_ttl_s}"
+        horizon = self._horizon()
+        # Filtered by status, only that status's jobs are read.
+        index = self._index if status is None else self.status_index(status)
         while len(out) < limit:
             ids = cast(
                 list[bytes],
-                await self.redis.zrevrangebyscore(
-                    self._index, "+inf", horizon, start=start, num=page
-                ),
+                await self.redis.zrevrangebyscore(index, "+inf", horizon, start=start, num=page),
             )
             if not ids:
                 break
@@ -231,9 +301,18 @@ class RedisJobStore:
                 list[bytes | None], await self.redis.mget([self.key(i.decode()) for i in ids])
             )
             gone = [job_id for job_id, raw in zip(ids, raws, strict=True) if raw is None]
-            if gone:  # expired: the index forgets them as it meets them
-                await self.redis.zrem(self._index, *gone)
-            for job in await self._current([snapshot_from_json(r) for r in raws if r]):
+            if gone:  # expired: the indexes forget them as they meet them
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for each in (self._index, *self._status_indexes):
+                        pipe.zrem(each, *gone)
+                    await pipe.execute()
+            stored = [snapshot_from_json(r) for r in raws if r]
+            if status is not None:
+                # Written by the sweeper's own script: the index follows now.
+                for job in stored:
+                    if job.status is not status:
+                        await self.settle_status(job.id)
+            for job in await self._current(stored):
                 if job.listed(status, owner):
                     out.append(job)
                     if len(out) >= limit:
@@ -246,9 +325,34 @@ class RedisJobStore:
     async def discard(self, job_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key(job_id))
-            pipe.zrem(self._index, job_id)
+            for index in (self._index, *self._status_indexes):
+                pipe.zrem(index, job_id)
             await pipe.execute()
         self._forget(job_id)
+
+    async def settle_status(self, job_id: str) -> None:
+        """Put the job in the index of its stored snapshot's status (none if it is gone).
+
+        For a snapshot written other than by :meth:`put` (the lost-runner sweeper's
+        takeover script): call it after such a write.
+        """
+        await self._settle_script(
+            keys=[self.key(job_id), *self._status_indexes],
+            args=[job_id, *(status.value for status in _STATUSES)],
+        )
+
+    async def count_by_status(self) -> dict[JobStatus, int]:
+        """Jobs created within the TTL by stored status: five ``ZCOUNT``s, no snapshot read.
+
+        The same on every instance. The stored status is the runner's, written at each
+        change; a job whose runner is lost counts as running until the sweeper ends it.
+        """
+        horizon = self._horizon()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for index in self._status_indexes:
+                pipe.zcount(index, horizon, "+inf")
+            counts = await pipe.execute()
+        return {status: int(n) for status, n in zip(_STATUSES, counts, strict=True)}
 
     async def _current(self, jobs: list[JobSnapshot]) -> list[JobSnapshot]:
         """``jobs`` as they are now: this instance's own, else folded (one round trip)."""

@@ -2,13 +2,14 @@
 
 Each app has its own :class:`~prometheus_client.CollectorRegistry` (tests build many apps
 in one process). Figures the service already holds are read at scrape time: jobs by status
-from the job store, running jobs from the manager, retained bytes when the manager counts
-them, open connections and refusals from the server's connection tracker (under ``flushline
-serve``). Figures only the code knows as it runs are bumped through :class:`Metrics`'s
-methods, which the stream calls once per write: plain integer additions on the event
-loop's thread (no lock, no label lookup), turned into metric families at scrape time. A
-stream serving thousands of subscribers pays one method call per write, plus one
-histogram slot increment per event delivered.
+from the counts the job store keeps as jobs change status (no snapshot is read), running
+jobs from the manager, retained bytes when the manager counts them, open connections and
+refusals from the server's connection tracker (under ``flushline serve``). Figures only
+the code knows as it runs are bumped through :class:`Metrics`'s methods, which the
+stream calls once per write: plain integer additions on the event loop's thread (no lock,
+no label lookup), turned into metric families at scrape time. A stream serving thousands
+of subscribers pays one method call per write, plus one histogram slot increment per
+event delivered.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ DROP_REASONS = ("cut_off", "send_timeout", "backend_lost")
 #: Why a connection or stream was refused: a stream or long-poll past
 #: ``FLUSHLINE_MAX_CONNECTIONS`` (503), a head not sent within ``FLUSHLINE_HEADER_TIMEOUT_S``,
 #: an idle connection closed to make room past the limit, or ``accept()`` failed (out of
-#: descriptors). The first three come from the server's connection tracker.
+#: descriptors). The server's connection tracker counts them all.
 REFUSAL_REASONS = ("max_connections", "header_timeout", "idle_shed", "accept_error")
 #: The text format every Prometheus server reads.
 METRICS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -259,18 +260,20 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
             "max_connections": tracker.refused,
             "header_timeout": tracker.header_timeouts,
             "idle_shed": tracker.shed,
+            "accept_error": tracker.accept_errors,
         }
     metrics.jobs_by_status = await _jobs_by_status(request.app)
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def _jobs_by_status(app: web.Application) -> dict[str, int] | None:
-    """Kept jobs by status, every status listed; None when the store cannot be read now."""
-    manager = app[MANAGER]
-    counts = dict.fromkeys((status.value for status in JobStatus), 0)
+    """Kept jobs by status, every status listed; None when the store cannot be read now.
+
+    The store keeps the counts as jobs change status: no snapshot is read.
+    """
     try:
         async with asyncio.timeout(STORE_SCRAPE_TIMEOUT_S):
-            jobs = await manager.store.newest(limit=manager.max_retained_jobs)
+            counts = await app[MANAGER].store.count_by_status()
     except TimeoutError:
         log.warning("metrics: the job store did not answer", timeout_s=STORE_SCRAPE_TIMEOUT_S)
         return None
@@ -280,9 +283,7 @@ async def _jobs_by_status(app: web.Application) -> dict[str, int] | None:
             raise
         log.warning("metrics: the job store is unreachable", error=outage.message)
         return None
-    for job in jobs:
-        counts[job.status.value] += 1
-    return counts
+    return {status.value: counts.get(status, 0) for status in JobStatus}
 
 
 def install_metrics(app: web.Application) -> None:

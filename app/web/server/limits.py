@@ -63,6 +63,8 @@ class ConnectionTracker:
     header_timeouts: int = 0
     #: Idle connections closed early to make room at the cap.
     shed: int = 0
+    #: ``accept()`` calls that failed (out of descriptors or buffers).
+    accept_errors: int = 0
 
     @property
     def full(self) -> bool:

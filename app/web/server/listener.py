@@ -141,6 +141,7 @@ class Listener:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
+                self.server.tracker.accept_errors += 1
                 if exc.errno in _RESOURCE_ERRNOS:
                     self.accept_log.report(
                         "cannot accept connections", reason=os.strerror(exc.errno or 0).lower()

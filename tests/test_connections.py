@@ -45,7 +45,7 @@ async def request(port: int, method: str, path: str, body: bytes = b"") -> RawAn
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(
-            f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
@@ -142,7 +142,7 @@ class TestHeaderTimeout:
             body = orjson.dumps({"options": {"steps": 1}})
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
-                b"POST /api/jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"POST /api/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(body)
             )
             started = time.monotonic()
@@ -184,11 +184,11 @@ class TestHeaderTimeout:
         async with serve(tmp_path / "server.log", FLUSHLINE_HEADER_TIMEOUT_S="1") as (_, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             await asyncio.sleep(0.7)  # most of the first head's time
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             first = await read_answer(reader)
             answered = time.monotonic()
             await asyncio.sleep(0.7)  # not long enough to be cut: the timeout restarted
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             second = await read_answer(reader)
             writer.write(b"GET /heal")
             async with asyncio.timeout(5):

@@ -9,6 +9,7 @@ shared test machine), none merged away. Before, ``none`` sent one ``step_progres
 from __future__ import annotations
 
 import asyncio
+import itertools
 import pathlib
 import time
 
@@ -17,7 +18,7 @@ import aiohttp
 from app.jobs.steps import FunctionStep, StepContext, StepPipeline
 from strategies import STRATEGIES
 from tests.conftest import MakeClient
-from tests.support.jobs import create_job
+from tests.support.jobs import create_job, stream_job
 from tests.support.paths import EMULATOR_PATHS, open_path
 from tests.support.reporting import ReportingWorker, report_delays, serve_pipelines
 from tests.support.sse_client import read_stream
@@ -114,3 +115,27 @@ class TestMerging:
         for at, tokens in advanced:
             assert tokens in shown, (tokens, sorted(shown))
             assert shown[tokens] - at <= WITHIN_S + MARGIN_S, (tokens, shown[tokens] - at)
+
+
+class TestKeepAlive:
+    async def test_invisible_changes_go_out_every_progress_interval(
+        self, make_client: MakeClient
+    ) -> None:
+        """Tokens too few to move the bar: a step_progress per FLUSHLINE_PROGRESS_INTERVAL."""
+
+        def work(ctx: StepContext) -> None:
+            for _ in range(40):  # 2 s, 0.4% of the step in all: never a visible step
+                time.sleep(0.05)
+                ctx.report.advance(1)
+
+        step = FunctionStep("work", work, blocking=True, expected_tokens=10_000)
+        client = await make_client(
+            {"FLUSHLINE_PROGRESS_INTERVAL": "0.5"}, pipelines=(StepPipeline("slow", (step,)),)
+        )
+        job = await create_job(client, pipeline="slow", strategy="none")
+        payloads = (await stream_job(client, job["id"])).payloads()
+        progress = [p for p in payloads if p["type"] == "step_progress"]
+        assert 3 <= len(progress) <= 5, [(p["ts"], p["tokens"]) for p in progress]
+        gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(progress)]
+        assert all(0.45 <= gap <= 0.5 + MARGIN_S for gap in gaps), gaps
+        assert [p["tokens"] for p in progress] == sorted({p["tokens"] for p in progress})

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from app.pathtools.watch import watch as watch_stream
 from tests.conftest import MakeClient
 from tests.support.jobs import Client, bus_of, expect_json_error, get_job, wait_until
 from tests.support.publishing import (
@@ -26,6 +27,7 @@ from tests.support.publishing import (
     dropping_proxy,
 )
 from tests.support.sse_client import StreamRecord, read_stream
+from tests.test_watch import event_lines
 
 STEPS = (("research", 40), ("write", 60))
 
@@ -659,3 +661,51 @@ class TestCadence:
         await producer.publish({"type": "succeeded"})
         record = await asyncio.wait_for(watcher, 10)
         assert [p["pct"] for p in record.payloads() if p["type"] == "step_progress"][-1] == 20.0
+
+
+class TestWatch:
+    """``flushline watch`` follows an external job as it does a built-in one."""
+
+    async def test_watch_prints_every_event_of_a_published_job(self, app_client: Client) -> None:
+        """watch on the job's stream URL, live: one line per event, seq 1..n, done last."""
+        job, producer = await external_job(app_client)
+        out = io.StringIO()
+        watching = asyncio.create_task(
+            watch_stream(base_of(app_client) + job["links"]["stream"], out=out, timeout_s=30)
+        )
+        await wait_until(lambda: bus_of(app_client).subscriber_count(job["id"]) > 0, 5)
+        await whole_job(producer)
+        stats = await asyncio.wait_for(watching, 15)
+        lines = event_lines(out.getvalue())
+        last = (await get_job(app_client, job["id"]))["last_event_id"]
+        assert [int(m["seq"]) for m in lines] == list(range(1, last + 1))
+        assert (lines[0]["type"], lines[-1]["type"]) == ("job_started", "done")
+        assert lines[-1]["summary"] == "status succeeded"
+        assert stats.events == last
+
+
+class TestRetainedBytes:
+    """External jobs count in the retained-bytes budget like built-in ones."""
+
+    async def test_running_external_jobs_fill_the_budget_and_ending_one_frees_it(
+        self, make_client: MakeClient
+    ) -> None:
+        """Each running external job reserves a full history: past the budget the next is a
+        503 at_capacity; once one ends, what it keeps is small and a new one fits."""
+        client = await make_client(
+            {
+                "FLUSHLINE_MAX_RETAINED_BYTES": str(3 << 20),
+                "FLUSHLINE_MAX_HISTORY_BYTES": str(1 << 20),
+            }
+        )
+        first, producer = await external_job(client)
+        await external_job(client)
+        refused = await client.post(
+            "/api/jobs", json={"pipeline": "external", "steps": [{"name": "a"}]}
+        )
+        error = await expect_json_error(refused, 503)
+        assert error["code"] == "at_capacity"
+        assert "Retry-After" in refused.headers
+        await producer.publish({"type": "succeeded"})
+        await external_job(client)
+        assert (await get_job(client, first["id"]))["status"] == "succeeded"

@@ -18,7 +18,9 @@ on every instance, whatever the number of jobs kept; and a listing filtered by s
 reads that status's jobs only. Both count the jobs created within the TTL, as listings
 show them. The lost-runner sweeper writes a job's end in its own script: it (or a
 listing that meets the job in the wrong index) settles the index with
-:meth:`RedisJobStore.settle_status`.
+:meth:`RedisJobStore.settle_status`. Jobs written by a version without these indexes are
+neither counted nor found by a filtered listing; they leave the plain listing within
+the TTL too.
 
 Costs: creating a job is one transaction (``SET``, ``ZADD``, trim). The instance that
 runs a job keeps its newest snapshot in memory until it finishes (the manager's

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import pathlib
 import signal
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from tests.support.redis import RedisServer
 from tests.support.sse_client import StreamRecord
@@ -34,6 +36,14 @@ from tests.test_redis_instances import (
 LEASE_S = 3.0
 #: The contract's bound: every stream of the job ends within the lease plus 2 s.
 BOUND_S = LEASE_S + 2.0
+#: A runner back from a freeze stops a job ended elsewhere within this (it renews every
+#: third of its 1.5 s lease).
+STOPPED_WITHIN_S = 3.0
+#: A job that publishes nothing for 10 s at a time (4 tokens at 0.1 per second, progress
+#: and chunks every 60 s).
+QUIET_JOB: dict[str, Any] = {
+    "options": {"steps": 1, "tokens_per_step": 4, "tokens_per_second": 0.1},
+}
 
 
 @pytest.fixture
@@ -151,3 +161,63 @@ class TestQuietJob:
         assert after["status"] == "running"
         assert after["last_event_id"] == before["last_event_id"]  # nothing was published
         assert [e["seq"] for e in events["events"]] == list(range(1, before["last_event_id"] + 1))
+
+
+def log_lines(log: pathlib.Path) -> list[dict[str, Any]]:
+    """The JSON lines an instance logged."""
+    lines = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            lines.append(json.loads(line))
+    return lines
+
+
+class TestEndedElsewhere:
+    """A runner whose job another instance ended learns it, and stops the job."""
+
+    async def test_a_frozen_runner_of_a_quiet_job_stops_answering_running(
+        self, redis_server: RedisServer, tmp_path: pathlib.Path
+    ) -> None:
+        """A frozen past its lease, B ends A's quiet job: once back, A stops it within 3 s."""
+        async with contextlib.AsyncExitStack() as stack:
+            a, b = await start_instances(
+                stack,
+                redis_server.url,
+                tmp_path,
+                FLUSHLINE_RUNNER_LEASE_S="1.5",
+                FLUSHLINE_PROGRESS_INTERVAL="60",
+                FLUSHLINE_CHUNK_INTERVAL="60",
+            )
+            admin = Redis.from_url(redis_server.url)
+            stack.push_async_callback(admin.aclose)
+            async with aiohttp.ClientSession() as session:
+                # 4 tokens at 0.1 per second: nothing published for 10 s at a time.
+                job = await create(session, a, QUIET_JOB)
+                job_id = job["id"]
+                on_b = asyncio.create_task(stream(session, b, job_id))
+                await asyncio.sleep(1.0)
+                assert (await get_json(session, f"{a.url}/healthz"))["active_jobs"] == 1
+                a.process.send_signal(signal.SIGSTOP)
+                try:
+                    ended = await on_b
+                finally:
+                    a.process.send_signal(signal.SIGCONT)
+                resumed = time.monotonic()
+                active = 1
+                while active and time.monotonic() - resumed < STOPPED_WITHIN_S:
+                    await asyncio.sleep(0.1)
+                    active = (await get_json(session, f"{a.url}/healthz"))["active_jobs"]
+                await asyncio.sleep(1.0)  # a renewal or two more: the lease stays the sweeper's
+                on_a = await get_json(session, f"{a.url}/api/jobs/{job_id}")
+                replay = await stream(session, b, job_id)
+            lease = await admin.exists(f"flushline:job:{job_id}:lease")
+            in_leases = await admin.zscore("flushline:leases", job_id)
+        assert_ended_by_lost_runner(ended)
+        assert active == 0
+        assert on_a["status"] == "failed"
+        assert on_a["error"].startswith("runner lost")
+        assert replay.payloads() == ended.payloads()  # A published nothing after the end
+        assert (lease, in_leases) == (0, None)  # A did not take the lease back
+        [finished] = [line for line in log_lines(a.log) if line.get("message") == "job finished"]
+        assert (finished["status"], finished["job_id"]) == ("failed", job_id)
+        assert finished["error"].startswith("runner lost")

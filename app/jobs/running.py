@@ -29,13 +29,17 @@ from app.jobs.pipelines import JobPlan, Pipeline
 from app.jobs.retention import Retention
 from app.jobs.runner import JobOutcome, run_job
 from app.jobs.snapshot_keeper import REDIS_LOST_REASON, SnapshotKeeper
-from app.jobs.store import JobSnapshot, JobStore, apply_event
+from app.jobs.store import JobSnapshot, JobStatus, JobStore, apply_event
 from strategies import FlushStrategy
 
 __all__ = ["RunningJob", "RunningJobs"]
 
 # The manager's logger: its lines keep their ``logger`` field since they moved here.
 log = structlog.get_logger("app.jobs.manager")
+
+#: The end this runner records for a job another instance ended (the store keeps that
+#: instance's end, whose reason says why).
+ENDED_ELSEWHERE = "ended by another instance"
 
 
 @attrs.define(eq=False)
@@ -222,11 +226,19 @@ class RunningJobs:
     async def _ended_elsewhere(self, run: RunningJob) -> JobOutcome:
         """The job's log was closed by another instance: take its end as this job's."""
         run.ended_elsewhere = True
+        ended = attrs.evolve(
+            run.job, status=JobStatus.FAILED, error=ENDED_ELSEWHERE, finished_at=time.time()
+        )
         try:
+            # A finished snapshot in the store is final: this one is refused (the other
+            # instance's end is there), and the store stops answering with the snapshot
+            # this runner kept of the job while it ran.
+            await self.store.put(ended)
             run.job = await self.store.get(run.job.id)
         except Exception as exc:
             if backend_outage(exc) is None:
                 raise
+            run.job = ended
         job = run.job
         status = job.status.value if job.status.finished else "failed"
         log.warning("job ended elsewhere; stopped here", status=status, error=job.error)

@@ -1,4 +1,4 @@
-"""The publish API across two ``flushline serve`` instances on one Redis.
+"""The publish API against real ``flushline serve`` processes (two on one Redis).
 
 A producer may publish each batch through either instance; every stream, on either,
 holds the same events once, in order. A producer killed with SIGKILL ends the job
@@ -19,9 +19,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
-from tests.support.process import read_log
+from tests.support.process import (
+    clean_env,
+    free_port,
+    read_log,
+    require_flushline_script,
+    server_process,
+    wait_accepting,
+)
 from tests.support.publishing import HttpProducer, assert_progress_rules, create_external
 from tests.support.redis import RedisServer
 from tests.support.sse_client import StreamRecord, read_stream
@@ -69,6 +77,10 @@ async def pair(
 async def watch(session: aiohttp.ClientSession, on: Instance, job_id: str) -> StreamRecord:
     url = f"{on.url}/api/jobs/{job_id}/stream?proxy_buffer=0"
     return await read_stream(session, url, timeout_s=30)
+
+
+async def watch_url(session: aiohttp.ClientSession, url: str) -> StreamRecord:
+    return await read_stream(session, f"{url}?proxy_buffer=0", timeout_s=30)
 
 
 async def snapshot(session: aiohttp.ClientSession, on: Instance, job_id: str) -> Any:
@@ -202,3 +214,56 @@ class TestProducerLost:
             assert any(p["type"] == "chunk" for p in payloads)
             assert record.events[-1].at - killed_at < PRODUCER_TIMEOUT_S + 2
         assert records[0].payloads() == records[1].payloads()
+
+
+@contextlib.asynccontextmanager
+async def memory_serve(tmp_path: pathlib.Path) -> AsyncIterator[str]:
+    """One ``flushline serve`` on the memory bus (it cancels the handlers of clients that
+    leave, as deployed); yields its base URL."""
+    script = require_flushline_script()
+    port = free_port()
+    env = clean_env(FLUSHLINE_LOG_LEVEL="warning")
+    argv = [script, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    async with server_process(argv, env, tmp_path / "serve.log") as process:
+        await wait_accepting(process, port)
+        yield f"http://127.0.0.1:{port}"
+
+
+async def abandon(base: str, job_id: str, token: str, seq: int, events: list[Any]) -> None:
+    """Send a whole publish request, then close the connection without reading the answer."""
+    body = orjson.dumps({"producer_seq": seq, "events": events})
+    host, port = base.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /api/jobs/{job_id}/events HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    writer.transport.abort()
+
+
+class TestAbandonedRequests:
+    """A producer that gives up on its request never leaves half a batch published."""
+
+    async def test_a_batch_whose_client_left_is_published_whole_or_not_at_all(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        """Twenty batches of 100 events, each sent and abandoned at once (the server cancels
+        the handler), then retried: each batch is in the log exactly once, whole."""
+        async with memory_serve(tmp_path) as base, aiohttp.ClientSession() as session:
+            job = await create_external(session, base, ["work"])
+            producer = HttpProducer(session, base, job["id"], job["publish_token"])
+            await producer.publish({"type": "step_started", "step": "work"})
+            for round_ in range(20):
+                events = [{"type": "insight", "text": f"r{round_}-{i}"} for i in range(100)]
+                await abandon(base, job["id"], job["publish_token"], producer.seq + 1, events)
+                await asyncio.sleep(0.05)
+                await producer.publish(*events)
+            await producer.publish({"type": "succeeded"})
+            record = await watch_url(session, f"{base}/api/jobs/{job['id']}/stream")
+        insights = [p["text"] for p in record.payloads() if p["type"] == "insight"]
+        assert insights == [f"r{r}-{i}" for r in range(20) for i in range(100)]
+        duplicates = sum(answer["duplicate"] for answer in producer.answers)
+        assert 0 < duplicates <= 20  # some abandoned batches were published (whole)

@@ -27,6 +27,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import attrs
 import structlog
@@ -60,6 +61,7 @@ PRODUCER_LOST = "producer_lost"
 SWEEP_EVERY_S = 0.5
 
 Refresh = Callable[[JobSnapshot], Awaitable[JobSnapshot]]
+T = TypeVar("T")
 
 
 def release_publisher(bus: EventBus, job_id: str) -> None:
@@ -141,6 +143,8 @@ class ExternalJobs:
     #: the one task that waits for it (app-owned: cancelled by :meth:`aclose`).
     _flush_at: dict[str, float] = attrs.Factory(dict)
     _flushers: dict[str, asyncio.Task[None]] = attrs.Factory(dict)
+    #: Publishes and ends under way, shielded from their callers' cancellation.
+    _whole_tasks: set[asyncio.Future[Any]] = attrs.Factory(set)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -180,6 +184,15 @@ class ExternalJobs:
             raise JobNotFound(job_id)
         return state
 
+    async def _whole(self, work: Awaitable[T]) -> T:
+        """Run ``work`` to its end even if the caller is cancelled (a producer that gave up
+        waiting for its answer): half a batch published and not recorded would be
+        published again by the retry. The task is kept until it ends."""
+        task = asyncio.ensure_future(work)
+        self._whole_tasks.add(task)
+        task.add_done_callback(self._whole_tasks.discard)
+        return await asyncio.shield(task)
+
     async def publish(
         self, job_id: str, producer_seq: int, events: Sequence[ProducerEvent]
     ) -> PublishResult:
@@ -188,8 +201,14 @@ class ExternalJobs:
         A batch already accepted is a duplicate (nothing published); otherwise a finished
         job is ``JobAlreadyFinished``, a gap ``ProducerSeqGap``, a producer over its rate
         ``PublishRateLimited``, over its bytes ``TooLarge``; a refused event
-        ``InvalidField``. Nothing is published unless the whole batch is.
+        ``InvalidField``. Nothing is published unless the whole batch is, and a batch
+        begun is finished whatever happens to its request.
         """
+        return await self._whole(self._publish_batch(job_id, producer_seq, events))
+
+    async def _publish_batch(
+        self, job_id: str, producer_seq: int, events: Sequence[ProducerEvent]
+    ) -> PublishResult:
         async with self.producers.locked(job_id):
             state = await self._state(job_id)
             if producer_seq <= state.producer_seq:
@@ -248,7 +267,7 @@ class ExternalJobs:
             while (at := self._flush_at.pop(job_id, None)) is not None:
                 await asyncio.sleep(max(at - time.time(), 0.0))
                 try:
-                    await self._flush(job_id)
+                    await self._whole(self._flush(job_id))
                 except Exception as exc:
                     if backend_outage(exc) is None and not isinstance(exc, ProducerBusy):
                         log.exception("producer flush failed", job_id=job_id)
@@ -272,9 +291,11 @@ class ExternalJobs:
             self._flush_at[job_id] = min(deadline, self._flush_at.get(job_id, deadline))
 
     async def aclose(self) -> None:
-        """Stop the flush tasks (the app's shutdown)."""
+        """Stop the flush tasks and let the publishes under way end (the app's shutdown)."""
         for task in list(self._flushers.values()):
             await cancel_and_wait(task)
+        if self._whole_tasks:
+            await asyncio.wait(list(self._whole_tasks))
 
     def _cadence(self, state: ProducerState) -> Cadence:
         return self.cadence_of(str(state.emitter["strategy"]))
@@ -289,6 +310,15 @@ class ExternalJobs:
     ) -> bool:
         """End the open job with ``events`` under its lock; False if it had already ended
         (or, with ``silent_before``, if its producer has published since)."""
+        return await self._whole(self._end_now(job_id, status, events, silent_before))
+
+    async def _end_now(
+        self,
+        job_id: str,
+        status: str,
+        events: Callable[[Translator], list[AnyEvent]],
+        silent_before: float | None,
+    ) -> bool:
         async with self.producers.locked(job_id):
             state = await self._state(job_id)
             if state.status is not None:

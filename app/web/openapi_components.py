@@ -213,7 +213,8 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
                     "enum": [*pipelines, EXTERNAL_PIPELINE],
                     "default": "demo",
                     "description": f"`{EXTERNAL_PIPELINE}`: a job its producer publishes "
-                    "(`POST /api/jobs/{job_id}/events`), with its declared `steps`.",
+                    "(`POST /api/jobs/{job_id}/events`), with its declared `steps`; it stays "
+                    "`queued` until the producer's first publish, then `running`.",
                 },
                 "steps": {
                     "type": "array",

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -36,6 +36,9 @@ from tests.support.process import (
     wait_accepting,
 )
 from tests.support.registry import require_registry
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +75,22 @@ def _without_pythonpath(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def flushline(tmp_path: pathlib.Path) -> AsyncIterator[str]:
-    """``flushline serve`` with auth on (an API token), on a free loopback port."""
+def example_port() -> int:
+    """The example's port, known before Flushline starts (its origin may read streams)."""
+    return free_port()
+
+
+@pytest.fixture
+async def flushline(tmp_path: pathlib.Path, example_port: int) -> AsyncIterator[str]:
+    """``flushline serve`` with auth on (an API token), on a free loopback port, letting the
+    example's page (its origin) read streams."""
     script = require_flushline_script()
     port = free_port()
     env = clean_env(
-        FLUSHLINE_HOST="127.0.0.1", FLUSHLINE_PORT=str(port), FLUSHLINE_API_TOKEN=API_TOKEN
+        FLUSHLINE_HOST="127.0.0.1",
+        FLUSHLINE_PORT=str(port),
+        FLUSHLINE_API_TOKEN=API_TOKEN,
+        FLUSHLINE_CORS_ORIGINS=f"http://127.0.0.1:{example_port}",
     )
     log = tmp_path / "flushline.log"
     async with server_process([script, "serve"], env, log) as process:
@@ -88,10 +101,10 @@ async def flushline(tmp_path: pathlib.Path) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def example(
-    example_python: pathlib.Path, flushline: str, tmp_path: pathlib.Path
+    example_python: pathlib.Path, flushline: str, example_port: int, tmp_path: pathlib.Path
 ) -> AsyncIterator[str]:
     """The example under uvicorn, from its folder, in its venv; its base URL."""
-    port = free_port()
+    port = example_port
     env = _without_pythonpath(
         FLUSHLINE_URL=flushline, FLUSHLINE_API_TOKEN=API_TOKEN, AGENT_STEP_SECONDS="1.0"
     )
@@ -123,6 +136,17 @@ async def agent_state(session: aiohttp.ClientSession, example: str, job_id: str)
     async with session.get(f"{example}/api/reports/{job_id}") as response:
         assert response.status == 200, await response.text()
         return str((await response.json())["agent"])
+
+
+async def settled_state(
+    session: aiohttp.ClientSession, example: str, job_id: str, within_s: float = 5.0
+) -> str:
+    """The agent's state once it is no longer running (it must stop within ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    while (state := await agent_state(session, example, job_id)) == "running":
+        assert time.monotonic() < deadline, "the agent kept running"
+        await asyncio.sleep(0.05)
+    return state
 
 
 class TestFastAPIExample:
@@ -173,7 +197,7 @@ class TestFastAPIExample:
                 async for event in watch_job(stream):
                     events.append(event)
             took_s = time.monotonic() - started
-            assert await agent_state(session, example, report["job_id"]) == "succeeded"
+            assert await settled_state(session, example, report["job_id"]) == "succeeded"
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         assert [e.data["step"] for e in events if e.type == "step_started"] == STEPS
         overall = [e.data["overall_pct"] for e in events if e.type == "step_progress"]
@@ -198,11 +222,37 @@ class TestFastAPIExample:
                     if event.type == "step_started" and event.data["step"] == "outline":
                         break
             await cancel_job(flushline, job_id, token=API_TOKEN)
-            cancelled_at = time.monotonic()
-            while (state := await agent_state(session, example, job_id)) == "running":
-                assert time.monotonic() - cancelled_at < 2.0, "the agent kept running"
-                await asyncio.sleep(0.05)
+            state = await settled_state(session, example, job_id, within_s=2.0)
             events = [e async for e in watch_job(report["stream"])]
         assert state == "cancelled"
         assert events[-1].data["status"] == "cancelled"
         assert "review" not in [e.data.get("step") for e in events if e.type == "step_started"]
+
+    async def test_its_page_shows_the_progress_and_the_report(
+        self, example: str, browser: Browser
+    ) -> None:
+        """The example's own page in Chromium: the button starts a report, the bar takes
+        rising values from Flushline's stream (another origin), then 100 and the text."""
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.goto(f"{example}/")
+        await page.click("button")
+        values: list[float] = []
+        deadline = time.monotonic() + 30
+        while (await page.text_content("#insight")) != "Job succeeded.":
+            assert time.monotonic() < deadline, (values, await page.text_content("#insight"))
+            values.append(await page.evaluate("() => document.getElementById('progress').value"))
+            await asyncio.sleep(0.1)
+        values.append(await page.evaluate("() => document.getElementById('progress').value"))
+        text = await page.text_content("#text")
+        await context.close()
+        assert values == sorted(values), values
+        assert values[-1] == 100
+        assert len({v for v in values if 0 < v < 100}) >= 5, values
+        assert text is not None
+        assert text.startswith("research of heat pumps, part 1. ")
+        assert text.endswith("review of heat pumps, part 8. ")
+        assert errors == []

@@ -93,7 +93,7 @@ async def report_state(job_id: str) -> dict[str, str]:
 
 
 PAGE = """<!doctype html>
-<html lang="en"><meta charset="utf-8"><title>Report writer</title>
+<html lang="en"><meta charset="utf-8"><title>Report writer</title><link rel="icon" href="data:,">
 <body>
 <h1>Report writer</h1>
 <form id="start"><input id="topic" value="heat pumps" aria-label="Topic">

@@ -317,7 +317,7 @@ class TestUrls:
 #: 5 tokens at 0.1 tokens/s: the job emits its opening events, then nothing for 10 s.
 QUIET_JOB = {"steps": 1, "tokens_per_step": 5, "tokens_per_second": 0.1}
 PARTIAL_POST = (
-    b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     b'Content-Length: 100\r\n\r\n{"opt'
 )
 
@@ -349,7 +349,7 @@ async def test_client_gone_before_headers_is_an_info_line(tmp_path: pathlib.Path
                 after = (await response.json())["last_event_id"]
         await send_and_leave(port, PARTIAL_POST)
         poll = f"/api/jobs/{job['id']}/events?after={after}&wait_s=20"
-        await send_and_leave(port, f"GET {poll} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await send_and_leave(port, f"GET {poll} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         lines = await stop(process, log)
     assert [line for line in lines if line["severity"] not in ("INFO", "DEBUG")] == []
     requests = [line for line in lines if line["message"] == "request"]

@@ -35,10 +35,10 @@ from tests.support.sse_client import read_stream
 
 EXIT_TIMEOUT_S = 10.0
 #: A request aiohttp's parser rejects, logging the error with its traceback.
-MALFORMED_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
+MALFORMED_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n"
 #: A POST whose body never arrives in full: the client leaves before any answer.
 PARTIAL_POST = (
-    b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     b'Content-Length: 100\r\n\r\n{"opt'
 )
 

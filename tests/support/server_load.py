@@ -119,7 +119,7 @@ async def open_raw_stream(
 ) -> tuple[RawAnswer, asyncio.StreamReader, asyncio.StreamWriter]:
     """GET ``path`` and read the answer's head (and a refusal's body); the rest is unread."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     try:
         async with asyncio.timeout(timeout_s):
             head = parse_answer(await reader.readuntil(b"\r\n\r\n"))
@@ -141,7 +141,7 @@ async def drip(
     is recorded and (``reconnect``) the client comes back, as an attacker would.
     """
     answers: list[bytes] = []
-    head = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 10_000
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 10_000
     while not stop.is_set():
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -266,7 +266,7 @@ async def dead_peer(
             {"options": {"steps": 1, "tokens_per_step": 1000, "tokens_per_second": 0.1}}
         )
         writer.write(
-            b"POST /api/jobs HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         job_id = orjson.loads((await reader.read()).partition(b"\r\n\r\n")[2])["id"]

@@ -182,6 +182,35 @@ class TestRetries:
         assert [d["step"] for d in of_type(events, "step_started")] == ["research", "write"]
         assert events[-1].data["status"] == "succeeded"
 
+    async def test_timed_out_answers_publish_every_event_exactly_once(self) -> None:
+        """Every fourth answer held back past request_timeout_s: the publisher posts the same
+        batch again, the service answers it is a duplicate, each event lands once."""
+        async with serve() as base, publish_proxy(base, stall_every=4, stall_s=1.0) as proxy:
+            job = await create_external_job(base, STEPS)
+            async with Publisher(
+                proxy.url,
+                job.id,
+                job.publish_token,
+                batch_window_s=0.01,
+                request_timeout_s=0.3,
+                first_backoff_s=0.02,
+            ) as pub:
+                for n in range(40):
+                    await pub.insight(f"insight {n}")
+                    await asyncio.sleep(0.02)
+                await pub.failed("enough")
+            events = await events_of(job)
+        stalled = [at for at, post in enumerate(proxy.posts) if post.stalled]
+        assert len(stalled) >= 3, len(proxy.posts)
+        for at in stalled:
+            again = proxy.posts[at + 1]
+            assert again.body == proxy.posts[at].body
+        assert pub.stats.duplicates >= len(stalled)
+        assert [d["text"] for d in of_type(events, "insight")] == [
+            f"insight {n}" for n in range(40)
+        ]
+        assert_gapless(events)
+
     async def test_a_rate_limited_batch_waits_for_retry_after(self) -> None:
         """Over FLUSHLINE_PUBLISH_RATE, a 429's Retry-After is waited out (no post sooner), and
         every event still lands once, in order."""

@@ -7,6 +7,7 @@ the request (the connection closes instead), which is the case ``producer_seq`` 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -22,13 +23,15 @@ __all__ = ["Post", "PublishProxy", "publish_proxy"]
 
 @attrs.frozen
 class Post:
-    """One publish the proxy forwarded: when, what, the service's status, whether dropped."""
+    """One publish the proxy forwarded: when, what, the service's status, whether its answer
+    was dropped or held back."""
 
     at: float
     body: bytes
     status: int
     dropped: bool
     answered_at: float
+    stalled: bool = False
 
     @property
     def producer_seq(self) -> int:
@@ -45,10 +48,13 @@ class Post:
 @attrs.define
 class PublishProxy:
     """Forwards publishes to ``upstream``; records each; drops every ``drop_every``-th
-    answer (the service has processed that request: the client never hears of it)."""
+    answer (the service has processed that request: the client never hears of it), or
+    holds every ``stall_every``-th answer back for ``stall_s`` (the client times out)."""
 
     upstream: str
     drop_every: int | None = None
+    stall_every: int | None = None
+    stall_s: float = 0.0
     url: str = ""
     posts: list[Post] = attrs.Factory(list)
     session: aiohttp.ClientSession | None = None
@@ -71,8 +77,12 @@ class PublishProxy:
             answer_headers = {
                 k: v for k, v in upstream.headers.items() if k.lower() in FORWARDED_BACK
             }
-        drop = self.drop_every is not None and (len(self.posts) + 1) % self.drop_every == 0
-        self.posts.append(Post(at, body, status, drop, time.monotonic()))
+        number = len(self.posts) + 1
+        drop = self.drop_every is not None and number % self.drop_every == 0
+        stall = self.stall_every is not None and number % self.stall_every == 0
+        self.posts.append(Post(at, body, status, drop, time.monotonic(), stall))
+        if stall:
+            await asyncio.sleep(self.stall_s)
         if drop:
             assert request.transport is not None
             request.transport.close()  # the answer is lost; the service did the work
@@ -85,10 +95,14 @@ FORWARDED_BACK = frozenset({"content-type", "retry-after"})
 
 @contextlib.asynccontextmanager
 async def publish_proxy(
-    upstream: str, drop_every: int | None = None
+    upstream: str,
+    drop_every: int | None = None,
+    *,
+    stall_every: int | None = None,
+    stall_s: float = 0.0,
 ) -> AsyncIterator[PublishProxy]:
     """Serve a :class:`PublishProxy` in front of ``upstream``'s publish API."""
-    proxy = PublishProxy(upstream, drop_every)
+    proxy = PublishProxy(upstream, drop_every, stall_every, stall_s)
     app = web.Application()
     app.router.add_post("/api/jobs/{job}/events", proxy.handle)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)

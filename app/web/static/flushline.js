@@ -47,8 +47,30 @@
  *
  * A dropped stream (network error, or the response ends without `done`) is resumed from
  * the last seq after the server's `retry:` delay (doubling per failure up to
- * maxRetryMs); a 5xx does the same; 400, 404 and 410 are fatal. Long-poll asks
+ * maxRetryMs); a 5xx does the same; 400 and 404 are fatal. Long-poll asks
  * `.../events?after=N&wait_s=S&limit=L` again as soon as each answer is applied.
+ *
+ * STAYING ALIVE while the job lives (docs/client.md, "A watcher that never dies"):
+ *
+ *  410 gap         The server no longer keeps the events after our resume point (we fell
+ *                  behind a fast job). Fetch the job's snapshot (option getSnapshot, else
+ *                  GET /api/jobs/{id} with options.headers), apply its progress, steps
+ *                  and result, report a gap (state.gaps, option onGap) and resume from
+ *                  the oldest kept event (the 410 names it; else the snapshot's
+ *                  last_event_id). maxResyncs (5) gaps in a row without a new event are
+ *                  fatal.
+ *  token refresh   With auth on, the URL's `token` carries its expiry. Before a request
+ *                  whose token expires within min(tokenRefreshMarginMs (30000), a
+ *                  quarter of its lifetime), the option hook getStreamUrl (async, a fresh
+ *                  stream URL) is called; a 401/403 answer calls it once more and retries
+ *                  before giving up.
+ *  empty polls     A long-poll answered empty in under half its wait_s (a draining
+ *                  instance) waits pollBackoffMs (250) before the next, doubling up to
+ *                  maxPollBackoffMs (10000), instead of asking again at once.
+ *  not ours        A 200 stream answer that is not text/event-stream (or a poll answer
+ *                  that is not JSON): a captive portal or a login page. It is retried
+ *                  like a drop, and maxWrongAnswers (3) in a row are fatal with an error
+ *                  that says so.
  *
  * Every decision is logged (log.info) and kept in state.decisions; state.transport,
  * state.measuredBlock, state.proxyBuffer and state.reason describe the current one.
@@ -71,6 +93,11 @@ export const DEFAULTS = Object.freeze({
   pollLimit: 1000,
   retryMs: 1000,
   maxRetryMs: 10000,
+  maxResyncs: 5,
+  tokenRefreshMarginMs: 30000,
+  pollBackoffMs: 250,
+  maxPollBackoffMs: 10000,
+  maxWrongAnswers: 3,
   /** "auto" (fetch stream, else EventSource), or force "fetch-stream", "eventsource", "long-poll". */
   transport: "auto",
   /** Resume point to start from (0: the whole history). */
@@ -79,7 +106,8 @@ export const DEFAULTS = Object.freeze({
   maxArrivals: 500,
 });
 
-const FATAL_STATUSES = new Set([400, 401, 403, 404, 410]);
+const FATAL_STATUSES = new Set([400, 401, 403, 404]);
+const AUTH_STATUSES = new Set([401, 403]);
 const EVENT_TYPES = [
   "job_started",
   "step_started",
@@ -206,6 +234,9 @@ export function initialState() {
     bytes: 0,
     arrivals: [],
     connectionStartedAt: null,
+    /** Every gap: {afterSeq, resumeAfter, skipped, firstKept, snapshot, snapshotError, at}. */
+    gaps: [],
+    tokenRefreshes: 0,
   };
 }
 
@@ -248,8 +279,8 @@ export function applyEvent(state, data) {
     case "step_started": {
       state.status = "running";
       const step = stepFor(state, data.step, data.index);
-      step.status = "running";
-      state.currentStep = step.index;
+      if (step.status === "pending") step.status = "running";
+      if (step.status === "running") state.currentStep = step.index;
       break;
     }
     case "chunk": {
@@ -303,6 +334,66 @@ export function applyEvent(state, data) {
       break;
   }
   return true;
+}
+
+const STEP_RANK = { pending: 0, running: 1, succeeded: 2, failed: 2, cancelled: 2 };
+
+/**
+ * Apply a job snapshot (`GET /api/jobs/{id}`) to `state` after a gap: progress, steps
+ * (status, pct, tokens only ever move forward) and the result or error so far. It never
+ * ends the watch: `done` still comes as an event. Step texts stay what arrived (a
+ * snapshot carries none); the events after the gap add theirs.
+ */
+export function applySnapshot(state, snapshot) {
+  if (!snapshot || typeof snapshot !== "object") return;
+  if (snapshot.id && !state.jobId) state.jobId = snapshot.id;
+  if (state.status === "queued" && snapshot.status && snapshot.status !== "queued") state.status = "running";
+  raisePct(state, snapshot.progress);
+  const declared = Array.isArray(snapshot.steps) ? snapshot.steps : [];
+  // The snapshot's order is the job's: steps first met by name (events after a gap) move
+  // to their place, keeping their text.
+  const byName = new Map(state.steps.map((step) => [step.name, step]));
+  const ordered = declared.map((s) => {
+    const step = byName.get(s.name) || { name: s.name, status: "pending", pct: 0, tokens: 0, text: "" };
+    byName.delete(s.name);
+    return step;
+  });
+  state.steps = [...ordered, ...byName.values()];
+  state.steps.forEach((step, index) => {
+    step.index = index;
+  });
+  declared.forEach((s, index) => {
+    const step = state.steps[index];
+    if (typeof s.pct === "number" && s.pct > step.pct) step.pct = s.pct;
+    if (typeof s.tokens === "number" && s.tokens > step.tokens) step.tokens = s.tokens;
+    if ((STEP_RANK[s.status] ?? -1) > (STEP_RANK[step.status] ?? 0)) step.status = s.status;
+    if (s.status === "running") state.currentStep = index;
+  });
+  if (state.currentStep !== null && state.steps[state.currentStep]?.status !== "running") state.currentStep = null;
+  if (snapshot.result != null) state.result = snapshot.result;
+  if (snapshot.error != null) state.error = snapshot.error;
+}
+
+/**
+ * The expiry (Unix ms) of the stream token in `url`'s `?token=`, or null: the token is
+ * `<base64url(job_id NUL expiry_ms)>.<signature>` (app/web/auth.py).
+ */
+export function streamTokenExpiry(url, base = baseHref()) {
+  let token;
+  try {
+    token = new URL(url, base).searchParams.get("token");
+  } catch {
+    return null;
+  }
+  if (!token || !token.includes(".")) return null;
+  const payload = token.slice(0, token.indexOf("."));
+  try {
+    const text = atob(payload.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((payload.length + 3) % 4));
+    const expires = Number(text.slice(text.lastIndexOf("\0") + 1));
+    return Number.isFinite(expires) && expires > 0 ? expires : null;
+  } catch {
+    return null;
+  }
 }
 
 // ------------------------------------------------------------------------ sensing (pure)
@@ -486,6 +577,14 @@ export function pollUrl(streamUrl, after, waitS, limit, base = baseHref()) {
   return u.href;
 }
 
+/** The job's snapshot URL of a stream URL: `/stream` dropped, and its query (a stream token does not open it). */
+export function snapshotUrl(streamUrl, base = baseHref()) {
+  const u = new URL(streamUrl, base);
+  u.pathname = u.pathname.replace(/\/stream\/?$/, "");
+  u.search = "";
+  return u.href;
+}
+
 // ------------------------------------------------------------------------ the watcher
 
 function fetchStreamingAvailable() {
@@ -504,13 +603,25 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 class FatalError extends Error {}
 
 async function errorMessage(response) {
+  return (await errorOf(response)).text;
+}
+
+/** An error answer: {status, code, message, text (one line for logs and errors)}. */
+async function errorOf(response) {
   try {
     const body = await response.json();
-    if (body && body.error) return `${response.status} ${body.error.code}: ${body.error.message}`;
+    if (body && body.error) {
+      const { code, message } = body.error;
+      return { status: response.status, code, message, text: `${response.status} ${code}: ${message}` };
+    }
   } catch {
     // not JSON: fall through
   }
-  return `HTTP ${response.status}`;
+  return { status: response.status, code: null, message: "", text: `HTTP ${response.status}` };
+}
+
+function contentTypeOf(response) {
+  return (response.headers.get("Content-Type") || "").split(";")[0].trim().toLowerCase();
 }
 
 class Watcher {
@@ -529,6 +640,11 @@ class Watcher {
     this._hintAttempts = 0;
     this._minLagMs = Infinity;
     this._eventSource = null;
+    this._urlSince = Date.now();
+    this._resyncs = 0;
+    this._authRetried = false;
+    this._wrongAnswers = 0;
+    this._emptyPolls = 0;
     this.done = new Promise((resolve, reject) => {
       this._resolve = resolve;
       this._reject = reject;
@@ -671,8 +787,145 @@ class Watcher {
       this._emit();
       if (data.type === "done") this._finish(`done (${data.status})`);
     }
-    if (fresh) this._failures = 0;
+    if (fresh) {
+      this._failures = 0;
+      this._resyncs = 0;
+    }
     return fresh;
+  }
+
+  _requestHeaders(extra) {
+    return { ...(this.options.headers || {}), ...extra };
+  }
+
+  // -- staying alive: gaps, tokens, answers that are not ours
+
+  /** Call getStreamUrl before a request whose token is about to expire (a failure only logs). */
+  async _refreshIfExpiring() {
+    if (typeof this.options.getStreamUrl !== "function") return;
+    const expires = streamTokenExpiry(this.streamUrl);
+    if (expires === null) return;
+    const now = Date.now();
+    const margin = Math.min(this.options.tokenRefreshMarginMs, Math.max(expires - this._urlSince, 0) / 4);
+    if (expires - now > margin) return;
+    try {
+      await this._refreshUrl(`the stream token expires in ${Math.round(expires - now)} ms`);
+    } catch (error) {
+      this.log.warn?.(`flushline: getStreamUrl failed (${error.message || error}); keeping the old URL`);
+    }
+  }
+
+  async _refreshUrl(why) {
+    const url = await this.options.getStreamUrl();
+    if (typeof url !== "string" || !url) throw new Error("getStreamUrl gave no URL");
+    this.streamUrl = url;
+    this._urlSince = Date.now();
+    this.state.tokenRefreshes += 1;
+    (this.log.info || this.log.log).call(this.log, `flushline: ${why}: stream URL refreshed`);
+  }
+
+  /**
+   * A non-2xx answer of the stream or a poll: "again" (a gap resynced, or a refreshed
+   * URL: ask at once), or why to back off and retry; throws FatalError when it is over.
+   */
+  async _refused(response, where, generation) {
+    const error = await errorOf(response);
+    if (response.status === 410) {
+      await this._resync(generation, error, where);
+      return "again";
+    }
+    if (AUTH_STATUSES.has(response.status) && typeof this.options.getStreamUrl === "function" && !this._authRetried) {
+      this._authRetried = true;
+      try {
+        await this._refreshUrl(`${where} answered ${error.text}`);
+      } catch (refreshError) {
+        throw new FatalError(`${where}: ${error.text}; getStreamUrl failed (${refreshError.message || refreshError})`);
+      }
+      return "again";
+    }
+    if (FATAL_STATUSES.has(response.status)) throw new FatalError(`${where}: ${error.text}`);
+    return `${where} answered ${error.text}`;
+  }
+
+  /** A 200 that is not Flushline's (wrong Content-Type): why to retry, or FatalError past the cap. */
+  _notOurs(where, type, expected) {
+    this._wrongAnswers += 1;
+    const what = `${where} answered 200 with Content-Type ${type || "(none)"}, not ${expected}`;
+    if (this._wrongAnswers >= this.options.maxWrongAnswers) {
+      throw new FatalError(
+        `${what} (${this._wrongAnswers} times in a row): something other than Flushline answers ` +
+          "(a captive portal, a login page or a misrouted proxy?)",
+      );
+    }
+    return what;
+  }
+
+  _answered() {
+    this._wrongAnswers = 0;
+    this._authRetried = false;
+  }
+
+  async _fetchSnapshot() {
+    if (typeof this.options.getSnapshot === "function") return await this.options.getSnapshot();
+    const response = await fetch(snapshotUrl(this.streamUrl), {
+      headers: this._requestHeaders({ Accept: "application/json" }),
+      cache: "no-store",
+    });
+    if (!response.ok) throw new Error(`snapshot: ${await errorMessage(response)}`);
+    return await response.json();
+  }
+
+  /**
+   * 410: the events after our resume point are gone. Apply the job's snapshot, report the
+   * gap, and move the resume point to just before the oldest kept event.
+   */
+  async _resync(generation, error, where) {
+    const o = this.options;
+    const s = this.state;
+    this._resyncs += 1;
+    if (this._resyncs > o.maxResyncs) {
+      throw new FatalError(`${where}: ${error.text} (${o.maxResyncs} gaps in a row without a new event)`);
+    }
+    const kept = /from seq (\d+)/.exec(error.message || "");
+    const firstKept = kept ? Number(kept[1]) : null;
+    let snapshot = null;
+    let snapshotError = null;
+    try {
+      snapshot = await this._fetchSnapshot();
+    } catch (failure) {
+      snapshotError = failure.message || String(failure);
+    }
+    if (!this._live(generation)) return;
+    let resumeAfter = firstKept !== null ? firstKept - 1 : null;
+    if (resumeAfter === null && snapshot && typeof snapshot.last_event_id === "number") resumeAfter = snapshot.last_event_id;
+    if (resumeAfter === null) {
+      throw new FatalError(`${where}: ${error.text}; and no snapshot to resume from (${snapshotError})`);
+    }
+    const afterSeq = s.lastEventId;
+    const gap = {
+      afterSeq,
+      resumeAfter: Math.max(resumeAfter, afterSeq),
+      skipped: Math.max(resumeAfter - afterSeq, 0),
+      firstKept,
+      snapshot,
+      snapshotError,
+      at: Date.now(),
+    };
+    if (snapshot) applySnapshot(s, snapshot);
+    s.lastEventId = gap.resumeAfter;
+    s.gaps.push(gap);
+    this.log.warn?.(
+      `flushline: gap: ${gap.skipped} events after seq ${afterSeq} are no longer kept; ` +
+        `${snapshot ? "applied the job's snapshot" : `no snapshot (${snapshotError})`}, resuming after seq ${gap.resumeAfter}`,
+    );
+    if (o.onGap) {
+      try {
+        o.onGap(gap, s);
+      } catch (failure) {
+        this.log.error?.("flushline: onGap threw", failure);
+      }
+    }
+    this._emit();
   }
 
   async _backoff(generation, why) {
@@ -692,6 +945,7 @@ class Watcher {
     while (this._live(generation)) {
       const outcome = await this._streamOnce(generation);
       if (outcome === "stop" || !this._live(generation)) return;
+      if (outcome === "again") continue;
       if (!(await this._backoff(generation, outcome))) return;
     }
   }
@@ -700,10 +954,12 @@ class Watcher {
   async _streamOnce(generation) {
     const o = this.options;
     const s = this.state;
+    await this._refreshIfExpiring();
+    if (!this._live(generation)) return "stop";
     const controller = new AbortController();
     this._controller = controller;
     const url = withParam(this.streamUrl, "proxy_buffer", s.proxyBuffer);
-    const headers = { Accept: "text/event-stream" };
+    const headers = this._requestHeaders({ Accept: "text/event-stream" });
     if (s.lastEventId > 0) headers["Last-Event-ID"] = String(s.lastEventId);
     const conn = { requestedAt: Date.now(), arrivals: [], offset: 0, acted: false };
     s.connectionStartedAt = conn.requestedAt;
@@ -731,10 +987,15 @@ class Watcher {
     }
     if (!response.ok) {
       this._clearTimer(firstByteTimer);
-      const message = await errorMessage(response);
-      if (FATAL_STATUSES.has(response.status)) throw new FatalError(`stream: ${message}`);
-      return `stream answered ${message}`;
+      return await this._refused(response, "stream", generation);
     }
+    const type = contentTypeOf(response);
+    if (type !== "text/event-stream") {
+      this._clearTimer(firstByteTimer);
+      controller.abort();
+      return this._notOurs("stream", type, "text/event-stream");
+    }
+    this._answered();
     const encoding = (response.headers.get("Content-Encoding") || "").trim().toLowerCase();
     if (o.sensing && encoding && encoding !== "identity") {
       this._switch("long-poll", `the stream arrives compressed (Content-Encoding: ${encoding}): a compressing proxy holds it`);
@@ -898,20 +1159,38 @@ class Watcher {
     const o = this.options;
     const s = this.state;
     while (this._live(generation)) {
+      await this._refreshIfExpiring();
+      if (!this._live(generation)) return;
       const controller = new AbortController();
       this._controller = controller;
       const url = pollUrl(this.streamUrl, s.lastEventId, o.pollWaitS, o.pollLimit);
+      const askedAt = Date.now();
       let body;
       try {
-        const response = await fetch(url, { signal: controller.signal, cache: "no-store", headers: { Accept: "application/json" } });
+        const response = await fetch(url, {
+          signal: controller.signal,
+          cache: "no-store",
+          headers: this._requestHeaders({ Accept: "application/json" }),
+        });
         if (!response.ok) {
-          const message = await errorMessage(response);
-          if (FATAL_STATUSES.has(response.status)) throw new FatalError(`long-poll: ${message}`);
-          if (!this._live(generation) || !(await this._backoff(generation, `long-poll answered ${message}`))) return;
+          const outcome = await this._refused(response, "long-poll", generation);
+          if (!this._live(generation)) return;
+          if (outcome !== "again" && !(await this._backoff(generation, outcome))) return;
           continue;
         }
+        const type = contentTypeOf(response);
         const text = await response.text();
-        body = JSON.parse(text);
+        try {
+          body = type === "application/json" ? JSON.parse(text) : null;
+        } catch {
+          body = null;
+        }
+        if (!body || !Array.isArray(body.events)) {
+          const why = this._notOurs("long-poll", type, "application/json with events");
+          if (!this._live(generation) || !(await this._backoff(generation, why))) return;
+          continue;
+        }
+        this._answered();
         s.bytes += text.length;
       } catch (error) {
         if (error instanceof FatalError) throw error;
@@ -926,10 +1205,20 @@ class Watcher {
         s.connected = true;
         s.reconnecting = false;
       }
-      const fresh = this._deliver(body.events || [], at, "long-poll");
+      const fresh = this._deliver(body.events, at, "long-poll");
       if (!fresh) this._emit();
-      if (this._live(generation) && body.done && !(body.events || []).length) {
+      if (this._live(generation) && body.done && !body.events.length) {
         this._finish("long-poll: the job is over and every event was seen");
+      }
+      // Empty at once (a draining instance, a proxy that answers for the server): wait
+      // before asking again, instead of a tight loop for as long as it lasts.
+      if (!body.events.length && !body.done && at - askedAt < (o.pollWaitS * 1000) / 2) {
+        this._emptyPolls += 1;
+        const delay = Math.min(o.pollBackoffMs * 2 ** (this._emptyPolls - 1), o.maxPollBackoffMs);
+        (this.log.info || this.log.log).call(this.log, `flushline: long-poll answered empty after ${at - askedAt} ms; next in ${delay} ms`);
+        await sleep(delay);
+      } else {
+        this._emptyPolls = 0;
       }
     }
   }

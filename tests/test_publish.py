@@ -641,7 +641,8 @@ class TestCadence:
         self, app_client: Client
     ) -> None:
         """Two values published back to back: the second, held to the end of its window,
-        reaches the watcher although no batch follows."""
+        reaches the watcher although no batch follows (and though a keep-alive flush was
+        already due later)."""
         job, producer = await external_job(app_client, ["only"])
         watcher = asyncio.create_task(watch(app_client, job["id"]))
         await wait_until(lambda: bus_of(app_client).subscriber_count(job["id"]) > 0, 5)
@@ -649,6 +650,8 @@ class TestCadence:
             {"type": "step_started", "step": "only"},
             {"type": "progress", "step": "only", "pct": 10},
         )
+        # Tokens that do not move the bar: the next flush is a keep-alive, seconds away.
+        await producer.publish({"type": "tokens", "step": "only", "count": 5, "text": "t"})
         sent_at = time.time()
         await producer.publish({"type": "progress", "step": "only", "pct": 20})
 

@@ -142,7 +142,7 @@ class ExternalJobs:
     #: Per job: when its cadence wants a flush between batches (wall-clock seconds), and
     #: the one task that waits for it (app-owned: cancelled by :meth:`aclose`).
     _flush_at: dict[str, float] = attrs.Factory(dict)
-    _flushers: dict[str, asyncio.Task[None]] = attrs.Factory(dict)
+    _flushers: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = attrs.Factory(dict)
     #: Publishes and ends under way, shielded from their callers' cancellation.
     _whole_tasks: set[asyncio.Future[Any]] = attrs.Factory(set)
 
@@ -254,18 +254,31 @@ class ExternalJobs:
 
     def _want_flush(self, job_id: str, at: float) -> None:
         """Have the job's cadence flushed at ``at`` unless a batch comes first."""
-        self._flush_at[job_id] = min(at, self._flush_at.get(job_id, at))
-        if job_id not in self._flushers:
-            self._flushers[job_id] = asyncio.create_task(
-                self._flusher(job_id), name=f"producer-flush:{job_id}"
-            )
+        current = self._flush_at.get(job_id)
+        if current is not None and current <= at:
+            return
+        self._flush_at[job_id] = at
+        waiting = self._flushers.get(job_id)
+        if waiting is None:
+            wake = asyncio.Event()
+            task = asyncio.create_task(self._flusher(job_id, wake), name=f"producer-flush:{job_id}")
+            self._flushers[job_id] = (task, wake)
+        else:
+            waiting[1].set()  # an earlier deadline than the one it sleeps for
 
-    async def _flusher(self, job_id: str) -> None:
+    async def _flusher(self, job_id: str, wake: asyncio.Event) -> None:
         """Between batches, publish what the cadence holds (a progress value at the end of
         its window) when it is due; ends when nothing more is wanted."""
         try:
-            while (at := self._flush_at.pop(job_id, None)) is not None:
-                await asyncio.sleep(max(at - time.time(), 0.0))
+            while (at := self._flush_at.get(job_id)) is not None:
+                wake.clear()
+                delay_s = at - time.time()
+                if delay_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay_s):
+                            await wake.wait()
+                    continue  # the deadline may have moved earlier: read it again
+                del self._flush_at[job_id]
                 try:
                     await self._whole(self._flush(job_id))
                 except Exception as exc:
@@ -288,11 +301,11 @@ class ExternalJobs:
                 await self.producers.save(job_id, saved, expected_seq=state.producer_seq)
             deadline = translator.deadline()
         if deadline is not None and deadline > now:
-            self._flush_at[job_id] = min(deadline, self._flush_at.get(job_id, deadline))
+            self._want_flush(job_id, deadline)
 
     async def aclose(self) -> None:
         """Stop the flush tasks and let the publishes under way end (the app's shutdown)."""
-        for task in list(self._flushers.values()):
+        for task, _ in list(self._flushers.values()):
             await cancel_and_wait(task)
         if self._whole_tasks:
             await asyncio.wait(list(self._whole_tasks))
@@ -369,6 +382,8 @@ class ExternalJobs:
     async def _ended(self, job_id: str, status: str) -> None:
         """The job's last event is out: close its log, settle its bytes, log its end."""
         await self.bus.close(job_id)
+        if self._flush_at.pop(job_id, None) is not None and job_id in self._flushers:
+            self._flushers[job_id][1].set()  # nothing more to flush: let its task end
         started = self._open.pop(job_id, None)
         if started is not None:
             self.retention.settle(job_id)

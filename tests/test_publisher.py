@@ -337,6 +337,32 @@ class TestCancel:
                     await pub.progress("research", 50)
             assert pub.stats.idle_heartbeats >= 1
 
+    async def test_a_failing_on_cancel_hook_is_logged_and_the_cancel_still_surfaces(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """on_cancel raising: logged; the flag turns and the next call raises JobCancelled."""
+
+        def hook() -> None:
+            raise RuntimeError("hook broke")
+
+        async with serve() as base:
+            job = await create_external_job(base, STEPS)
+
+            def worker() -> None:
+                with SyncPublisher(
+                    base, job.id, job.publish_token, on_cancel=hook, heartbeat_interval_s=0.1
+                ) as pub:
+                    pub.step_started("research")
+                    pub.flush()
+                    asyncio.run(cancel_job(base, job.id))
+                    assert pub.wait_cancelled(2)
+                    pub.insight("after")
+
+            with pytest.raises(JobCancelled):
+                await asyncio.to_thread(worker)
+        assert "on_cancel of the publisher of job" in caplog.text
+        assert "hook broke" in caplog.text
+
 
 class TestEnding:
     """How the block ends is how the job ends: failed with the error, or said so."""

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import email.utils
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +52,8 @@ from flushline_client.errors import (
 )
 
 __all__ = ["PublishAck", "Publisher", "PublisherStats"]
+
+log = logging.getLogger(__name__)
 
 #: At most this much of an exception's text goes into the ``failed`` event.
 MAX_ERROR_CHARS = 2000
@@ -464,7 +467,10 @@ class Publisher:
         if isinstance(error, JobCancelled):
             self._cancelled.set()
             if self._on_cancel is not None:
-                self._on_cancel()
+                try:
+                    self._on_cancel()
+                except Exception:  # the caller's hook: its failure must not stop the sender's
+                    log.exception("on_cancel of the publisher of job %s failed", self.job_id)
 
 
 def _retry_after_s(value: str | None) -> float | None:

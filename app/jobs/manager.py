@@ -8,6 +8,10 @@ publishes its events and ends it, riding out a lost Redis (:mod:`app.jobs.snapsh
 It also answers cancels (here or on the instance that runs the job), drains and shuts
 down; with other instances, :mod:`app.jobs.maintenance` watches cancels, renews this
 instance's leases and sweeps lost runners.
+
+An external job (``"pipeline": "external"``) is created here too, within the same
+bounds and budget, but runs nowhere: :mod:`app.jobs.external_jobs` publishes what its
+producer sends, cancels it and ends it when its producer goes silent.
 """
 
 from __future__ import annotations

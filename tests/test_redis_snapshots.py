@@ -186,6 +186,25 @@ class TestStatusIndexes:
         assert sorted(job.id for job in listed) == sorted(job.id for job in running)
         assert reads < 20, reads
 
+    async def test_an_owners_listing_reads_only_their_jobs(self, instances: Instances) -> None:
+        """One owner's 2 jobs behind 400 of another owner's: a handful of keys read."""
+        template = await instances.start()
+        mine = [
+            attrs.evolve(template, id=f"mine-{n}-{uuid.uuid4().hex}", owner="fp-a") for n in (0, 1)
+        ]
+        for job in mine:
+            await instances.runner.add(job)
+        for n in range(400):
+            other = attrs.evolve(template, id=f"theirs-{n}-{uuid.uuid4().hex}", owner="fp-b")
+            await instances.runner.add(other)
+        before = await self.keyspace_reads(instances)
+        listed = await instances.reader.newest(limit=10, owner="fp-a")
+        reads = await self.keyspace_reads(instances) - before
+        assert sorted(job.id for job in listed) == sorted(job.id for job in mine)
+        assert reads < 20, reads
+        running = await instances.reader.newest(limit=10, status=JobStatus.RUNNING, owner="fp-a")
+        assert running == []
+
     async def test_a_write_outside_put_is_settled(self, instances: Instances) -> None:
         """A snapshot ended by another script (the sweeper's) moves index on settle_status,
         and a filtered listing that meets it in the old index settles it too."""

@@ -242,6 +242,21 @@ class TestListing:
         assert (await store.get(mine[1].id)).owner == "fp-a"
         assert "owner" not in mine[1].to_json()
 
+    async def test_owner_filter_after_discards(self, store: JobStore) -> None:
+        """An owner's discarded jobs leave their listing; their other jobs stay in order."""
+        mine = [snapshot(n, owner="fp-a") for n in range(4)]
+        for job in mine:
+            await store.add(job)
+        await store.add(snapshot(5, owner="fp-b"))
+        await store.discard(mine[1].id)
+        await store.discard(mine[3].id)
+        got = await store.newest(limit=10, owner="fp-a")
+        assert [j.id for j in got] == [mine[2].id, mine[0].id]
+        for job in (mine[0], mine[2]):
+            await store.discard(job.id)
+        assert await store.newest(limit=10, owner="fp-a") == []
+        assert len(await store.newest(limit=10, owner="fp-b")) == 1
+
     async def test_count(self, store: JobStore) -> None:
         """count follows adds and discards."""
         assert await store.count() == 0

@@ -18,9 +18,12 @@ on every instance, whatever the number of jobs kept; and a listing filtered by s
 reads that status's jobs only. Both count the jobs created within the TTL, as listings
 show them. The lost-runner sweeper writes a job's end in its own script: it (or a
 listing that meets the job in the wrong index) settles the index with
-:meth:`RedisJobStore.settle_status`. Jobs written by a version without these indexes are
-neither counted nor found by a filtered listing; they leave the plain listing within
-the TTL too.
+:meth:`RedisJobStore.settle_status`. With auth on, each owner's jobs have an index too,
+``{prefix}jobs:owner:{owner}`` (added with the job, expiring a TTL after the owner's
+newest job; an id whose snapshot is gone is dropped when a listing meets it): a listing
+for one owner reads that owner's jobs only. Jobs written by a version without these
+indexes are neither counted nor found by a filtered listing; they leave the plain
+listing within the TTL too.
 
 Costs: creating a job is one transaction (``SET``, ``ZADD``, trim). The instance that
 runs a job keeps its newest snapshot in memory until it finishes (the manager's
@@ -189,6 +192,10 @@ class RedisJobStore:
         """The index of the jobs whose stored snapshot has ``status``."""
         return f"{self.prefix}jobs:{status.value}"
 
+    def owner_index(self, owner: str) -> str:
+        """The index of the jobs created with the API token whose fingerprint is ``owner``."""
+        return f"{self.prefix}jobs:owner:{owner}"
+
     @property
     def _status_indexes(self) -> list[str]:
         return [self.status_index(status) for status in _STATUSES]
@@ -248,6 +255,11 @@ class RedisJobStore:
             pipe.zadd(self.status_index(job.status), {job.id: job.created_at})
             for index in (self._index, *self._status_indexes):
                 pipe.zremrangebyscore(index, "-inf", horizon)
+            if job.owner is not None:
+                owned = self.owner_index(job.owner)
+                pipe.zadd(owned, {job.id: job.created_at})
+                pipe.zremrangebyscore(owned, "-inf", horizon)
+                pipe.pexpire(owned, self._ttl_ms)
             await pipe.execute()
         self._remember(job)
 
@@ -290,8 +302,14 @@ class RedisJobStore:
         filtered = status is not None or owner is not None
         page = max(limit, LIST_PAGE) if filtered else limit
         horizon = self._horizon()
-        # Filtered by status, only that status's jobs are read.
-        index = self._index if status is None else self.status_index(status)
+        # The narrowest index that holds every job the filters let through.
+        status_only = status if owner is None else None
+        if owner is not None:
+            index = self.owner_index(owner)
+        elif status_only is not None:
+            index = self.status_index(status_only)
+        else:
+            index = self._index
         while len(out) < limit:
             ids = cast(
                 list[bytes],
@@ -305,14 +323,14 @@ class RedisJobStore:
             gone = [job_id for job_id, raw in zip(ids, raws, strict=True) if raw is None]
             if gone:  # expired: the indexes forget them as they meet them
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for each in (self._index, *self._status_indexes):
+                    for each in dict.fromkeys((index, self._index, *self._status_indexes)):
                         pipe.zrem(each, *gone)
                     await pipe.execute()
             stored = [snapshot_from_json(r) for r in raws if r]
-            if status is not None:
+            if status_only is not None:
                 # Written by the sweeper's own script: the index follows now.
                 for job in stored:
-                    if job.status is not status:
+                    if job.status is not status_only:
                         await self.settle_status(job.id)
             for job in await self._current(stored):
                 if job.listed(status, owner):

@@ -246,9 +246,9 @@ class JobStore(Protocol):
 class MemoryJobStore:
     """In-process :class:`JobStore`; insertion order is creation order.
 
-    Each status has its own index, the jobs' places in creation order: a listing
-    filtered by status walks that status's jobs only, and the counts per status are the
-    indexes' lengths.
+    Each status, and each owner, has its own index, the jobs' places in creation order:
+    a listing filtered by owner walks that owner's jobs only, one filtered by status that
+    status's jobs only, and the counts per status are the indexes' lengths.
     """
 
     _jobs: dict[str, JobSnapshot] = attrs.Factory(dict)
@@ -260,6 +260,8 @@ class MemoryJobStore:
     _by_status: dict[JobStatus, list[int]] = attrs.field(
         factory=lambda: {status: [] for status in JobStatus}, init=False
     )
+    #: Per owner: the places of their jobs, ascending.
+    _by_owner: dict[str, list[int]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         for job in self._jobs.values():
@@ -271,15 +273,18 @@ class MemoryJobStore:
         self._places[job.id] = place
         self._at[place] = job.id
         self._by_status[job.status].append(place)  # the newest: at the end
+        if job.owner is not None:
+            self._by_owner.setdefault(job.owner, []).append(place)
 
     def _unindex(self, job: JobSnapshot) -> None:
         place = self._places.pop(job.id)
         del self._at[place]
-        self._remove(job.status, place)
-
-    def _remove(self, status: JobStatus, place: int) -> None:
-        places = self._by_status[status]
-        del places[bisect.bisect_left(places, place)]
+        _remove(self._by_status[job.status], place)
+        if job.owner is not None:
+            owned = self._by_owner[job.owner]
+            _remove(owned, place)
+            if not owned:
+                del self._by_owner[job.owner]
 
     async def add(self, job: JobSnapshot) -> None:
         old = self._jobs.pop(job.id, None)
@@ -301,16 +306,23 @@ class MemoryJobStore:
         self._jobs[job.id] = job
         if old.status is not job.status:
             place = self._places[job.id]
-            self._remove(old.status, place)
+            _remove(self._by_status[old.status], place)
             bisect.insort(self._by_status[job.status], place)
 
     async def newest(
         self, *, limit: int, status: JobStatus | None = None, owner: str | None = None
     ) -> list[JobSnapshot]:
-        if status is None:
+        # The narrowest index that holds every job the filters let through.
+        if owner is not None:
+            places = self._by_owner.get(owner, [])
+        elif status is not None:
+            places = self._by_status[status]
+        else:
+            places = None
+        if places is None:
             candidates = reversed(self._jobs.values())
         else:
-            candidates = (self._jobs[self._at[p]] for p in reversed(self._by_status[status]))
+            candidates = (self._jobs[self._at[p]] for p in reversed(places))
         out: list[JobSnapshot] = []
         for job in candidates:
             if job.listed(status, owner):
@@ -336,3 +348,8 @@ class MemoryJobStore:
 
     async def count_by_status(self) -> dict[JobStatus, int]:
         return {status: len(places) for status, places in self._by_status.items()}
+
+
+def _remove(places: list[int], place: int) -> None:
+    """Take ``place`` out of the ascending ``places``."""
+    del places[bisect.bisect_left(places, place)]

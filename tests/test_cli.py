@@ -212,7 +212,7 @@ class TestStartUp:
     async def test_one_start_up_line_with_the_effective_settings(
         self, tmp_path: pathlib.Path
     ) -> None:
-        """One `serving` line, before any request: strategy, bus, pipelines, address, limits, CORS."""
+        """One `serving` line before any request: strategy, bus, pipelines, address, limits."""
         port = free_port()
         env = clean_env(
             PORT=str(port),

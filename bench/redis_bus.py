@@ -1,4 +1,4 @@
-"""What the Redis bus costs Redis: commands per published event, idle cost, memory per job.
+"""What the Redis bus costs Redis: commands per event, connections, idle cost, memory per job.
 
 Run: ``python -m bench.redis_bus`` (about a minute; needs ``redis-server``, started here on a
 free port, never the machine's own). Counts come from Redis itself (``INFO
@@ -6,10 +6,14 @@ commandstats`` after ``CONFIG RESETSTAT``), so they include every command any in
 sent, and the commands Lua scripts ran. Two bus instances share the server, as two
 service processes would: A publishes, subscribers are split between A and B.
 
-* publish: events published on A through the bus alone, with 0 to 1,000 subscribers;
+* publish: events published on A through the bus alone, with 0 to 1,000 subscribers, and
+  the connections each instance holds meanwhile (its pool's and its readers');
 * job: one demo job run by the real ``JobManager`` on A with the Redis bus and job store
   (each event is also folded into the job's snapshot), watched from A and B;
 * idle: a job with watchers on both instances and nothing published for 3 s;
+* many jobs: 5,000 finished jobs each read once on B (as a long-poll with ``wait_s=0``
+  does: the snapshot, then the history) while a running job published on A is watched
+  on B: B's connections, the commands that waited for one, and the running job's lag;
 * lag: the memory bus (one instance) against the Redis bus (two), 1,000 subscribers;
 * memory: ``MEMORY USAGE`` of a finished demo job's keys.
 """
@@ -29,7 +33,7 @@ from redis.asyncio import Redis
 
 from app.bus import EventBus, MemoryEventBus
 from app.bus.redis import RedisEventBus
-from app.bus.redis_client import connect_redis
+from app.bus.redis_client import CountingPool, connect_redis
 from app.core.events import InsightEvent
 from app.jobs.manager import JobManager, JobRequest
 from app.jobs.pipelines import DemoPipeline
@@ -37,6 +41,7 @@ from app.jobs.redis_store import RedisJobStore
 from bench.common import print_table
 from strategies import STRATEGIES, build_strategy
 from tests.support.redis import find_redis_server, run_redis
+from tests.support.redis_jobs import seed_finished_jobs
 
 #: Commands of this bench's own measuring, left out of the counts.
 ADMIN = {"config|resetstat", "info", "memory|usage", "ping", "dbsize"}
@@ -134,9 +139,16 @@ async def lag_row(
     )
 
 
+def connections(bus: RedisEventBus) -> int:
+    """The connections to Redis the instance of ``bus`` holds: its pool's and its readers'."""
+    pool = bus.redis.connection_pool
+    assert isinstance(pool, CountingPool)
+    return pool.opened + bus.feeds.readers
+
+
 async def publish_row(
     url: str, admin: Redis, on_a: int, on_b: int, events: int
-) -> tuple[int, dict[str, int], int]:
+) -> tuple[int, dict[str, int], int, tuple[int, int]]:
     a = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
     b = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
     job_id = uuid.uuid4().hex
@@ -153,11 +165,12 @@ async def publish_row(
         return events
 
     published, counts = await measure(admin, work)
+    held = (connections(a), connections(b))
     await a.close(job_id)
     received = sum(await asyncio.gather(*watchers))
     await a.aclose()
     await b.aclose()
-    return published, counts, received
+    return published, counts, received, held
 
 
 def manager(bus: RedisEventBus, store: RedisJobStore) -> JobManager:
@@ -215,6 +228,109 @@ async def idle_row(url: str, admin: Redis, idle_s: float) -> dict[str, int]:
     return counts
 
 
+#: Reads of finished jobs in flight at once in the many-jobs rows, and how many jobs.
+POLLS_IN_FLIGHT = 32
+FINISHED_JOBS = 5_000
+
+
+async def print_many_jobs(url: str, admin: Redis) -> None:
+    print(
+        f"\n## many jobs: {FINISHED_JOBS:,} finished jobs each read once on B"
+        f" ({POLLS_IN_FLIGHT} at a time), a running job published on A (an event every"
+        " 50 ms) watched on B\n"
+    )
+    print_table(["what", "value"], await many_jobs_rows(url, admin, FINISHED_JOBS))
+
+
+async def many_jobs_rows(url: str, admin: Redis, finished: int) -> list[tuple[str, object]]:
+    """B reads ``finished`` finished jobs once each while watching a running job of A's."""
+    ids = await seed_finished_jobs(admin, finished, prefix="bench:")
+    a = RedisEventBus(connect_redis(url), owns_client=True, prefix="bench:")
+    b_client = connect_redis(url)
+    b = RedisEventBus(b_client, owns_client=True, prefix="bench:")
+    b_store = RedisJobStore(b_client, prefix="bench:")
+    b.feed_linger_s = 600.0  # every feed stays: all the reads as if within 10 s
+    running = uuid.uuid4().hex
+    await a.open(running)
+    lags: list[tuple[float, float]] = []  # (arrival, lag ms)
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        i = 0
+        while not stop.is_set():
+            await a.publish(running, InsightEvent(text=f"event {i}"))
+            i += 1
+            await asyncio.sleep(0.05)
+        await a.close(running)
+
+    async def follow() -> None:
+        async with b.subscribe(running) as sub:
+            while not (batch := await sub.next_batch(None)).ended:
+                now = time.time()
+                lags.extend((now, (now - e.ts) * 1000) for e in batch.events)
+
+    async def read_once(job_id: str, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            await b_store.get(job_id)
+            async with b.subscribe(job_id) as sub:
+                batch = await sub.next_batch(0)
+                assert len(batch.events) == 2, batch
+
+    delays: list[tuple[float, float]] = []  # (when, how late a 10 ms sleep woke, ms)
+
+    async def tick() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            delays.append((time.time(), (time.monotonic() - started - 0.01) * 1000))
+
+    ticker = asyncio.create_task(tick())
+    watcher = asyncio.create_task(follow())
+    publisher = asyncio.create_task(publish())
+    await asyncio.sleep(2.0)
+    before = connections(b)
+    names_before = len(await admin.client_list())
+    burst_from = time.time()
+    gate = asyncio.Semaphore(POLLS_IN_FLIGHT)
+    await asyncio.gather(*(read_once(job_id, gate) for job_id in ids))
+    burst_to = time.time()
+    names_after = len(await admin.client_list())
+    after = connections(b)
+    feeds, feed_bytes = b.feeds.count, b.feeds.bytes
+    stop.set()
+    await publisher
+    await watcher
+    await ticker
+    loop_busy = [delay for at, delay in delays if burst_from <= at < burst_to]
+    pool = b_client.connection_pool
+    assert isinstance(pool, CountingPool)
+    quiet = [lag for at, lag in lags if at < burst_from]
+    busy = [lag for at, lag in lags if burst_from <= at < burst_to]
+    await a.aclose()
+    await b.aclose()
+    return [
+        ("reads, s", f"{burst_to - burst_from:.1f}"),
+        ("feeds on B after the reads (none has expired)", feeds),
+        ("their bytes (feeds_bytes budget: 64 MiB)", f"{feed_bytes / 2**20:.1f} MiB"),
+        ("B's connections before / after (pool + readers)", f"{before} / {after}"),
+        ("pool connections in use at most", pool.peak_in_use),
+        ("commands that waited for a connection", pool.waits),
+        ("CLIENT LIST, every client, before / after", f"{names_before} / {names_after}"),
+        (
+            "running job's lag on B, p50 / p99 ms, before",
+            f"{percentile(quiet, 50):.1f} / {percentile(quiet, 99):.1f}",
+        ),
+        (
+            "running job's lag on B, p50 / p99 ms, during the reads",
+            f"{percentile(busy, 50):.1f} / {percentile(busy, 99):.1f}",
+        ),
+        (
+            "the loop's own delay (a 10 ms sleep woken late), p50 / p99 ms, during the reads",
+            f"{percentile(loop_busy, 50):.1f} / {percentile(loop_busy, 99):.1f}",
+        ),
+    ]
+
+
 async def memory_row(url: str, admin: Redis, job_id: str) -> list[tuple[str, object]]:
     store = RedisJobStore(admin, prefix="bench:")
     bus = RedisEventBus(admin, prefix="bench:")
@@ -232,11 +348,15 @@ async def memory_row(url: str, admin: Redis, job_id: str) -> list[tuple[str, obj
     ]
 
 
-async def main(url: str, events: int) -> None:
+async def main(url: str, events: int, only: str = "all") -> None:
     admin = connect_redis(url)
+    if only == "many":
+        await print_many_jobs(url, admin)
+        await admin.aclose()
+        return
     rows = []
     for on_a, on_b in ((0, 0), (1, 1), (10, 10), (500, 500)):
-        published, counts, received = await publish_row(url, admin, on_a, on_b, events)
+        published, counts, received, held = await publish_row(url, admin, on_a, on_b, events)
         assert received == published * (on_a + on_b), (received, published)
         xadd = counts.get("xadd", 0) / published
         reads = counts.get("xread", 0) / published
@@ -247,12 +367,22 @@ async def main(url: str, events: int) -> None:
                 f"{xadd:.2f}",
                 f"{reads:.2f}",
                 f"{sum(counts.values()) / published:.2f}",
+                f"{held[0]} + {held[1]}",
                 per_event(counts, published),
             )
         )
     print(f"## bus alone: {events} events published on A, subscribers on A + B\n")
     print_table(
-        ["subscribers", "events", "XADD/event", "XREAD/event", "all/event", "by command"], rows
+        [
+            "subscribers",
+            "events",
+            "XADD/event",
+            "XREAD/event",
+            "all/event",
+            "connections A + B",
+            "by command",
+        ],
+        rows,
     )
 
     job_events, counts, job_id = await job_row(url, admin, 500)
@@ -301,6 +431,8 @@ async def main(url: str, events: int) -> None:
     print(f"\n## idle: a running job, 100 watchers on A and 100 on B, {idle_s:g} s quiet\n")
     print_table(["commands", "by command"], [(sum(idle.values()), per_event(idle, 1))])
 
+    await print_many_jobs(url, admin)
+
     print(f"\n## Redis memory of the finished demo job ({job_events} events)\n")
     print_table(["what", "value"], await memory_row(url, admin, job_id))
     await admin.aclose()
@@ -311,15 +443,18 @@ def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=2000, help="events per publish row")
     parser.add_argument("--url", help="an existing Redis to use (it is reset: CONFIG RESETSTAT)")
+    parser.add_argument(
+        "--only", choices=["all", "many"], default="all", help="many: the many-jobs rows alone"
+    )
     args = parser.parse_args()
     if args.url:
-        asyncio.run(main(args.url, args.events))
+        asyncio.run(main(args.url, args.events, args.only))
         return
     if find_redis_server() is None:
         raise SystemExit("redis-server not found: apt-get install redis-server")
     with tempfile.TemporaryDirectory() as tmp, run_redis(pathlib.Path(tmp)) as server:
         started = time.monotonic()
-        asyncio.run(main(server.url, args.events))
+        asyncio.run(main(server.url, args.events, args.only))
         print(f"\n(redis-server {server.url}, {time.monotonic() - started:.1f} s)")
 
 

@@ -29,12 +29,12 @@ from redis.asyncio import Redis
 from app.bus.redis import RedisEventBus
 from app.bus.redis_client import POOL_CLIENT_NAME, READER_CLIENT_NAME, CountingPool
 from app.bus.redis_reader import READERS
-from app.bus.redis_writer import OPEN_ID, entry_fields
-from app.core.events import DoneEvent, InsightEvent, JobStartedEvent, encode_event
-from app.jobs.redis_store import RedisJobStore, snapshot_to_json
+from app.core.events import InsightEvent
+from app.jobs.redis_store import RedisJobStore
 from app.jobs.store import JobSnapshot, JobStatus, StepState
 from app.web.keys import BUS
 from tests.support.redis import RedisServer
+from tests.support.redis_jobs import seed_finished_jobs
 from tests.support.sse_client import StreamRecord, read_stream
 from tests.test_redis_instances import RUNNING_JOB, create, start_instances, stream
 from tests.test_redis_lease import assert_ended_by_lost_runner
@@ -54,43 +54,6 @@ POOL_BOUND = CONCURRENT_POLLS + 16
 LAG_BOUND_S = 1.0
 #: Events of the running job: one every this many seconds.
 PUBLISH_EVERY_S = 0.05
-
-
-async def seed_finished_jobs(redis: Redis, count: int, prefix: str = "flushline:") -> list[str]:
-    """Write ``count`` finished jobs (snapshot, ``job_started``, ``done``) as a runner would."""
-    store = RedisJobStore(redis, prefix=prefix)
-    bus = RedisEventBus(redis, prefix=prefix)
-    ids = [uuid.uuid4().hex for _ in range(count)]
-    for start in range(0, count, 500):
-        async with redis.pipeline(transaction=False) as pipe:
-            for job_id in ids[start : start + 500]:
-                now = time.time()
-                events = [
-                    encode_event(job_id, 1, JobStartedEvent(("only",), "none")),
-                    encode_event(job_id, 2, DoneEvent("succeeded", 100.0, result={"text": "x"})),
-                ]
-                job = JobSnapshot(
-                    id=job_id,
-                    pipeline="demo",
-                    strategy="none",
-                    steps=(StepState("only"),),
-                    created_at=now,
-                    status=JobStatus.SUCCEEDED,
-                    progress=100.0,
-                    result={"text": "x"},
-                    started_at=now,
-                    finished_at=now,
-                    last_event_id=2,
-                )
-                pipe.set(store.key(job_id), snapshot_to_json(job), px=600_000)
-                key = bus.key(job_id)
-                pipe.xadd(key, {b"open": b"1"}, id=OPEN_ID)
-                for event in events:
-                    pipe.xadd(key, entry_fields(event), id=f"{event.seq}-0")  # type: ignore[arg-type]
-                pipe.xadd(key, {b"end": b"closed"}, id="2-1")
-                pipe.pexpire(key, 600_000)
-            await pipe.execute()
-    return ids
 
 
 async def client_names(admin: Redis) -> dict[str, int]:

@@ -87,6 +87,11 @@ class CountingPool(BlockingConnectionPool):
     #: The most connections in use at once.
     peak_in_use: int = 0
 
+    @property
+    def opened(self) -> int:
+        """The connections the pool holds now (in use or idle)."""
+        return len(self._in_use_connections) + len(self._available_connections)
+
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         if not self.can_get_connection():
             self.waits += 1

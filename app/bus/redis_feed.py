@@ -160,6 +160,11 @@ class JobFeeds:
         return len(self._feeds)
 
     @property
+    def readers(self) -> int:
+        """How many readers hold a connection (at most ``READERS``)."""
+        return sum(reader.connected for reader in self._readers)
+
+    @property
     def followed(self) -> int:
         """How many feeds the readers follow (jobs that are not finished)."""
         return sum(len(reader) for reader in self._readers)

@@ -98,6 +98,11 @@ class StreamReader(Generic[F]):
     def __len__(self) -> int:
         return len(self._feeds)
 
+    @property
+    def connected(self) -> bool:
+        """Whether the reader has started (it holds its connection until closed)."""
+        return self._task is not None
+
     def follow(self, feed: F) -> None:
         """Read ``feed``'s stream from its ``last_id`` on (the read in flight is renewed)."""
         self._feeds[feed.key] = feed

@@ -6,7 +6,9 @@ Run: ``python -m bench.publish`` (about half a minute; ``--duration`` per measur
 * **throughput**: ``--producers`` producers at once, each publishing to a job of its own
   batch after batch (each waits for its answer, as a producer does), with batches of 1
   and of 50 ``tokens`` events: producer events accepted per second, all together, beside
-  the floor, as many clients asking ``GET /healthz`` (what a request costs here now);
+  the floor, as many clients asking ``GET /healthz`` (what a request costs here now),
+  and the server's CPU per event (``/proc/<pid>/stat``), which the client's share of the
+  cores does not move: ``events/s/core`` is what one busy server core takes;
 * **lag at 1,000 events/s**: one watcher's stream (``?proxy_buffer=0``) of one job fed at
   1,000 events/s (``insight`` events, 10 every 10 ms, each carrying the time it was
   emitted; the producer sends what has come due since its last answer), from the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import pathlib
 import statistics
 import tempfile
@@ -32,6 +35,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import attrs
 
 from app.jobs.steps import FunctionStep, Input, StepContext, StepPipeline
 from bench.common import print_table
@@ -63,14 +67,23 @@ pipeline = StepPipeline(
 )
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(int(len(ordered) * pct / 100), len(ordered) - 1)]
 
 
 @contextlib.asynccontextmanager
-async def flushline_serve() -> AsyncIterator[str]:
-    """A ``flushline serve`` on a free port with the bench pipeline; yields its URL."""
+async def flushline_serve() -> AsyncIterator[tuple[str, int]]:
+    """A ``flushline serve`` on a free port with the bench pipeline; its URL and pid."""
     from tests.support.process import (
         ROOT,
         clean_env,
@@ -94,7 +107,7 @@ async def flushline_serve() -> AsyncIterator[str]:
         argv = [script, "serve", "--host", "127.0.0.1", "--port", str(port)]
         async with server_process(argv, env, pathlib.Path(tmp) / "serve.log") as process:
             await wait_accepting(process, port)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", process.pid
 
 
 async def _create(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> Any:
@@ -128,8 +141,25 @@ async def _external(session: aiohttp.ClientSession, base: str) -> _Producer:
     return producer
 
 
-async def throughput(base: str, producers: int, batch: int, duration_s: float) -> float:
-    """Producer events accepted per second, ``producers`` publishing ``batch`` at a time."""
+@attrs.frozen
+class Throughput:
+    """Events accepted per second, and the server CPU they took."""
+
+    events_per_s: float
+    requests_per_s: float
+    #: Server CPU (user + system) per event, microseconds.
+    cpu_us_per_event: float
+
+    @property
+    def per_core(self) -> float:
+        """Events per second one busy server core would take at this cost."""
+        return 1e6 / self.cpu_us_per_event
+
+
+async def throughput(
+    base: str, pid: int, producers: int, batch: int, duration_s: float
+) -> Throughput:
+    """``producers`` publishing ``batch`` events at a time, each waiting for its answer."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         running = [await _external(session, base) for _ in range(producers)]
@@ -143,12 +173,12 @@ async def throughput(base: str, producers: int, batch: int, duration_s: float) -
                 await producer.publish(events)
                 sent += batch
 
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_s(pid)
         await asyncio.gather(*(loop(p) for p in running))
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, cpu_s(pid) - cpu_before
         for producer in running:
             await producer.publish([{"type": "succeeded"}])
-    return sent / elapsed
+    return Throughput(sent / elapsed, sent / batch / elapsed, cpu * 1e6 / sent)
 
 
 async def http_floor(base: str, clients: int, duration_s: float) -> float:
@@ -222,17 +252,28 @@ async def lag_builtin(base: str, duration_s: float) -> list[float]:
 
 
 async def main(duration_s: float, producers: int) -> None:
-    async with flushline_serve() as base:
+    async with flushline_serve() as (base, pid):
         floor = await http_floor(base, producers, duration_s)
-        rates = {batch: await throughput(base, producers, batch, duration_s) for batch in (1, 50)}
+        rates = {
+            batch: await throughput(base, pid, producers, batch, duration_s) for batch in (1, 50)
+        }
         builtin = await lag_builtin(base, duration_s)
         external = await lag_external(base, duration_s)
     print(f"Throughput over HTTP, one instance, {producers} producers at once:\n")
     print_table(
-        ["batch size", "producer events/s", "requests/s"],
+        ["batch size", "producer events/s", "requests/s", "server CPU µs/event", "events/s/core"],
         [
-            ["(floor: GET /healthz)", "-", f"{floor:,.0f}"],
-            *([batch, f"{rate:,.0f}", f"{rate / batch:,.0f}"] for batch, rate in rates.items()),
+            ["(floor: GET /healthz)", "-", f"{floor:,.0f}", "-", "-"],
+            *(
+                [
+                    batch,
+                    f"{rate.events_per_s:,.0f}",
+                    f"{rate.requests_per_s:,.0f}",
+                    f"{rate.cpu_us_per_event:.1f}",
+                    f"{rate.per_core:,.0f}",
+                ]
+                for batch, rate in rates.items()
+            ),
         ],
     )
     print("\nDelivery lag at 1,000 events/s, emit to a watcher's read:\n")

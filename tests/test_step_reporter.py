@@ -17,8 +17,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from app.core.events import AnyEvent
+from app.jobs.runner import run_job
 from app.jobs.steps import FunctionStep, StepCancelled, StepContext, StepPipeline
 from app.jobs.tokens import MAX_PENDING_PIECES, Piece, TokenRequest, threaded
+from strategies import build_strategy
 from tests.conftest import MakeClient
 from tests.support.jobs import create_job, stream_job, wait_for_job, wait_until
 
@@ -147,6 +150,31 @@ class TestBoundedHandoff:
         await asyncio.sleep(0.3)  # the consumer takes nothing meanwhile
         assert written <= MAX_PENDING_PIECES // 2 + 2, written
         await stream.aclose()
+
+    async def test_a_slow_publish_holds_a_blocking_step_back(self) -> None:
+        """A job whose events publish slowly: the step's thread waits, its writes bounded."""
+        written = 0
+
+        def flood(ctx: StepContext) -> None:
+            nonlocal written
+            while True:
+                ctx.report.write("x", tokens=1)
+                written += 1
+
+        async def slow_publish(event: AnyEvent) -> None:
+            await asyncio.sleep(0.2)  # a bus far slower than the step
+
+        pipeline = _pipeline("flood", FunctionStep("s", flood, blocking=True))
+        plan = pipeline.plan({}, {})
+        cadence = build_strategy("none").cadence
+        job = asyncio.create_task(run_job(plan, pipeline, "none", cadence, slow_publish))
+        await asyncio.sleep(1.0)
+        # At most 5 publishes in that second, each letting through a queue's worth of
+        # pieces (2 a write), plus the two queues full: about 900 writes (unbounded: 13,000).
+        assert written < 8 * MAX_PENDING_PIECES, written
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
 
     async def test_a_threaded_source_waits_for_the_loop(self) -> None:
         """A blocking token source's thread gets at most MAX_PENDING_PIECES ahead, then stops."""

@@ -23,7 +23,7 @@ from app.core.events import AnyEvent, DoneEvent, ErrorEvent, JobStartedEvent
 from app.core.tasks import cancel_and_wait
 from app.jobs.emitter import EmitterStep, JobEmitter
 from app.jobs.pipelines import JobPlan, Pipeline, StepPlan
-from app.jobs.tokens import ReportedInsight, ReportedProgress, TokenCount
+from app.jobs.tokens import MAX_PENDING_PIECES, ReportedInsight, ReportedProgress, TokenCount
 from strategies import Cadence
 
 __all__ = ["JobOutcome", "run_job"]
@@ -58,7 +58,9 @@ class _StepRun:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await self._send(self.emitter.start_step(self.index, loop.time()))
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        # Bounded, so that a slow publish holds the source back (down to a worker
+        # thread's hand-off) instead of queueing its tokens here.
+        queue: asyncio.Queue[object] = asyncio.Queue(MAX_PENDING_PIECES)
         pump = asyncio.create_task(self._pump(queue), name=f"tokens:{self.plan.name}")
         try:
             await self._consume(queue, loop)
@@ -69,11 +71,11 @@ class _StepRun:
     async def _pump(self, queue: asyncio.Queue[object]) -> None:
         try:
             async for token in self.plan.source.stream(self.plan.request):
-                queue.put_nowait(token)
+                await queue.put(token)
         except Exception as exc:
-            queue.put_nowait(exc)
+            await queue.put(exc)
         else:
-            queue.put_nowait(_END)
+            await queue.put(_END)
 
     async def _consume(self, queue: asyncio.Queue[object], loop: asyncio.AbstractEventLoop) -> None:
         emitter = self.emitter

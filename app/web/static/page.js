@@ -9,7 +9,13 @@
 // carries its state in attributes: `body[data-state]` (idle, starting, queued, running,
 // succeeded, failed, cancelled, error), `body[data-job-id]`, `body[data-sensing]`,
 // `#progress[aria-valuenow]`, `.phase[data-status]` (pending, running, done, failed,
-// cancelled), `#health[data-transport]` and `#health[data-connection]`.
+// cancelled), `#health[data-transport]`, `#health[data-connection]`, `body[data-gaps]`
+// (how many gaps: events the server no longer kept when the page caught up, shown in
+// `#gap`) and `body[data-token-refreshes]` (stream URLs fetched anew).
+//
+// The watcher is wired to the job's snapshot (`GET api/jobs/ID`, with the page's API
+// token): on a 410 it shows the job's state from the snapshot and resumes, and a stream
+// token about to expire is replaced by the snapshot's fresh `links.stream` token.
 
 import { watchJob } from "./flushline.js";
 
@@ -40,6 +46,8 @@ const OPTION_FIELDS = ["steps", "tokens_per_step", "tokens_per_second"];
 const params = new URLSearchParams(location.search);
 /** `?sense=0` turns the client's delivery sensing off (the browser tests' control case). */
 const sensing = params.get("sense") !== "0";
+/** `?transport=long-poll` (or fetch-stream, eventsource) forces a transport; default auto. */
+const transport = params.get("transport") || "auto";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -69,6 +77,7 @@ const ui = {
   eventCount: $("event-count"),
   bytes: $("bytes"),
   reason: $("reason"),
+  gap: $("gap"),
   log: $("log"),
   logLimit: $("log-limit"),
 };
@@ -311,6 +320,25 @@ function renderHealth(state) {
   renderLastByte(state);
 }
 
+function renderGaps(state) {
+  const gaps = state.gaps || [];
+  ui.body.dataset.gaps = String(gaps.length);
+  ui.body.dataset.tokenRefreshes = String(state.tokenRefreshes || 0);
+  if (!gaps.length) {
+    ui.gap.hidden = true;
+    return;
+  }
+  const skipped = gaps.reduce((sum, gap) => sum + gap.skipped, 0);
+  const shown = gaps.some((gap) => gap.snapshot) ? "showing the job's state from the server" : "the server's snapshot could not be read";
+  const times = gaps.length === 1 ? "" : ` (${gaps.length} times)`;
+  setText(
+    ui.gap,
+    `This page fell behind: ${skipped} event${skipped === 1 ? "" : "s"} the server no longer kept ` +
+      `were skipped${times}; ${shown}, and live events from there on. Step text may miss a part.`,
+  );
+  ui.gap.hidden = false;
+}
+
 function renderLastByte(state) {
   const at = state && state.lastByteAt;
   setText(ui.lastByte, at ? formatAgo(Date.now() - at) : "never");
@@ -332,6 +360,7 @@ function render(state) {
   setText(ui.eta, state.done ? "none, finished" : formatDuration(state.etaS));
   renderText(state);
   renderHealth(state);
+  renderGaps(state);
 }
 
 function selectStep(index) {
@@ -381,6 +410,9 @@ function resetView(jobId) {
   ui.log.replaceChildren();
   ui.phases.replaceChildren();
   ui.text.textContent = "";
+  ui.gap.hidden = true;
+  ui.body.dataset.gaps = "0";
+  ui.body.dataset.tokenRefreshes = "0";
   ui.body.dataset.jobId = jobId;
   setText(ui.jobId, jobId);
   setText(ui.jobStrategy, "…");
@@ -402,9 +434,16 @@ function watch(snapshot) {
   // The stream link's query carries the job's stream token when auth is on; the path
   // stays relative, so the page works under a path prefix.
   const link = (snapshot.links && snapshot.links.stream) || "";
-  const query = link.includes("?") ? link.slice(link.indexOf("?")) : "";
-  const watcher = watchJob(jobUrl(snapshot.id, "/stream") + query, {
+  const streamUrl = (stream) => jobUrl(snapshot.id, "/stream") + (stream.includes("?") ? stream.slice(stream.indexOf("?")) : "");
+  const watcher = watchJob(streamUrl(link), {
     sensing,
+    transport,
+    // The snapshot answers a gap (410) and carries a fresh stream token in its links.
+    getSnapshot: () => apiJson(jobUrl(snapshot.id)),
+    async getStreamUrl() {
+      const fresh = await apiJson(jobUrl(snapshot.id));
+      return streamUrl((fresh.links && fresh.links.stream) || "");
+    },
     onEvent(data, info) {
       if (mine !== generation) return;
       window.flushlineEvents.push({ data, info });

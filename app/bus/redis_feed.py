@@ -154,6 +154,10 @@ class JobFeeds:
         feed = self._feeds.get(job_id)
         return 0 if feed is None else len(feed.subscribers)
 
+    def __contains__(self, job_id: object) -> bool:
+        """Whether this instance holds a feed of the job (in use or lingering)."""
+        return job_id in self._feeds
+
     @property
     def count(self) -> int:
         """How many feeds this instance holds (in use or lingering)."""

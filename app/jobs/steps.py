@@ -30,11 +30,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import inspect
 import string
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -43,14 +40,12 @@ import attrs
 from app.core.errors import InvalidField
 from app.core.tasks import cancel_and_wait
 from app.jobs.pipelines import JobPlan, Pipeline, StepFailed, StepPlan
+from app.jobs.reporter import Reporter, StepCancelled, run_in_own_thread
 from app.jobs.tokens import (
     END_OF_PIECES,
     Handoff,
     Piece,
-    ReportedInsight,
-    ReportedProgress,
     SimulatedTokenSource,
-    TokenCount,
     TokenRequest,
     TokenSource,
 )
@@ -70,10 +65,6 @@ __all__ = [
 
 def _texts(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
-
-
-class StepCancelled(Exception):
-    """Raised by a :class:`Reporter` once its step is cancelled, to stop a blocking step."""
 
 
 @attrs.frozen
@@ -102,86 +93,6 @@ class PromptStep:
     max_tokens: int | None = None
     temperature: float | None = None
     insights: tuple[str, ...] = attrs.field(default=(), converter=_texts)
-
-
-@attrs.define(eq=False)
-class Reporter:
-    """How a :class:`FunctionStep` streams its output and progress. Thread-safe.
-
-    - ``write(text, tokens=0)`` adds text to the step's output; it counts tokens only
-      when told how many (``tokens``);
-    - ``advance(tokens)`` counts work done without text; with tokens, the step's
-      percentage is the count against its ``expected_tokens``;
-    - ``progress(pct)`` reports the step's percentage (0-100) itself: shown as it is,
-      from then on, instead of the token estimate;
-    - ``insight(text)`` sends a status line.
-
-    Once the step is cancelled (the job was, or it failed) every call raises
-    :class:`StepCancelled`, so a blocking step stops at its next report, even one
-    waiting because it ran too far ahead of the stream. A step that never reports
-    cannot be interrupted: Python cannot stop a thread from outside. It runs to its end
-    in its own thread (never one of the event loop's default executor), its output
-    dropped.
-    """
-
-    _send: Callable[[Piece], bool]
-    _tokens: int = 0
-    _lock: threading.Lock = attrs.Factory(threading.Lock)
-    _cancelled: threading.Event = attrs.Factory(threading.Event)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens reported so far."""
-        return self._tokens
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the step has been cancelled (the job was, or it failed)."""
-        return self._cancelled.is_set()
-
-    def write(self, text: str, tokens: int = 0) -> None:
-        """Append ``text`` to the step's output, counting ``tokens`` more tokens."""
-        with self._lock:
-            self._check()
-            self._tokens += tokens
-            if text:
-                self._put(text)
-            # Sent even for 0: a text piece alone would count as one token.
-            self._put(TokenCount(self._tokens))
-
-    def advance(self, tokens: int = 1) -> None:
-        """Count ``tokens`` more tokens of work done (no text)."""
-        with self._lock:
-            self._check()
-            self._tokens += tokens
-            self._put(TokenCount(self._tokens))
-
-    def progress(self, pct: float) -> None:
-        """Report the step's percentage, from 0 to 100 (a lower one than before is ignored)."""
-        if not 0 <= pct <= 100:
-            raise ValueError(f"progress must be from 0 to 100, got {pct!r}")
-        with self._lock:
-            self._check()
-            self._put(ReportedProgress(float(pct)))
-
-    def insight(self, text: str) -> None:
-        """Send a status line (an ``insight`` event of this step)."""
-        with self._lock:
-            self._check()
-            self._put(ReportedInsight(str(text)))
-
-    def _put(self, piece: Piece) -> None:
-        if not self._send(piece):
-            self._cancelled.set()
-            self._check()
-
-    def _check(self) -> None:
-        if self._cancelled.is_set():
-            raise StepCancelled("the step was cancelled")
-
-    def cancel(self) -> None:
-        """Make every later report raise :class:`StepCancelled`."""
-        self._cancelled.set()
 
 
 @attrs.frozen
@@ -307,7 +218,9 @@ class _FunctionSource:
         async def call() -> None:
             try:
                 if self.step.blocking:
-                    result: Any = await _in_own_thread(self.step.func, context, self.step.name)
+                    result: Any = await run_in_own_thread(
+                        self.step.func, context, f"step-{self.step.name}"
+                    )
                 else:
                     result = self.step.func(context)
                     if inspect.isawaitable(result):
@@ -336,40 +249,6 @@ class _FunctionSource:
             handoff.close()
             await cancel_and_wait(task)
         self.state.outputs[self.step.name] = "".join(text)
-
-
-async def _in_own_thread(func: StepFunction, context: StepContext, name: str) -> Any:
-    """``func(context)`` in a new daemon thread, not the loop's default executor.
-
-    A cancelled caller stops waiting at once; the thread stops at its step's next report
-    (:class:`StepCancelled`) or runs to its end, without holding an executor thread
-    that other work (DNS lookups, ``to_thread``) needs.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # the caller was cancelled
-            return
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-
-    def work() -> None:
-        result: Any = None
-        error: BaseException | None = None
-        try:
-            result = func(context)
-        except BaseException as exc:
-            error = exc
-        # The loop may be closed by now: nobody waits for this step any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, result, error)
-
-    run = contextvars.copy_context().run
-    threading.Thread(target=run, args=(work,), name=f"step-{name}", daemon=True).start()
-    return await future
 
 
 def _step_tuple(value: Iterable[Step]) -> tuple[Step, ...]:

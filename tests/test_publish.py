@@ -219,6 +219,27 @@ class TestPublish:
         assert progress[-1]["overall_pct"] == 20.0
         assert progress[-1]["tokens"] == 500
 
+    async def test_a_reported_100_stays_below_100_until_the_step_completes(
+        self, app_client: Client
+    ) -> None:
+        """progress 100 is shown as 99 until step_completed brings the step to 100."""
+        job, producer = await external_job(app_client, ["a", "b"])
+        await producer.publish(
+            {"type": "step_started", "step": "a"},
+            {"type": "progress", "step": "a", "pct": 100},
+        )
+        await producer.publish({"type": "step_completed", "step": "a"})
+        await producer.publish(
+            {"type": "step_started", "step": "b"},
+            {"type": "progress", "step": "b", "pct": 100},
+            {"type": "succeeded"},
+        )
+        polled = await (await app_client.get(f"/api/jobs/{job['id']}/events?after=0")).json()
+        assert_progress_rules(polled["events"], job["id"])
+        progress = [e for e in polled["events"] if e["type"] == "step_progress"]
+        assert [e["pct"] for e in progress] == [99.0, 99.0]
+        assert progress[-1]["overall_pct"] < 100
+
     async def test_failed_ends_the_job_with_error_then_done(self, app_client: Client) -> None:
         """failed: the pending text, then error naming the step, then done failed."""
         job, producer = await external_job(app_client)

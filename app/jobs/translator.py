@@ -36,6 +36,7 @@ from app.jobs.external import (
     Succeeded,
     Tokens,
 )
+from app.jobs.progress import STEP_CAP_PCT
 from strategies.base import Cadence
 
 __all__ = ["Translation", "Translator"]
@@ -161,7 +162,8 @@ class Translator:
                     out += self._start(step, f"{where}.step", now)
                 case Progress(step=step, pct=pct):
                     self._running_step(step, f"{where}.step")
-                    out += self.emitter.progress(pct, now)
+                    # 100 belongs to step_completed: until then a step stays below it.
+                    out += self.emitter.progress(min(pct, STEP_CAP_PCT), now)
                 case Insight(text=text, step=step):
                     if step is not None:
                         self._running_step(step, f"{where}.step")

@@ -15,7 +15,13 @@ at once, over loopback.
   that with ``aligned``, whose progress rides with each chunk), 6,000 streams;
 * many: 500 demo jobs at 40 tokens/s for ``--duration`` seconds, two streams each;
 * idle: 10,000 streams of 100 quiet jobs (heartbeats only): the memory each stream adds
-  above the idle process (jobs created, no stream).
+  above the idle process (jobs created, no stream);
+* long-poll: ``--watchers`` (1,000) watchers of the broadcast job polling
+  ``/api/jobs/{id}/events?after=<last>&wait_s=25`` (one keep-alive connection each, the
+  next poll as soon as an answer is read), and beside it ``long-poll (stream)``: as many
+  SSE streams of the same job, so the footer can state the server's CPU per delivered
+  event of polling against streaming's, same server, same run (Flushline servers only:
+  the anchor and the floor have no long-poll).
 
 Columns: ideal events/s is what every stream would receive if each got every event of
 the live window (events published after every stream had its headers) as it was
@@ -25,9 +31,10 @@ no 200 or ended early; gappy ones skipped a seq (or, on Flushline, did not start
 seq 1). Peak RSS is the server's ``VmHWM``; server CPU is its user + system time
 (``/proc/<pid>/stat``) from before the first job to the end; CPU per delivered event
 divides it by every event the streams received (history included); the load
-generator's own CPU is the last column (it shares the 2 cores). ``--variant
+generator's own CPU is the next column (it shares the 2 cores); requests counts every
+request the watchers sent (one per stream; one per answer when long-polling). ``--variant
 NAME=PATH`` adds Flushline servers run from another checkout (``PYTHONPATH=PATH``), in
-the same run. ``--profile DIR`` records each Flushline broadcast server with py-spy.
+the same run. ``--profile DIR`` records each Flushline broadcast and long-poll server with py-spy.
 """
 
 from __future__ import annotations
@@ -99,6 +106,10 @@ class Scenario:
     options: dict[str, Any]
     limit_s: float
     hold_s: float | None = None  # idle: hold the streams open this long, then measure
+    #: How each watcher reads: "stream" (SSE) or "poll" (long-poll ``/events``).
+    transport: str = "stream"
+    #: Whether the anchor and the floor run it too (they serve streams only).
+    everyone: bool = True
 
 
 def cpu_s(pid: int) -> float:
@@ -228,11 +239,12 @@ async def measure(
             "limit_s": scenario.limit_s,
             "hold_s": scenario.hold_s,
             "from_seq_1": server.module is None,  # the others keep no history
+            "transport": scenario.transport,
         }
         spy = None
-        profiled = server.module is None and scenario.name == "broadcast"
+        profiled = server.module is None and scenario.name in ("broadcast", "long-poll")
         if profile_dir is not None and profiled:
-            out = profile_dir / f"{server.name.replace(' ', '_')}.txt"
+            out = profile_dir / f"{scenario.name}-{server.name}.txt".replace(" ", "_")
             argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "-o", str(out)]
             spy = await asyncio.create_subprocess_exec(
                 *argv,
@@ -284,6 +296,7 @@ def row(scenario: Scenario, server: ServerSpec, r: dict[str, Any]) -> list[objec
         f"{r['cpu_s']:.1f}",
         "-" if idle else per_event,
         f"{r['loadgen_cpu_s']:.1f}",
+        f"{r['requests']:,}",
     ]
 
 
@@ -301,6 +314,7 @@ HEADERS = [
     "server CPU s",
     "CPU µs / event",
     "loadgen CPU s",
+    "requests",
 ]
 
 
@@ -340,8 +354,14 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         limit_s=60,
         hold_s=4.0,
     )
-    chosen = {s.name: s for s in (broadcast, many, idle)}
-    return [chosen[name] for name in args.only]
+    watchers = max(1, args.watchers)
+    poll = attrs.evolve(
+        broadcast, name="long-poll", streams_per_job=watchers, transport="poll", everyone=False
+    )
+    poll_stream = attrs.evolve(poll, name="long-poll (stream)", transport="stream")
+    chosen = {s.name: [s] for s in (broadcast, many, idle)}
+    chosen["long-poll"] = [poll_stream, poll]
+    return [s for name in args.only for s in chosen[name]]
 
 
 def servers(args: argparse.Namespace) -> list[ServerSpec]:
@@ -358,6 +378,24 @@ def servers(args: argparse.Namespace) -> list[ServerSpec]:
 
 
 _LINE_NUMBER = re.compile(r":\d+\)$")
+
+
+def poll_against_stream(rows: Sequence[Sequence[object]]) -> list[str]:
+    """Per server: long-poll's CPU per delivered event against the stream's, same run."""
+    per_event: dict[tuple[str, str], float] = {}
+    for r in rows:
+        cell = str(r[HEADERS.index("CPU µs / event")])
+        if r[0] in ("long-poll", "long-poll (stream)") and cell != "-":
+            per_event[(str(r[0]), str(r[1]))] = float(cell)
+    lines = []
+    for (scenario, server), poll_us in per_event.items():
+        stream_us = per_event.get(("long-poll (stream)", server))
+        if scenario == "long-poll" and stream_us:
+            lines.append(
+                f"{server}: long-poll {poll_us:.0f} µs of server CPU per delivered event, "
+                f"the stream {stream_us:.0f} µs: {poll_us / stream_us:.1f}x (target: at most 3x)"
+            )
+    return lines
 
 
 def summarise_profile(path: pathlib.Path, top: int = 12) -> list[tuple[str, float, float]]:
@@ -394,6 +432,8 @@ async def run(args: argparse.Namespace) -> list[list[object]]:
         workdir = pathlib.Path(tmp)
         for scenario in scenarios(args):
             for server in servers(args):
+                if not scenario.everyone and server.module is not None:
+                    continue
                 result = await measure(scenario, server, workdir, profile_dir)
                 if args.raw:
                     print(orjson.dumps(result).decode(), file=sys.stderr)
@@ -411,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=6000, help="broadcast streams")
     parser.add_argument("--jobs", type=int, default=500, help="jobs of the many scenario")
     parser.add_argument("--idle-streams", type=int, default=10_000)
+    parser.add_argument("--watchers", type=int, default=1000, help="long-poll watchers")
     parser.add_argument(
         "--duration",
         type=float,
@@ -421,8 +462,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        default=["broadcast", "many", "idle"],
-        choices=["broadcast", "many", "idle"],
+        default=["broadcast", "many", "idle", "long-poll"],
+        choices=["broadcast", "many", "idle", "long-poll"],
     )
     parser.add_argument("--strategies", nargs="+", default=["none", "aligned"])
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=PATH")
@@ -451,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "The anchor sends the same events with no padding and no history, and listens "
         "with Flushline's backlog (1024); so does the floor, with no framework at all."
     )
+    for line in poll_against_stream(rows):
+        print(line)
     if args.profile:
         for path in sorted(pathlib.Path(args.profile).glob("*.txt")):
             print(f"\nprofile {path.stem} (% of samples: self, total):")

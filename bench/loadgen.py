@@ -3,7 +3,10 @@
 Run by ``bench.fanout`` as its own process (``python -m bench.loadgen SPEC.json``), so
 the server under test never shares an event loop with its clients. The spec names the
 port, one request path per stream, the time limit and, for the idle scenario, how long
-to hold the streams open. Every stream is opened at once.
+to hold the streams open. Every stream is opened at once. With ``"transport": "poll"``
+each watcher long-polls instead (``/events?after=N&wait_s=25`` over one keep-alive
+connection, the next poll sent as soon as an answer is read, with ``after`` its
+``last_event_id``) until an answer says ``done``.
 
 It is lean so that it is not the bottleneck: a raw ``asyncio.Protocol`` per stream, the
 chunked body decoded in place, and each frame read with bytes searches for ``"seq":``
@@ -39,6 +42,11 @@ _SEQ = b'"seq":'
 _TS = b'"ts":'
 _DONE = b"event: done\n"
 _FRAME_END = b"\n\n"
+_CONTENT_LENGTH = b"\r\ncontent-length:"
+_LAST_EVENT_ID = b'"last_event_id":'
+_POLL_DONE = b'"done":true}'
+#: Seconds a poll waits for events (the client's default is 20, the server's 25).
+POLL_WAIT_S = 25
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -61,6 +69,8 @@ class StreamStats:
     done: bool = False
     error: str | None = None
     ended: bool = False
+    #: Requests sent (1 for a stream; one per poll when long-polling).
+    requests: int = 0
     #: Set when the last stream has its headers (or has failed before them).
     all_open: asyncio.Event | None = attrs.field(default=None, repr=False)
     _left: list[int] = attrs.Factory(lambda: [0])  # shared among the streams of a run
@@ -150,21 +160,107 @@ class StreamProtocol(asyncio.Protocol):
         end = body.rfind(_FRAME_END)
         if end < 0:
             return
-        stats = self.stats
-        pos = body.find(_SEQ, 0, end)
-        while pos >= 0:
-            comma = body.find(b",", pos)
-            ts_at = body.find(_TS, comma)
-            ts_end = ts_at + 5
-            while body[ts_end] not in b",}":
-                ts_end += 1
-            stats.seqs.append(int(body[pos + 6 : comma]))
-            stats.ts.append(float(body[ts_at + 5 : ts_end]))
-            stats.arrivals.append(now)
-            pos = body.find(_SEQ, ts_end, end)
+        _events(body, end, self.stats, now)
         if body.find(_DONE, 0, end) >= 0:
-            stats.done = True
+            self.stats.done = True
         del body[: end + 2]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(None if self.stats.done else f"closed: {exc or 'eof'}")
+
+    def _finish(self, error: str | None) -> None:
+        if self.stats.ended:
+            return
+        if self.stats.headers_at is None:
+            self.stats.opened()
+        self.stats.ended = True
+        self.stats.error = error
+        if self.transport is not None:
+            self.transport.close()
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+def _events(body: bytes | bytearray, end: int, stats: StreamStats, now: float) -> int:
+    """Record every event's (seq, ts) in ``body[:end]``; where the last one ended."""
+    pos = body.find(_SEQ, 0, end)
+    ts_end = 0
+    while pos >= 0:
+        comma = body.find(b",", pos)
+        ts_at = body.find(_TS, comma)
+        ts_end = ts_at + 5
+        while body[ts_end] not in b",}":
+            ts_end += 1
+        stats.seqs.append(int(body[pos + 6 : comma]))
+        stats.ts.append(float(body[ts_at + 5 : ts_end]))
+        stats.arrivals.append(now)
+        pos = body.find(_SEQ, ts_end, end)
+    return ts_end
+
+
+class PollProtocol(asyncio.Protocol):
+    """One watcher long-polling ``/events`` over one keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, path: str, host: str, stats: StreamStats, finished: asyncio.Future[None]):
+        self.path = path
+        self.host = host
+        self.stats = stats
+        self.finished = finished
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._body_at = -1  # where the current answer's body starts, once its head is read
+        self._length = 0
+
+    def _ask(self, after: int) -> None:
+        assert self.transport is not None
+        self.stats.requests += 1
+        self.transport.write(
+            f"GET {self.path}?after={after}&wait_s={POLL_WAIT_S} HTTP/1.1\r\n"
+            f"Host: {self.host}\r\nAccept: application/json\r\n\r\n".encode()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._ask(0)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buffer = self._buffer
+        buffer += data
+        while True:
+            if self._body_at < 0:
+                end = buffer.find(_HEADER_END)
+                if end < 0:
+                    return
+                status = int(buffer[9:12])
+                if self.stats.headers_at is None:
+                    self.stats.headers_at = now
+                    self.stats.status = status
+                    self.stats.opened()
+                if status != 200:
+                    self._finish(f"status {status}")
+                    return
+                head = bytes(buffer[:end]).lower()
+                at = head.find(_CONTENT_LENGTH) + len(_CONTENT_LENGTH)
+                line_end = head.find(b"\r\n", at)
+                self._length = int(head[at : line_end if line_end >= 0 else len(head)])
+                self._body_at = end + 4
+            if len(buffer) - self._body_at < self._length:
+                return
+            body_end = self._body_at + self._length
+            _events(buffer, body_end, self.stats, now)
+            tail = buffer.rfind(_LAST_EVENT_ID, self._body_at, body_end)
+            comma = buffer.find(b",", tail)
+            last_event_id = int(buffer[tail + len(_LAST_EVENT_ID) : comma])
+            done = buffer.find(_POLL_DONE, comma, body_end) >= 0
+            del buffer[:body_end]
+            self._body_at = -1
+            if done:
+                self.stats.done = True
+                self._finish(None)
+                return
+            self._ask(last_event_id)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(None if self.stats.done else f"closed: {exc or 'eof'}")
@@ -190,15 +286,27 @@ def _raise_nofile(streams: int) -> None:
 
 
 async def _open(
-    loop: asyncio.AbstractEventLoop, host: str, port: int, path: str, stats: StreamStats
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    path: str,
+    stats: StreamStats,
+    poll: bool = False,
 ) -> asyncio.Future[None]:
     finished: asyncio.Future[None] = loop.create_future()
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
-    ).encode()
+    factory: Any
+    if poll:
+        events_path = path.split("?", 1)[0].removesuffix("/stream") + "/events"
+        factory = lambda: PollProtocol(events_path, f"{host}:{port}", stats, finished)  # noqa: E731
+    else:
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
+        ).encode()
+        stats.requests = 1
+        factory = lambda: StreamProtocol(request, stats, finished)  # noqa: E731
     stats.started_at = time.time()
     try:
-        await loop.create_connection(lambda: StreamProtocol(request, stats, finished), host, port)
+        await loop.create_connection(factory, host, port)
     except OSError as exc:
         stats.ended = True
         stats.error = f"connect: {exc}"
@@ -220,6 +328,7 @@ async def run(spec: dict[str, Any]) -> list[StreamStats]:
     groups: list[int] = spec.get("groups") or list(range(len(paths)))
     limit_s = float(spec["limit_s"])
     hold_s = spec.get("hold_s")
+    poll = spec.get("transport") == "poll"
     _raise_nofile(len(paths))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
@@ -229,7 +338,7 @@ async def run(spec: dict[str, Any]) -> list[StreamStats]:
     if not paths:
         all_open.set()
     opening = [
-        asyncio.ensure_future(_open(loop, host, port, path, s))
+        asyncio.ensure_future(_open(loop, host, port, path, s, poll))
         for path, s in zip(paths, stats, strict=True)
     ]
     finished = await asyncio.gather(*opening)
@@ -286,6 +395,7 @@ def summarise(stats: Sequence[StreamStats], from_seq_1: bool) -> dict[str, Any]:
         "gappy": gappy,
         "done": sum(s.done for s in stats),
         "events": sum(len(s.seqs) for s in stats),
+        "requests": sum(s.requests for s in stats),
         "window_s": window_s,
         "ideal_per_s": ideal_events / window_s if window_s > 0 else 0.0,
         "delivered_per_s": deliveries / max(last_arrival - window_start, window_s)

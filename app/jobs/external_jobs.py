@@ -77,11 +77,12 @@ def release_publisher(bus: EventBus, job_id: str) -> None:
     of its owner): this reaches into it, and does nothing on a bus without writers.
     """
     writers = getattr(bus, "_writers", None)
-    if not isinstance(writers, dict):
-        return
+    drop = getattr(bus, "_drop_writer", None)
+    if not isinstance(writers, dict) or not callable(drop):
+        return  # tests/test_publish_instances.py fails if the bus moved these
     writer = writers.get(job_id)
     if writer is not None and not writer.pending:
-        bus._drop_writer(job_id)  # type: ignore[attr-defined]
+        drop(job_id)
 
 
 def token_hash(token: str) -> str:

@@ -121,6 +121,8 @@ async def record_for(
 
 
 MODES = ["env", "body"]
+#: Tokens 0.5 s apart, each a visible 25% step: a flush, then a pause.
+PAUSED_JOB = {"steps": 2, "tokens_per_step": 4, "tokens_per_second": 2}
 
 
 class TestUnpadded:
@@ -201,7 +203,7 @@ class TestAligned:
         self, make_client: MakeClient, mode: str, env: dict[str, str], block: int
     ) -> None:
         """Each padding run ends at a multiple of the block size, and so does every pause."""
-        record = await record_for(make_client, "aligned", mode, env)
+        record = await record_for(make_client, "aligned", mode, env, PAUSED_JOB)
         segs = check_wire(record)
         runs = comment_runs(segs)
         assert len(runs) >= 3
@@ -316,28 +318,15 @@ class TestCadence:
                 assert checked >= 1, (strategy, texts)
                 assert all(len(t) < chars for t in texts[:-1]), (strategy, texts)
                 assert min(gaps[:-1]) >= interval - 0.05, (strategy, gaps)
-                # The default progress interval (5 s) is longer than this 2.5 s step.
+                # Each token moves the bar 2 points: progress follows it (merged within
+                # 90 ms windows), not the 5 s keep-alive (FLUSHLINE_PROGRESS_INTERVAL).
                 progress = [p for p in payloads if p["type"] == "step_progress"]
-                assert 1 <= len(progress) <= 2, (strategy, [p["type"] for p in payloads])
+                assert len(progress) >= 10, (strategy, [p["type"] for p in payloads])
             else:
                 # 240 tokens/s is ~1700 chars/s: chunks are cut by size, well before time.
                 assert checked >= 2, (strategy, texts)
                 assert all(len(t) >= chars for t in texts[:-1]), (strategy, [len(t) for t in texts])
                 assert max(gaps[:-1]) < interval, (strategy, gaps)
-
-    async def test_progress_follows_progress_interval(self, make_client: MakeClient) -> None:
-        """With FLUSHLINE_PROGRESS_INTERVAL=0.5, step_progress comes about every 0.5 s."""
-        client = await make_client({"FLUSHLINE_PROGRESS_INTERVAL": "0.5"})
-        options = {"steps": 1, "tokens_per_step": 50, "tokens_per_second": 20}  # 2.5 s
-        job = await create_job(client, options, strategy="none")
-        payloads = (await stream_job(client, job["id"])).payloads()
-        started = next(p["ts"] for p in payloads if p["type"] == "step_started")
-        ended = next(p["ts"] for p in payloads if p["type"] == "step_completed")
-        times = [started] + [p["ts"] for p in payloads if p["type"] == "step_progress"] + [ended]
-        count = len(times) - 2
-        assert 4 <= count <= 9, times
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert max(gaps) <= 0.5 + 0.3, gaps
 
 
 def _chunk_gaps(payloads: list[dict[str, Any]]) -> list[float]:
@@ -377,13 +366,24 @@ class TestSameEvents:
         )
         jobs = [await create_job(client, QUICK_JOB, strategy=s) for s in STRATEGY_NAMES]
         records = await asyncio.gather(*(stream_job(client, job["id"]) for job in jobs))
-        reference = [_stable(p) for p in records[0].payloads()]
+
+        # step_progress follows the bar in windows of time, so its count and values
+        # depend on timing; every other event is the same.
+        def others(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            kept = [_stable(p) for p in payloads if p["type"] != "step_progress"]
+            return [{k: v for k, v in p.items() if k != "seq"} for p in kept]
+
+        reference = others(records[0].payloads())
         assert reference[-1]["status"] == "succeeded"
         for strategy, record in zip(STRATEGY_NAMES, records, strict=True):
             check_wire(record)
-            assert [_stable(p) for p in record.payloads()] == reference, strategy
+            payloads = record.payloads()
+            assert others(payloads) == reference, strategy
+            pcts = [(p["step"], p["pct"]) for p in payloads if p["type"] == "step_progress"]
+            assert pcts, strategy
+            assert all(a[1] <= b[1] for a, b in itertools.pairwise(pcts) if a[0] == b[0]), pcts
             assert [a.message.event for a in record.arrivals if a.message.data is not None] == [
-                p["type"] for p in reference
+                p["type"] for p in payloads
             ]
 
     async def test_same_text_and_result_with_default_cadence(self, client: Client) -> None:

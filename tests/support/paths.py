@@ -64,13 +64,14 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: A demo job of about 3 s (2 steps x 60 tokens at 40 tokens/s, 16 events with ``none``).
-#: Unshaped, its stream holds about 3.1 KB until its final instant (last chunk,
-#: ``step_completed`` and ``done``, which carries the result): under the first release
-#: of every buffering path here (nginx HTTP/1.0: 4096 minus its ~200-byte response
-#: head), so through them ``none`` arrives all at the end. At 80 tokens/s the same
-#: would hold 3.6 KB, too close to nginx's ~3.9 KB first release.
-SHORT_JOB: dict[str, Any] = {"steps": 2, "tokens_per_step": 60, "tokens_per_second": 40}
+#: A demo job of about 3 s (2 steps x 2 tokens at 1.4 tokens/s, 18 events with ``none``:
+#: each token moves its step's bar 50 points, and every visible move is a
+#: ``step_progress``). Unshaped, its stream holds about 3.3 KB until its final instant
+#: (last chunk, ``step_completed`` and ``done``, which carries the result): under the
+#: first release of every buffering path here (nginx HTTP/1.0: 4096 minus its ~200-byte
+#: response head), so through them ``none`` arrives all at the end. More tokens would
+#: mean more progress events, past nginx's ~3.9 KB first release.
+SHORT_JOB: dict[str, Any] = {"steps": 2, "tokens_per_step": 2, "tokens_per_second": 1.4}
 
 _PLACEHOLDER = "http://placeholder.invalid"
 

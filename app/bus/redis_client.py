@@ -20,7 +20,7 @@ from typing import Any, cast
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 __all__ = [
@@ -133,6 +133,9 @@ def reader_client(redis: Redis, *, read_timeout_s: float) -> Redis:
         **shared.connection_kwargs,
         "socket_timeout": read_timeout_s,
         "client_name": READER_CLIENT_NAME,
+        # No silent reconnect inside a read: the reader sees the failure (its connection's
+        # id changes, its feeds' subscribers are told) and reads again itself.
+        "retry": Retry(NoBackoff(), 0),
     }
     own = ConnectionPool(connection_class=shared.connection_class, max_connections=1, **kwargs)
     return Redis.from_pool(own)

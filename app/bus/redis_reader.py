@@ -46,10 +46,12 @@ READ_TIMEOUT_S = READ_BLOCK_S + 5.0
 READ_COUNT = 1_000
 #: Pause before a failed read is retried (it resumes from the last entry read).
 READ_RETRY_S = (0.05, 0.2, 0.5, 1.0)
-#: Pause before ``CLIENT UNBLOCK`` is tried again when the read had not reached Redis,
-#: and how often (past that, the connection may be a new one: its id is read again).
+#: Pause before ``CLIENT UNBLOCK`` is tried again when the read had not reached Redis
+#: (doubling up to :data:`UNBLOCK_RETRY_MAX_S`), and how often it is tried; past that the
+#: id may be stale, and is read again before the next read.
 UNBLOCK_RETRY_S = 0.005
-UNBLOCK_TRIES = 40
+UNBLOCK_RETRY_MAX_S = 0.1
+UNBLOCK_TRIES = 20
 #: Stopping a reader: ``CLIENT UNBLOCK`` attempts, and the wait after each.
 HALT_UNBLOCK_TRIES = 10
 HALT_WAIT_S = 0.1
@@ -100,8 +102,8 @@ class StreamReader(Generic[F]):
 
     @property
     def connected(self) -> bool:
-        """Whether the reader has started (it holds its connection until closed)."""
-        return self._task is not None
+        """Whether the reader runs (it holds its connection until closed)."""
+        return self._task is not None and not self._task.done()
 
     def follow(self, feed: F) -> None:
         """Read ``feed``'s stream from its ``last_id`` on (the read in flight is renewed)."""
@@ -117,7 +119,7 @@ class StreamReader(Generic[F]):
         """A feed may need reading that the read in flight leaves out: read anew."""
         if self._stopping:
             return
-        if self._task is None:
+        if self._task is None or self._task.done():  # not started, or ended by a bug
             self._task = asyncio.create_task(self._run(), name=f"redis-reader:{self.name}")
         self._wakeup.set()
         if self._reading and self._unblocker is None:
@@ -126,14 +128,13 @@ class StreamReader(Generic[F]):
     async def _unblock(self, read: int) -> None:
         """End the read numbered ``read``, which may not have reached Redis yet."""
         try:
-            for _ in range(UNBLOCK_TRIES):
+            for attempt in range(UNBLOCK_TRIES):
                 if self._reading != read or self._stopping:
                     return
                 client_id = self._client_id
                 if client_id is not None and await self.redis.client_unblock(client_id):
                     return
-                await asyncio.sleep(UNBLOCK_RETRY_S)
-            # redis-py may have reconnected the read under us (a new id): ask it again.
+                await asyncio.sleep(min(UNBLOCK_RETRY_S * 2**attempt, UNBLOCK_RETRY_MAX_S))
             self._client_id = None
         except redis_errors.RedisError:
             pass  # the read ends within its block anyway, or fails on its own
@@ -166,6 +167,11 @@ class StreamReader(Generic[F]):
         client = reader_client(self.redis, read_timeout_s=READ_TIMEOUT_S)
         try:
             await self._read_forever(client)
+        except Exception:
+            # A bug: logged; the reader starts again at the next change of its feeds.
+            log.exception("redis reader stopped", reader=self.name)
+            self._reading = 0
+            self._client_id = None
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -211,7 +217,13 @@ class StreamReader(Generic[F]):
                 read = named.get(raw_key.decode())
                 # Not a feed given up (or replaced) while the read was out.
                 if read is not None and self._feeds.get(read.key) is read and entries:
-                    self.deliver(read, entries)
+                    try:
+                        self.deliver(read, entries)
+                    except Exception:
+                        # One feed's failure must not stop the reading of the others.
+                        log.exception("redis entries not applied", reader=self.name)
+                        self.unfollow(read)
+                        self.failed([read])
 
     async def _read(self, client: Redis, named: dict[str, F]) -> list[tuple[bytes, list[Entry]]]:
         if self._client_id is None:

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
-__all__ = ["SSEMessage", "SSEParser"]
+__all__ = ["MAX_LINE_BYTES", "SSELineTooLong", "SSEMessage", "SSEParser"]
 
 _BYTE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
@@ -27,16 +27,36 @@ class SSEMessage:
     comments: tuple[str, ...] = ()
 
 
+#: The longest line :class:`SSEParser` holds by default (4 MiB): a stream is framed in
+#: lines, so a peer that never ends one would otherwise grow the buffer without end.
+MAX_LINE_BYTES = 4 << 20
+
+
+class SSELineTooLong(ValueError):
+    """A line grew past the parser's ``max_line_bytes`` without ending."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an SSE line is longer than {limit} bytes without ending")
+        self.limit = limit
+
+
 @dataclasses.dataclass(slots=True)
 class SSEParser:
     """Incremental ``text/event-stream`` parser: feed bytes, get complete messages.
 
     Unlike a browser, it also reports blocks that carry only ``retry:`` or comments, so
     tools can see padding and the retry hint. ``data`` is None for those blocks.
+
+    Each byte fed is scanned once: an unfinished line's pieces are kept as they came and
+    joined when its end arrives, so a long line sent in small reads costs linear time.
+    A line longer than ``max_line_bytes`` raises :class:`SSELineTooLong`.
     """
 
     last_event_id: str = ""
-    _buffer: bytes = dataclasses.field(default=b"", init=False, repr=False)
+    max_line_bytes: int = MAX_LINE_BYTES
+    #: The unfinished line's pieces, and their total size.
+    _partial: list[bytes] = dataclasses.field(default_factory=list, init=False, repr=False)
+    _partial_bytes: int = dataclasses.field(default=0, init=False, repr=False)
     _event: str = dataclasses.field(default="", init=False, repr=False)
     _data: list[str] = dataclasses.field(default_factory=list, init=False, repr=False)
     _id: str | None = dataclasses.field(default=None, init=False, repr=False)
@@ -49,37 +69,49 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEMessage]:
         """Add bytes from the stream; return the messages completed by them."""
-        self._buffer += chunk
         messages: list[SSEMessage] = []
-        for line in self._lines():
+        for line in self._lines(chunk):
             message = self._line(line)
             if message is not None:
                 messages.append(message)
         return messages
 
-    def _lines(self) -> Iterator[str]:
+    def _lines(self, chunk: bytes) -> Iterator[str]:
         start = 0
-        buffer = self._buffer
-        if self._after_cr and buffer:
+        if self._after_cr and chunk:
             # The '\r' ending the previous line may be the first half of a '\r\n'.
             self._after_cr = False
-            if buffer.startswith(b"\n"):
+            if chunk.startswith(b"\n"):
                 start = 1
         while True:
-            match = _BYTE_LINE_BREAK.search(buffer, start)
+            match = _BYTE_LINE_BREAK.search(chunk, start)
             if match is None:
                 break
             # A lone '\r' at the end ends the line now (a CR-only stream must not wait
             # for the next byte); a '\n' arriving next is then the rest of a '\r\n'.
-            if match.group() == b"\r" and match.end() == len(buffer):
+            if match.group() == b"\r" and match.end() == len(chunk):
                 self._after_cr = True
-            line = buffer[start : match.start()].decode("utf-8", "replace")
+            raw = chunk[start : match.start()]
+            if self._partial:
+                raw = b"".join((*self._partial, raw))
+                self._partial, self._partial_bytes = [], 0
+            self._check_length(len(raw))
+            line = raw.decode("utf-8", "replace")
             start = match.end()
             if self._first:
                 self._first = False
                 line = line.removeprefix("\ufeff")
             yield line
-        self._buffer = buffer[start:]
+        if start < len(chunk):
+            rest = chunk[start:]
+            self._check_length(self._partial_bytes + len(rest))
+            self._partial.append(rest)
+            self._partial_bytes += len(rest)
+
+    def _check_length(self, size: int) -> None:
+        if size > self.max_line_bytes:
+            self._partial, self._partial_bytes = [], 0
+            raise SSELineTooLong(self.max_line_bytes)
 
     def _line(self, line: str) -> SSEMessage | None:
         if not line:

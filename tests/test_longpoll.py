@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
 
+from app.web.keys import BUS
 from tests.conftest import QUICK_JOB, MakeClient
 from tests.support.jobs import (
     FAST_JOB,
@@ -17,6 +19,7 @@ from tests.support.jobs import (
     expect_json_error,
     stream_job,
     wait_finished,
+    wait_until,
 )
 
 
@@ -123,6 +126,86 @@ class TestDelivery:
         assert results[0][-1]["type"] == "done"
 
 
+#: One chunk per token, no progress keep-alive: the scripted job is silent between tokens.
+SCRIPTED_ENV = {
+    "FLUSHLINE_PIPELINE": "scripted",
+    "FLUSHLINE_CHUNK_CHARS": "1",
+    "FLUSHLINE_CHUNK_INTERVAL": "600",
+    "FLUSHLINE_PROGRESS_INTERVAL": "600",
+}
+
+
+async def scripted_job(
+    make_client: MakeClient, second_token_at_s: float
+) -> tuple[Client, str, int]:
+    """A job that publishes token "a" at once, then "b" after ``second_token_at_s``, then
+    nothing for a minute; the client, the job id and the seq to poll after (past "a")."""
+    pipeline = ScriptedPipeline(((0.0, "a"), (second_token_at_s, "b"), (60.0, "c")))
+    client = await make_client(SCRIPTED_ENV, pipelines=(pipeline,))
+    job = await create_job(client, strategy="none")
+    events: list[dict[str, Any]] = []
+    after = 0
+    while not any(e["type"] == "chunk" for e in events):
+        body = await poll(client, job["id"], f"after={after}&wait_s=5")
+        events += body["events"]
+        after = body["last_event_id"]
+    return client, job["id"], after
+
+
+class TestSharedReads:
+    """Polls waiting after the same seq share one read of the bus and one answer."""
+
+    async def test_concurrent_polls_share_one_subscription_and_answer(
+        self, make_client: MakeClient
+    ) -> None:
+        """Twenty polls waiting after one seq: one bus subscriber, twenty identical answers."""
+        client, job_id, after = await scripted_job(make_client, second_token_at_s=2.0)
+        bus = client.app[BUS]
+
+        async def raw_poll() -> bytes:
+            response = await client.get(f"/api/jobs/{job_id}/events?after={after}&wait_s=10")
+            assert response.status == 200
+            return await response.read()
+
+        polls = [asyncio.ensure_future(raw_poll()) for _ in range(20)]
+        await wait_until(lambda: bus.subscriber_count(job_id) >= 1, 2.0, "the shared read")
+        await asyncio.sleep(0.3)  # every poll has arrived on loopback by now
+        assert not any(p.done() for p in polls)
+        assert bus.subscriber_count(job_id) == 1
+        bodies = await asyncio.gather(*polls)
+        assert len(set(bodies)) == 1
+        answer = json.loads(bodies[0])
+        seqs = [e["seq"] for e in answer["events"]]
+        assert seqs == list(range(after + 1, answer["last_event_id"] + 1))
+        assert [e["text"] for e in answer["events"] if e["type"] == "chunk"] == ["b"]
+        assert bus.subscriber_count(job_id) == 0
+        await client.post(f"/api/jobs/{job_id}/cancel")
+
+    async def test_a_poll_leaves_at_its_own_wait(self, make_client: MakeClient) -> None:
+        """wait_s=1 answers empty at 1 s; a wait_s=10 poll of the same seq still gets the event."""
+        client, job_id, after = await scripted_job(make_client, second_token_at_s=2.5)
+        started = time.monotonic()
+        short, long = await asyncio.gather(
+            poll(client, job_id, f"after={after}&wait_s=1"),
+            poll(client, job_id, f"after={after}&wait_s=10"),
+        )
+        assert short == {"events": [], "last_event_id": after, "done": False}
+        assert [e["text"] for e in long["events"] if e["type"] == "chunk"] == ["b"]
+        assert time.monotonic() - started < 8
+        await client.post(f"/api/jobs/{job_id}/cancel")
+
+    async def test_the_last_poll_to_leave_ends_the_read(self, make_client: MakeClient) -> None:
+        """Five polls that all time out leave no subscriber behind (the read is cancelled)."""
+        client, job_id, after = await scripted_job(make_client, second_token_at_s=30.0)
+        bus = client.app[BUS]
+        bodies = await asyncio.gather(
+            *(poll(client, job_id, f"after={after}&wait_s=1") for _ in range(5))
+        )
+        assert all(b == {"events": [], "last_event_id": after, "done": False} for b in bodies)
+        await wait_until(lambda: bus.subscriber_count(job_id) == 0, 2.0, "no subscriber left")
+        await client.post(f"/api/jobs/{job_id}/cancel")
+
+
 class TestErrors:
     """Bad polls get the contract's JSON errors."""
 
@@ -162,8 +245,8 @@ class TestErrors:
         await expect_json_error(response, 410)
 
     async def test_wrong_method_is_405(self, client: Client) -> None:
-        """POST on the events URL is a JSON 405 with Allow."""
+        """PUT on the events URL is a JSON 405 whose Allow names GET (POST there publishes)."""
         job = await create_job(client, FAST_JOB)
-        response = await client.post(f"/api/jobs/{job['id']}/events")
+        response = await client.put(f"/api/jobs/{job['id']}/events")
         await expect_json_error(response, 405)
         assert "GET" in response.headers["Allow"]

@@ -7,16 +7,27 @@ that buffers or compresses whole responses passes it as soon as it is sent, and
 ``Cache-Control: no-store`` so that no cache on the path answers a poll with an old one.
 A poll waiting on an instance that starts shutting down (with Redis) answers at once
 with what it has, so the next poll goes to another instance.
+
+Polls are cheap at scale: every poll of one job waiting after the same seq (with the same
+``limit``) shares one read of the bus, and its answer is built once, from the events'
+JSON as encoded at publish, and written to each of them. A thousand watchers of one job
+cost one subscription and one body per event, not a thousand; each poll still keeps its
+own ``wait_s`` (it leaves the shared read when its wait is over, and the last to leave
+cancels the read and awaits it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
+from collections.abc import Awaitable, Callable
 
+import attrs
 import structlog
 from aiohttp import web
 
+from app.bus import EventBus
 from app.bus.base import Batch, Subscription
 from app.core.events import EncodedEvent
 from app.jobs.manager import JobManager
@@ -67,6 +78,74 @@ async def _first_batch(subscription: Subscription, wait_s: float, manager: JobMa
         unregister()
 
 
+async def _read(
+    bus: EventBus, manager: JobManager, job_id: str, after_seq: int, wait_s: float, limit: int
+) -> bytes:
+    """The answer's body: the events after ``after_seq`` (waiting up to ``wait_s``)."""
+    events: list[EncodedEvent] = []
+    done = False
+    async with bus.subscribe(job_id, after_seq) as subscription:
+        batch = await _first_batch(subscription, wait_s, manager)
+        while batch.events:
+            events.extend(batch.events)
+            if len(events) >= limit:
+                break
+            batch = await subscription.next_batch(0)  # what else is already there
+        done = batch.ended
+    events = events[:limit]
+    return _body(events, events[-1].seq if events else after_seq, done)
+
+
+#: Which polls may share a read: (job id, after, limit).
+_ReadKey = tuple[str, int, int]
+
+
+@attrs.define(eq=False)
+class _SharedRead:
+    """One read of the bus, and how many polls are waiting for it."""
+
+    task: asyncio.Task[bytes]
+    members: int = 0
+
+
+#: Per application: the reads in flight (a read leaves the map once it has its answer).
+_READS: weakref.WeakKeyDictionary[web.Application, dict[_ReadKey, _SharedRead]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _shared_answer(
+    app: web.Application, key: _ReadKey, read: Callable[[], Awaitable[bytes]], wait_s: float
+) -> bytes | None:
+    """The answer of the read shared by ``key``'s polls, or None after ``wait_s`` without one."""
+    reads = _READS.setdefault(app, {})
+    shared = reads.get(key)
+    if shared is None or shared.task.done():  # a finished read may be an empty answer
+        task = asyncio.ensure_future(read())
+        shared = reads[key] = _SharedRead(task)
+
+        def forget(_: asyncio.Task[bytes], shared: _SharedRead = shared) -> None:
+            if reads.get(key) is shared:
+                del reads[key]
+
+        task.add_done_callback(forget)
+    shared.members += 1
+    try:
+        async with asyncio.timeout(wait_s):
+            return await asyncio.shield(shared.task)
+    except TimeoutError:
+        if shared.task.done():  # its answer came with the deadline
+            return shared.task.result()
+        return None
+    finally:
+        shared.members -= 1
+        if not shared.members and not shared.task.done():
+            if reads.get(key) is shared:  # a poll arriving now starts a read of its own
+                del reads[key]
+            shared.task.cancel()
+            await asyncio.wait([shared.task])
+
+
 async def poll_events(request: web.Request) -> web.Response:
     """``GET /api/jobs/{job_id}/events``: ``{"events": [...], "last_event_id", "done"}``.
 
@@ -86,20 +165,15 @@ async def poll_events(request: web.Request) -> web.Response:
     bus = request.app[BUS]
     await check_resume_point(bus, job_id, after_seq, "after")
 
-    events: list[EncodedEvent] = []
-    done = False
-    async with bus.subscribe(job_id, after_seq) as subscription:
-        batch = await _first_batch(subscription, wait_s, manager)
-        while batch.events:
-            events.extend(batch.events)
-            if len(events) >= limit:
-                break
-            batch = await subscription.next_batch(0)  # what else is already there
-        done = batch.ended
-    events = events[:limit]
-    last_event_id = events[-1].seq if events else after_seq
-    return web.Response(
-        body=_body(events, last_event_id, done),
-        content_type="application/json",
-        headers=_HEADERS,
-    )
+    if wait_s == 0 or manager.handing_off:
+        body = await _read(bus, manager, job_id, after_seq, 0, limit)
+    else:
+        # The shared read waits as long as any poll may; each poll leaves at its own wait_s.
+        shared = await _shared_answer(
+            request.app,
+            (job_id, after_seq, limit),
+            lambda: _read(bus, manager, job_id, after_seq, MAX_WAIT_S, limit),
+            wait_s,
+        )
+        body = _body([], after_seq, False) if shared is None else shared
+    return web.Response(body=body, content_type="application/json", headers=_HEADERS)

@@ -396,6 +396,7 @@ class TestEnds:
         payloads = record.payloads()
         assert [p["type"] for p in payloads[-2:]] == ["error", "done"]
         assert payloads[-2]["message"].startswith("producer_lost")
+        assert payloads[-2]["code"] == "producer_lost"
         assert payloads[-2]["step"] == "research"
         assert payloads[-1]["status"] == "failed"
         assert 1.0 <= waited_s < 3.0

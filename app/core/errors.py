@@ -123,7 +123,7 @@ class ProducerSeqGap(FlushlineError):
 
 
 class PublishRateLimited(FlushlineError):
-    """A producer publishing faster than ``FLUSHLINE_PUBLISH_RATE_PER_S`` events per second."""
+    """A producer publishing faster than ``FLUSHLINE_PUBLISH_RATE`` events per second."""
 
     status = 429
     code = "rate_limited"
@@ -131,7 +131,7 @@ class PublishRateLimited(FlushlineError):
     def __init__(self, rate_per_s: float, retry_after_s: int) -> None:
         super().__init__(
             f"this job takes at most {rate_per_s:g} producer events per second "
-            f"(FLUSHLINE_PUBLISH_RATE_PER_S); retry in {retry_after_s} s"
+            f"(FLUSHLINE_PUBLISH_RATE); retry in {retry_after_s} s"
         )
         self.retry_after_s = retry_after_s
 

@@ -109,6 +109,9 @@ class ErrorEvent:
     type: ClassVar[str] = "error"
     message: str
     step: str | None
+    #: A machine-readable reason where Flushline ended the job itself (``producer_lost``);
+    #: left out of the event when None.
+    code: str | None = None
 
 
 @attrs.frozen
@@ -156,10 +159,13 @@ class EncodedEvent:
 
 
 def event_fields(event: AnyEvent) -> dict[str, Any]:
-    """The type-specific fields of ``event`` as a JSON-ready dict (done omits the unused one)."""
+    """The type-specific fields of ``event`` as a JSON-ready dict (done omits the unused one,
+    error its ``code`` when it has none)."""
     fields = attrs.asdict(event, recurse=False)
     if isinstance(event, DoneEvent):
         fields.pop("error" if event.status == "succeeded" else "result")
+    elif isinstance(event, ErrorEvent) and event.code is None:
+        del fields["code"]
     return fields
 
 

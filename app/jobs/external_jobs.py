@@ -420,7 +420,7 @@ class ExternalJobs:
                 lost = await self._end(
                     job_id,
                     "failed",
-                    lambda translator: translator.ending(message, time.time()),
+                    lambda translator: translator.ending(message, time.time(), PRODUCER_LOST),
                     silent_before=cutoff,
                 )
                 if lost:

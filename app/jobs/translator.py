@@ -198,12 +198,13 @@ class Translator:
         """What the cadence makes due at ``now`` between batches (a held progress value)."""
         return self.emitter.due(now) if self.running else []
 
-    def ending(self, error: str, now: float) -> list[AnyEvent]:
-        """``error`` and ``done`` failed with ``error`` (a producer's failure, or its loss)."""
+    def ending(self, error: str, now: float, code: str | None = None) -> list[AnyEvent]:
+        """``error`` and ``done`` failed with ``error`` (a producer's failure, or its loss,
+        whose ``code`` the error event carries)."""
         # The text that did arrive goes out before the step fails.
         out = self.emitter.drain(now) if self.running else []
         return [
             *out,
-            ErrorEvent(error, self.current_step),
+            ErrorEvent(error, self.current_step, code),
             DoneEvent("failed", self.overall_pct, error=error),
         ]

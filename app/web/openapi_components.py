@@ -47,7 +47,7 @@ _ERROR_MEANINGS = {
     410: "The resume point is older than the history still kept (`FLUSHLINE_HISTORY_LIMIT`).",
     413: "The body is too large (`FLUSHLINE_MAX_BODY_BYTES`); for a publish, a batch, an "
     "event's text or result, or the job's published bytes past their bound (`field` names it).",
-    429: "A producer publishing faster than `FLUSHLINE_PUBLISH_RATE_PER_S` events per second "
+    429: "A producer publishing faster than `FLUSHLINE_PUBLISH_RATE` events per second "
     "to one job; retry after `Retry-After` seconds.",
     415: "A `Content-Encoding` the service does not accept, or a body that does not decode.",
     503: "At capacity, draining after SIGTERM, over the retained byte budget, or Redis "
@@ -157,7 +157,17 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
             },
             ["step", "index", "pct", "overall_pct", "tokens", "duration_s"],
         ),
-        "error": ({"message": {"type": "string"}, "step": nullable_string}, ["message", "step"]),
+        "error": (
+            {
+                "message": {"type": "string"},
+                "step": nullable_string,
+                "code": {
+                    "type": "string",
+                    "description": "Where Flushline ended the job itself: `producer_lost`.",
+                },
+            },
+            ["message", "step"],
+        ),
         "done": (
             {
                 "status": {"enum": ["succeeded", "failed", "cancelled"]},

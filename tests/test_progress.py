@@ -179,3 +179,19 @@ def test_property_progress_is_monotonic_and_100_only_at_the_end(
         assert est.estimate(now).pct == 100.0
         overall = completed
         assert est.overall_pct == completed
+
+
+class TestReportedPercentages:
+    def test_a_reported_100_stays_below_100_until_the_step_completes(self) -> None:
+        """A step reporting 100% shows 99 until it ends; step_completed then gives 100."""
+        estimator = ProgressEstimator([100, 100])
+        estimator.start_step(0, 0.0)
+        estimator.set_pct(100.0)
+        estimate = estimator.estimate(1.0)
+        assert estimate.pct < 100.0
+        assert estimate.overall_pct < 100.0
+        estimator.complete_step()
+        estimator.start_step(1, 1.0)
+        estimator.set_pct(100.0)
+        assert estimator.estimate(2.0).pct < 100.0
+        assert estimator.complete_step() == 100.0

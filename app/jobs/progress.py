@@ -120,7 +120,9 @@ class ProgressEstimator:
     def step_pct(self) -> float:
         """The current step's percentage now (rounded to 0.1, never below the last one)."""
         if self._reported_pct is not None:
-            raw = self._reported_pct
+            # A step reporting 100 is not done until it ends: the contract keeps 100 for
+            # step_completed.
+            raw = min(self._reported_pct, STEP_CAP_PCT)
         elif self.expected_tokens[self._index] is None:
             raw = 0.0
         else:

@@ -224,3 +224,22 @@ class TestOneJobNeverBlocksTheSweep:
             assert snapshot.error == RUNNER_LOST
         [failure] = failures_logged(logs)
         assert failure["job_id"] == bad
+
+
+class TestSweptJobsAreCounted:
+    async def test_a_swept_job_moves_from_running_to_failed_in_the_counts(
+        self, make_instance: Callable[..., Instance]
+    ) -> None:
+        """The takeover files the job under failed at once: /metrics's counts agree with it."""
+        dead = make_instance(lease_s=0.2)
+        job_id = f"lost-{uuid.uuid4().hex}"
+        await lost_job(dead, job_id)
+        sweeper = make_instance(lease_s=0.2)
+        before = await sweeper.store.count_by_status()
+        await asyncio.sleep(0.4)
+        assert await sweeper.control.sweep() == [job_id]
+        after = await sweeper.store.count_by_status()
+        assert after[JobStatus.RUNNING] == before[JobStatus.RUNNING] - 1
+        assert after[JobStatus.FAILED] == before[JobStatus.FAILED] + 1
+        listed = await sweeper.store.newest(limit=1000, status=JobStatus.FAILED)
+        assert job_id in {job.id for job in listed}

@@ -290,6 +290,9 @@ class RedisJobControl:
                     ),
                 ],
             )
+            if result == 1:
+                # The takeover script wrote the job's end itself: file it under its status.
+                await self.store.settle_status(job_id)
             if result != -2:
                 return bool(result == 1)
         return False

@@ -310,11 +310,20 @@ class JobManager:
         if self.control is None:
             # No await from here to `RunningJobs.cancel`, which sets `cancelling`: of concurrent
             # cancels exactly one passes this check (the claim, as SET NX is with Redis).
-            if run is None or run.task is None or run.cancelling or job.status.finished:
-                status = job.status
-                if not status.finished and run is not None and run.cancelling:
-                    status = JobStatus.CANCELLED
-                raise JobAlreadyFinished(job_id, status.value)
+            if (
+                run is None
+                or run.task is None
+                or run.cancelling
+                or run.closing
+                or job.status.finished
+            ):
+                status = job.status.value
+                if not job.status.finished and run is not None:
+                    if run.final_status is not None:
+                        status = run.final_status  # its `done` is out or on its way
+                    elif run.cancelling:
+                        status = JobStatus.CANCELLED.value
+                raise JobAlreadyFinished(job_id, status)
         else:
             if job.status.finished:
                 raise JobAlreadyFinished(job_id, job.status.value)
@@ -326,10 +335,21 @@ class JobManager:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CANCEL_WAIT_S):
                     await run.ended.wait()
-            return await self.store.get(job_id)
+            return self._cancelled(await self.store.get(job_id))
         assert self.control is not None
         await self.control.request_cancel(job_id)
-        return await self._wait_ended_elsewhere(job_id)
+        return self._cancelled(await self._wait_ended_elsewhere(job_id))
+
+    @staticmethod
+    def _cancelled(job: JobSnapshot) -> JobSnapshot:
+        """``job`` as a cancel's answer: a job that ended otherwise first is a 409.
+
+        The cancel raced the job's own end (its ``done`` went out first): answering 202
+        with status ``succeeded`` would say the cancel was accepted when it changed nothing.
+        """
+        if job.status.finished and job.status is not JobStatus.CANCELLED:
+            raise JobAlreadyFinished(job.id, job.status.value)
+        return job
 
     async def _wait_ended_elsewhere(self, job_id: str) -> JobSnapshot:
         """Wait (up to ``CANCEL_WAIT_S``) for another instance's job to end; its snapshot."""

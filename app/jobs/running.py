@@ -61,8 +61,11 @@ class RunningJob:
     unpublished_end: str | None = None
     #: When ``job`` (the newest snapshot) could not be written, Redis being lost; or None.
     unsaved_since: float | None = None
-    #: Its ending has begun (``_close``): a cancel no longer interrupts it.
+    #: Its ending has begun (its ``done`` is being published, or ``_close``): a cancel no
+    #: longer interrupts it.
     closing: bool = False
+    #: The status of the ``done`` it published (or is publishing), once it has.
+    final_status: str | None = None
     #: Another instance ended the job (its log is closed): nothing more is published.
     ended_elsewhere: bool = False
 
@@ -121,11 +124,24 @@ class RunningJobs:
     async def start(
         self, job: JobSnapshot, plan: JobPlan, pipeline: Pipeline, strategy: FlushStrategy
     ) -> None:
-        """Store the job's first snapshot, open its topic, take its lease and run it."""
+        """Store the job's first snapshot, open its topic, take its lease and run it.
+
+        If the topic or the lease cannot be had (Redis lost), the job is forgotten again
+        (best effort: a Redis that stays away lets its key expire) rather than left
+        ``queued`` forever with nothing to run it; the error goes to the caller.
+        """
         await self.store.add(job)
-        await self.bus.open(job.id)
-        if self.control is not None:
-            await self.control.acquire(job.id)
+        try:
+            await self.bus.open(job.id)
+            if self.control is not None:
+                await self.control.acquire(job.id)
+        except BaseException:
+            try:
+                await self.store.discard(job.id)
+                await self.bus.discard(job.id)
+            except Exception as exc:
+                log.warning("job not forgotten after a failed start", error=str(exc))
+            raise
         run = RunningJob(job)
         self._running[job.id] = run
         run.task = asyncio.create_task(
@@ -135,6 +151,12 @@ class RunningJobs:
 
     async def publish(self, job_id: str, event: AnyEvent) -> EncodedEvent:
         """Publish ``event`` on the bus, count it and fold it into the job's snapshot."""
+        ending = self._running.get(job_id)
+        if ending is not None and isinstance(event, DoneEvent):
+            # From here a cancel would land after (or inside) the job's last event: it
+            # must not interrupt it and publish a second `done` (cancelled) after it.
+            ending.closing = True
+            ending.final_status = event.status
         encoded = await self.bus.publish(job_id, event)
         self.on_publish()
         self._events[job_id] = self._events.get(job_id, 0) + 1

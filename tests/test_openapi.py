@@ -181,7 +181,8 @@ class TestDescription:
         assert listed - served == set(), "operations described but not served"
 
     async def test_auth_on_is_described(self, make_client: MakeClient) -> None:
-        """With auth on, the job API asks for a bearer token, streams for a stream token."""
+        """With auth on, the job API and the probe's pattern ask for a bearer token, streams
+        for a stream token."""
         client = await make_client({"FLUSHLINE_API_TOKEN": "t" * 32})
         spec = await fetch_spec(client)
         schemes = spec["components"]["securitySchemes"]
@@ -200,11 +201,11 @@ class TestDescription:
                     assert security == [{"publishToken": []}, {"bearerAuth": []}], path
                 elif path in ("/api/jobs/{job_id}/stream", "/api/jobs/{job_id}/events"):
                     assert security == [{"streamToken": []}, {"bearerAuth": []}], path
-                elif path.startswith("/api/jobs"):
+                elif path.startswith(("/api/jobs", "/api/diagnostics")):
                     assert security == [{"bearerAuth": []}], (method, path)
                 else:
                     assert security == [], (method, path)
-                if path.startswith("/api/jobs"):
+                if path.startswith(("/api/jobs", "/api/diagnostics")):
                     assert {"401", "403"} <= set(operation["responses"]), (method, path)
 
     async def test_auth_off_asks_for_nothing(self, client: Client) -> None:

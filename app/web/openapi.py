@@ -224,8 +224,13 @@ def build_spec(app: web.Application) -> Spec:
         },
         "/api/diagnostics/stream": {
             "get": operation(
-                "The timed write pattern `flushline probe` reads (at most 60 s).",
-                {"200": {"description": "The pattern.", "content": sse}, **error_refs(400)},
+                "The timed write pattern `flushline probe` reads (at most 60 s and 512 KiB;"
+                " counted against FLUSHLINE_MAX_CONNECTIONS).",
+                {
+                    "200": {"description": "The pattern.", "content": sse},
+                    **error_refs(400, *auth_errors, 503),
+                },
+                security=api_security,
                 parameters=[
                     _query_parameter(
                         name,

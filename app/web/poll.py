@@ -170,16 +170,20 @@ async def poll_events(request: web.Request) -> web.Response:
     app = request.app
     manager = app[MANAGER]
     if app[AUTH].enabled:
-        await requested_job(request)  # 404 for an unknown job (read once by auth)
+        job = await requested_job(request)  # 404 for an unknown job (read once by auth)
     else:
         # requested_job's lookup of a key auth did not set raises and catches a KeyError
         # inside aiohttp's request mapping: 5% of a poll's CPU at a thousand watchers.
-        await manager.get(job_id)
+        job = await manager.get(job_id)
     structlog.contextvars.bind_contextvars(job_id=job_id)
     bus = app[BUS]
-    await check_resume_point(bus, job_id, after_seq, "after")
+    newest = await bus.last_seq(job_id)
+    if after_seq > newest:
+        await check_resume_point(bus, job_id, after_seq, "after")  # the 400 naming the field
 
-    if wait_s == 0 or manager.handing_off:
+    if wait_s == 0 or manager.handing_off or after_seq < newest or job.status.finished:
+        # Nothing to wait for: answered here, without the hops of a shared read (under
+        # load each event-loop pass is long, and a hop is one more pass of lag).
         body = await _read(bus, manager, job_id, after_seq, 0, limit)
     else:
         # The shared read waits as long as any poll may; each poll leaves at its own wait_s.

@@ -47,7 +47,8 @@
  *
  * A dropped stream (network error, or the response ends without `done`) is resumed from
  * the last seq after the server's `retry:` delay (doubling per failure up to
- * maxRetryMs); a 5xx does the same; 400 and 404 are fatal. Long-poll asks
+ * maxRetryMs); a 5xx does the same; 400 and 404 are fatal, and so are 401 and 403 unless
+ * a URL from getStreamUrl gets through (below); a 410 is a gap (below). Long-poll asks
  * `.../events?after=N&wait_s=S&limit=L` again as soon as each answer is applied.
  *
  * STAYING ALIVE while the job lives (docs/client.md, "A watcher that never dies"):

@@ -151,6 +151,18 @@ describe("a 410 on resume is a gap, not the end", () => {
     assert.match(requests[2].url, /after=3&/);
   });
 
+  test("a first_seq field in the 410 body wins over the message", async () => {
+    const requests = script(
+      () => sse([event(1)]),
+      () => json(410, { error: { code: "history_truncated", message: "gone", first_seq: 6 } }),
+      () => json(200, SNAPSHOT),
+      () => sse([event(6), done(7)]),
+    );
+    const state = await watch(STREAM).done;
+    assert.equal(state.gaps[0].firstKept, 6);
+    assert.equal(requests[3].headers["Last-Event-ID"], "5");
+  });
+
   test("gaps in a row without a new event are fatal after maxResyncs", async () => {
     const answers = [() => sse([event(1)])];
     for (let i = 0; i < 4; i++) answers.push(() => truncated(5 + i, 1), () => json(200, SNAPSHOT));

@@ -613,12 +613,13 @@ async function errorOf(response) {
     const body = await response.json();
     if (body && body.error) {
       const { code, message } = body.error;
-      return { status: response.status, code, message, text: `${response.status} ${code}: ${message}` };
+      const firstSeq = Number.isInteger(body.error.first_seq) ? body.error.first_seq : null;
+      return { status: response.status, code, message, firstSeq, text: `${response.status} ${code}: ${message}` };
     }
   } catch {
     // not JSON: fall through
   }
-  return { status: response.status, code: null, message: "", text: `HTTP ${response.status}` };
+  return { status: response.status, code: null, message: "", firstSeq: null, text: `HTTP ${response.status}` };
 }
 
 function contentTypeOf(response) {
@@ -887,8 +888,10 @@ class Watcher {
     if (this._resyncs > o.maxResyncs) {
       throw new FatalError(`${where}: ${error.text} (${o.maxResyncs} gaps in a row without a new event)`);
     }
+    // The oldest kept seq: a `first_seq` field if the server sends one, else its message
+    // ("job J keeps events from seq N on; ...", app/core/errors.py HistoryTruncated).
     const kept = /from seq (\d+)/.exec(error.message || "");
-    const firstKept = kept ? Number(kept[1]) : null;
+    const firstKept = error.firstSeq ?? (kept ? Number(kept[1]) : null);
     let snapshot = null;
     let snapshotError = null;
     try {

@@ -194,6 +194,22 @@ class TestSharedReads:
         assert time.monotonic() - started < 8
         await client.post(f"/api/jobs/{job_id}/cancel")
 
+    async def test_a_poll_whose_client_leaves_does_not_end_the_others(
+        self, make_client: MakeClient
+    ) -> None:
+        """A poller gone mid-wait leaves the shared read; the one still waiting gets the event."""
+        client, job_id, after = await scripted_job(make_client, second_token_at_s=2.0)
+        bus = client.app[BUS]
+        url = f"/api/jobs/{job_id}/events?after={after}&wait_s=10"
+        staying = asyncio.ensure_future(poll(client, job_id, f"after={after}&wait_s=10"))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await client.get(url)  # gives up and closes its connection mid-wait
+        body = await staying
+        assert [e["text"] for e in body["events"] if e["type"] == "chunk"] == ["b"]
+        await wait_until(lambda: bus.subscriber_count(job_id) == 0, 2.0, "no subscriber left")
+        await client.post(f"/api/jobs/{job_id}/cancel")
+
     async def test_the_last_poll_to_leave_ends_the_read(self, make_client: MakeClient) -> None:
         """Five polls that all time out leave no subscriber behind (the read is cancelled)."""
         client, job_id, after = await scripted_job(make_client, second_token_at_s=30.0)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from app.web.keys import BUS
+from app.web.keys import BUS, MANAGER
 from tests.conftest import QUICK_JOB, MakeClient
 from tests.support.jobs import (
     FAST_JOB,
@@ -21,6 +21,7 @@ from tests.support.jobs import (
     wait_finished,
     wait_until,
 )
+from tests.support.redis import RedisServer
 
 
 async def poll(client: Client, job_id: str, query: str) -> dict[str, Any]:
@@ -136,12 +137,12 @@ SCRIPTED_ENV = {
 
 
 async def scripted_job(
-    make_client: MakeClient, second_token_at_s: float
+    make_client: MakeClient, second_token_at_s: float, env: dict[str, str] | None = None
 ) -> tuple[Client, str, int]:
     """A job that publishes token "a" at once, then "b" after ``second_token_at_s``, then
     nothing for a minute; the client, the job id and the seq to poll after (past "a")."""
     pipeline = ScriptedPipeline(((0.0, "a"), (second_token_at_s, "b"), (60.0, "c")))
-    client = await make_client(SCRIPTED_ENV, pipelines=(pipeline,))
+    client = await make_client({**SCRIPTED_ENV, **(env or {})}, pipelines=(pipeline,))
     job = await create_job(client, strategy="none")
     events: list[dict[str, Any]] = []
     after = 0
@@ -220,6 +221,32 @@ class TestSharedReads:
         assert all(b == {"events": [], "last_event_id": after, "done": False} for b in bodies)
         await wait_until(lambda: bus.subscriber_count(job_id) == 0, 2.0, "no subscriber left")
         await client.post(f"/api/jobs/{job_id}/cancel")
+
+
+class TestSharedReadsWithRedis:
+    """With other instances (Redis), a drain ends every shared read at once."""
+
+    async def test_drain_answers_waiting_polls_at_once(
+        self, make_client: MakeClient, redis_server: RedisServer
+    ) -> None:
+        """Ten polls sharing a 20 s read answer within 2 s of a drain, and so does the next one."""
+        env = {"FLUSHLINE_BUS": "redis", "FLUSHLINE_REDIS_URL": redis_server.url}
+        client, job_id, after = await scripted_job(make_client, 60.0, env)
+        query = f"after={after}&wait_s=20"
+        polls = [asyncio.ensure_future(poll(client, job_id, query)) for _ in range(10)]
+        await asyncio.sleep(0.5)
+        assert not any(p.done() for p in polls)
+        manager = client.app[MANAGER]
+        draining = asyncio.ensure_future(manager.drain(0.1))
+        started = time.monotonic()
+        bodies = await asyncio.gather(*polls)
+        assert time.monotonic() - started < 2
+        assert all(b == bodies[0] for b in bodies)
+        assert all(e["seq"] > after for e in bodies[0]["events"])
+        await draining
+        started = time.monotonic()
+        await poll(client, job_id, f"after={bodies[0]['last_event_id']}&wait_s=20")
+        assert time.monotonic() - started < 2
 
 
 class TestErrors:

@@ -27,9 +27,11 @@ class SSEMessage:
     comments: tuple[str, ...] = ()
 
 
-#: The longest line :class:`SSEParser` holds by default (4 MiB): a stream is framed in
-#: lines, so a peer that never ends one would otherwise grow the buffer without end.
-MAX_LINE_BYTES = 4 << 20
+#: The longest line :class:`SSEParser` holds by default (64 MiB): a stream is framed in
+#: lines, so a peer that never ends one would otherwise grow the buffer without end. It is
+#: far above any event Flushline sends (one chunk event gathers what its step produced
+#: within the chunk interval, megabytes for a fast source), so no real watcher meets it.
+MAX_LINE_BYTES = 64 << 20
 
 
 class SSELineTooLong(ValueError):

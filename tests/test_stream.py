@@ -439,8 +439,9 @@ class TestHeartbeat:
         client = await make_client(
             {"FLUSHLINE_HEARTBEAT_INTERVAL": "0.2", "FLUSHLINE_STRATEGY": "none"}
         )
-        # 8 tokens at 5/s: 1.6 s, with the only chunk at 1.2 s (the none strategy's interval).
-        job = await create_job(client, {"steps": 1, "tokens_per_step": 8, "tokens_per_second": 5})
+        # 2 tokens at 1/s: 2 s, whose only events after the start are the token at 1 s
+        # (its progress, 50%, and the chunk at 1.2 s) and the end: silences of a second.
+        job = await create_job(client, {"steps": 1, "tokens_per_step": 2, "tokens_per_second": 1})
         record = await stream_job(client, job["id"])
         beats = record.heartbeats
         assert len(beats) >= 4, [(a.at, a.message.event) for a in record.arrivals]

@@ -2,7 +2,7 @@
 
 ``python -m bench.client_paths`` (about 25 s; nginx needed, or ``--skip-nginx``) runs the
 service with its default settings behind each path, watches the same demo job
-(``CLIENT_JOB``: 5 steps x 240 tokens at 80 tokens/s, about 15 s) with the client's
+(``CLIENT_JOB``: 5 steps x 6 tokens at 2 tokens/s, about 15 s) with the client's
 sensing on, and prints what the client chose, the events' lag (arrival minus ``ts``, one
 clock) once adapted and over the whole job, and the bytes it received per event.
 

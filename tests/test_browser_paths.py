@@ -65,13 +65,13 @@ MIN_PROGRESS_VALUES = 5
 MIN_PROGRESS_SPREAD = 0.5
 #: Once adapted, at least this share of the job's events must still be ahead.
 MIN_ADAPTED_SHARE = 0.5
-#: The control job with strategy ``none``: 2 steps x 40 tokens at 8 tokens/s, about 10 s.
+#: The control job with strategy ``none``: 2 steps x 2 tokens at 0.4 tokens/s, about 10 s.
 #: Its stream holds about 3.4 KB until its final instant: under the emulator's 4096, so
 #: nothing gets through before the end.
 CONTROL_JOB: dict[str, Any] = {
     "steps": 2,
-    "tokens_per_step": 40,
-    "tokens_per_second": 8,
+    "tokens_per_step": 2,
+    "tokens_per_second": 0.4,
     "seed": 7,
 }
 CONTROL = "control-4096-none-unsensed"

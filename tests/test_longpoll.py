@@ -290,7 +290,11 @@ class TestErrors:
         job = await create_job(client, {**FAST_JOB, "steps": 3})
         await wait_finished(client, job["id"])
         response = await client.get(f"/api/jobs/{job['id']}/events?after=1")
-        await expect_json_error(response, 410)
+        error = await expect_json_error(response, 410)
+        first = (await (await client.get(f"/api/jobs/{job['id']}/events?after=0")).json())[
+            "events"
+        ][0]["seq"]
+        assert error["first_seq"] == first > 2  # where a watcher can resume from
 
     async def test_wrong_method_is_405(self, client: Client) -> None:
         """PUT on the events URL is a JSON 405 whose Allow names GET (POST there publishes)."""

@@ -258,6 +258,10 @@ class HistoryTruncated(FlushlineError):
         super().__init__(
             f"job {job_id} keeps events from seq {first_seq} on; cannot resume after {after_seq}"
         )
+        self.first_seq = first_seq
+
+    def details(self) -> dict[str, Any]:
+        return {"first_seq": self.first_seq}
 
 
 class SubscriberLagged(FlushlineError):

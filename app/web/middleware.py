@@ -183,7 +183,7 @@ def _domain_error(exc: FlushlineError) -> web.Response:
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, Unauthenticated):
         headers[hdrs.WWW_AUTHENTICATE] = exc.challenge
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = exc.details()
     if isinstance(exc, InvalidField):
         extra["field"] = exc.field
     response = json_response(_error_body(exc.code, exc.message, **extra), exc.status, headers)

@@ -204,6 +204,11 @@ def _schemas(pipelines: list[str], strategies: list[str]) -> Spec:
                             "enum": ["succeeded", "failed", "cancelled"],
                             "description": "`job_finished`: how the job ended.",
                         },
+                        "first_seq": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "`history_truncated`: the oldest seq still kept.",
+                        },
                         "expected_producer_seq": {
                             "type": "integer",
                             "minimum": 1,

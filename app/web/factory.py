@@ -41,7 +41,7 @@ from app.web.keys import BUS, MANAGER, SETTINGS
 from app.web.metrics import install_metrics
 from app.web.middleware import middlewares, response_headers
 from app.web.openapi import install_openapi
-from app.web.poll import poll_events
+from app.web.poll import SHARED_READS, SharedReads, poll_events
 from app.web.publish import publish_events
 from app.web.stream import stream_job
 from strategies import STRATEGIES, build_strategy
@@ -141,6 +141,7 @@ def init_app(settings: Settings, *, pipelines: Iterable[Pipeline] = ()) -> web.A
     app.add_routes(api.routes)
     app.router.add_get("/api/jobs/{job_id}/stream", stream_job, allow_head=False)
     app.router.add_get("/api/jobs/{job_id}/events", poll_events, allow_head=False)
+    app[SHARED_READS] = SharedReads()
     app.router.add_post("/api/jobs/{job_id}/events", publish_events)
     app.router.add_get("/api/diagnostics/stream", diagnostics_stream, allow_head=False)
     app.router.add_get("/", index_page)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -37,7 +36,15 @@ from app.web.params import parse_int, parse_seq
 from app.web.resume import check_resume_point
 from app.web.server import check_room
 
-__all__ = ["DEFAULT_LIMIT", "DEFAULT_WAIT_S", "MAX_LIMIT", "MAX_WAIT_S", "poll_events"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_WAIT_S",
+    "MAX_LIMIT",
+    "MAX_WAIT_S",
+    "SHARED_READS",
+    "SharedReads",
+    "poll_events",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -108,25 +115,19 @@ class _SharedRead:
     members: int = 0
 
 
-#: Per application (by id, dropped with it): the reads in flight (a read leaves the map
-#: once it has its answer). A plain dict: a WeakKeyDictionary lookup makes a weak
-#: reference per poll.
-_READS: dict[int, dict[_ReadKey, _SharedRead]] = {}
+class SharedReads(dict[_ReadKey, _SharedRead]):
+    """The app's long-poll reads in flight, by what may share them (one map per app)."""
 
 
-def _reads_of(app: web.Application) -> dict[_ReadKey, _SharedRead]:
-    reads = _READS.get(id(app))
-    if reads is None:
-        reads = _READS[id(app)] = {}
-        weakref.finalize(app, _READS.pop, id(app), None)
-    return reads
+#: The reads in flight (a read leaves the map once it has its answer); the factory sets it.
+SHARED_READS = web.AppKey("poll_shared_reads", SharedReads)
 
 
 async def _shared_answer(
     app: web.Application, key: _ReadKey, read: Callable[[], Awaitable[bytes]], wait_s: float
 ) -> bytes | None:
     """The answer of the read shared by ``key``'s polls, or None after ``wait_s`` without one."""
-    reads = _reads_of(app)
+    reads = app[SHARED_READS]
     shared = reads.get(key)
     if shared is None or shared.task.done():  # a finished read may be an empty answer
         task = asyncio.ensure_future(read())

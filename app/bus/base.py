@@ -135,6 +135,15 @@ class EventBus(Protocol):
         """How many subscribers of the job this process serves right now."""
         ...
 
+    def release_publisher(self, job_id: str) -> None:
+        """This process stops being the job's publisher until it publishes again.
+
+        For a job whose events come through any instance (a job run elsewhere, published
+        over HTTP): a bus that takes the last publisher for the only one (Redis) then
+        reads what other instances publish. Events still waiting to be written stay.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release the bus's resources at shutdown."""
         ...

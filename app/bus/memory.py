@@ -84,6 +84,9 @@ class MemoryEventBus:
     async def last_seq(self, job_id: str) -> int:
         return self._log(job_id).next_seq - 1
 
+    def release_publisher(self, job_id: str) -> None:
+        """Nothing to do: one process publishes and reads every job."""
+
     def subscriber_count(self, job_id: str) -> int:
         log = self._logs.get(job_id)
         return 0 if log is None else len(log.subscribers)

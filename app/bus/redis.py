@@ -221,6 +221,14 @@ class RedisEventBus:
         if self._writers.get(writer.job_id) is writer:
             self._drop_writer(writer.job_id)
 
+    def release_publisher(self, job_id: str) -> None:
+        """Drop the job's writer (unless it holds events waiting for a lost Redis): the
+        job's feed here reads Redis again, and the next publish here makes a new writer
+        (one ``XREVRANGE``)."""
+        writer = self._writers.get(job_id)
+        if writer is not None and not writer.pending:
+            self._drop_writer(job_id)
+
     def _drop_writer(self, job_id: str) -> None:
         """This instance no longer publishes the job: its reader reads Redis again."""
         self._writers.pop(job_id, None)

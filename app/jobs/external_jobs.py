@@ -64,27 +64,6 @@ Refresh = Callable[[JobSnapshot], Awaitable[JobSnapshot]]
 T = TypeVar("T")
 
 
-def release_publisher(bus: EventBus, job_id: str) -> None:
-    """Redis: stop being the job's publisher here, so this instance's watchers of it read
-    what other instances publish.
-
-    The Redis bus takes the instance that last published a job for its only publisher:
-    its feed then waits for that instance's own publishes instead of reading Redis, and
-    events another instance publishes reach its watchers only with its next publish.
-    An external job is published through any instance, so after each batch the writer
-    goes (the next batch here makes a new one: one ``XREVRANGE``), unless it holds
-    events still waiting for a lost Redis. The bus has no public call for this yet (asked
-    of its owner): this reaches into it, and does nothing on a bus without writers.
-    """
-    writers = getattr(bus, "_writers", None)
-    drop = getattr(bus, "_drop_writer", None)
-    if not isinstance(writers, dict) or not callable(drop):
-        return  # tests/test_publish_instances.py fails if the bus moved these
-    writer = writers.get(job_id)
-    if writer is not None and not writer.pending:
-        drop(job_id)
-
-
 def token_hash(token: str) -> str:
     """What is kept of a publish token: its SHA-256, hex."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
@@ -377,7 +356,9 @@ class ExternalJobs:
             last_seq = encoded.seq
         await self.store.put(job)
         if self.shared:
-            release_publisher(self.bus, job_id)
+            # Any instance may publish the next batch: this one must not stay the only
+            # publisher its watchers of the job hear.
+            self.bus.release_publisher(job_id)
         return last_seq
 
     async def _ended(self, job_id: str, status: str) -> None:

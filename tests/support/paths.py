@@ -18,7 +18,7 @@ import concurrent.futures
 import contextlib
 import pathlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -26,6 +26,7 @@ import attrs
 from aiohttp import web
 
 from app.core.settings import Settings
+from app.jobs.pipelines import Pipeline
 from app.pathtools.delivery import DeliveryStats, Received, delivery_stats
 from app.pathtools.proxy import BufferingProxy, ProxyConfig
 from app.web.factory import init_app
@@ -130,13 +131,17 @@ HOLDING_PATHS = (EMULATOR_TIME_HOLD, EMULATOR_WHOLE_RESPONSE, EMULATOR_GZIP)
 
 
 @contextlib.asynccontextmanager
-async def serve(env: Mapping[str, str] | None = None) -> AsyncIterator[str]:
-    """Run the app (real factory, ``FLUSHLINE_*`` from ``env``) on a free port; yield its URL.
+async def serve(
+    env: Mapping[str, str] | None = None, pipelines: Iterable[Pipeline] = ()
+) -> AsyncIterator[str]:
+    """Run the app (real factory, ``FLUSHLINE_*`` from ``env``, ``pipelines`` registered)
+    on a free port; yield its URL.
 
     Unlike ``bench.common.serve`` it leaves the global logging configuration alone, so
     other tests' ``structlog.testing.capture_logs`` keep working.
     """
-    app = init_app(Settings.from_environ({"FLUSHLINE_LOG_LEVEL": "warning", **(env or {})}))
+    settings = Settings.from_environ({"FLUSHLINE_LOG_LEVEL": "warning", **(env or {})})
+    app = init_app(settings, pipelines=pipelines)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:

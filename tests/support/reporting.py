@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import attrs
-from aiohttp import web
 
-from app.core.settings import Settings
 from app.jobs.pipelines import Pipeline
 from app.jobs.steps import FunctionStep, StepContext, StepPipeline
-from app.web.factory import init_app
+from tests.support.paths import serve
 from tests.support.sse_client import StreamRecord
 
 __all__ = ["Report", "ReportingWorker", "report_delays", "serve_pipelines"]
@@ -71,18 +69,8 @@ def report_delays(reports: list[Report], record: StreamRecord) -> list[float | N
     return delays
 
 
-@contextlib.asynccontextmanager
-async def serve_pipelines(
+def serve_pipelines(
     env: Mapping[str, str], pipelines: Iterable[Pipeline]
-) -> AsyncIterator[str]:
+) -> contextlib.AbstractAsyncContextManager[str]:
     """Run the app with ``pipelines`` registered on a free port; yield its base URL."""
-    settings = Settings.from_environ({"FLUSHLINE_LOG_LEVEL": "warning", **env})
-    app = init_app(settings, pipelines=pipelines)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    return serve(env, pipelines)

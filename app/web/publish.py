@@ -14,16 +14,12 @@ A ``409`` carries what the producer needs to go on: ``status`` for a finished jo
 
 from __future__ import annotations
 
-import structlog
 from aiohttp import hdrs, web
 
 from app.core.errors import (
-    FlushlineError,
     InvalidApiToken,
     InvalidPublishToken,
-    JobAlreadyFinished,
     JobNotFound,
-    ProducerSeqGap,
     TooLarge,
     Unauthenticated,
 )
@@ -90,15 +86,6 @@ async def _authenticate(request: web.Request, job_id: str) -> None:
     raise InvalidPublishToken("the token is not this job's publish token")
 
 
-def _with_details(exc: FlushlineError) -> web.Response:
-    """The JSON error with the fields the producer acts on (``status``, ...)."""
-    error = {"code": exc.code, "message": exc.message, **exc.details()}
-    request_id = structlog.contextvars.get_contextvars().get("request_id")
-    if request_id is not None:
-        error["request_id"] = str(request_id)
-    return json_response({"error": error}, exc.status)
-
-
 async def publish_events(request: web.Request) -> web.Response:
     """Publish a batch of producer events to an external job: ``200`` with what happened."""
     job_id = request.match_info["job_id"]
@@ -109,8 +96,7 @@ async def publish_events(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         raise TooLarge("body", f"a publish body is at most {max_body} bytes") from None
     producer_seq, events = parse_batch(body, limits)
-    try:
-        result = await request.app[MANAGER].publish(job_id, producer_seq, events)
-    except (JobAlreadyFinished, ProducerSeqGap) as exc:
-        return _with_details(exc)
+    # A 409 (job_finished, producer_seq_gap) carries its details (status, the expected
+    # producer_seq) through the JSON errors middleware, like every domain error.
+    result = await request.app[MANAGER].publish(job_id, producer_seq, events)
     return json_response(result.to_json())
